@@ -1,0 +1,45 @@
+# The two commands of the README: `make demo` and `make test`. Both set up the environment
+# first; nothing else is needed on a fresh machine with Python 3.10+.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# CPU build of torch for machines without CUDA (installs from a local file on our dev machines).
+TORCH_CPU := torch==2.13.0
+# An interpreter that already has a CUDA torch lends it to the venv instead of being shadowed.
+SYSTEM_CUDA_TORCH := $(shell $(PYTHON) -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1 && echo yes)
+
+DEMO ?= demo
+DEMO_RANKS ?= 2
+DEMO_STEPS ?= 60
+
+.PHONY: setup demo test test-fast clean-demo
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(if $(SYSTEM_CUDA_TORCH),--system-site-packages) $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if $(PY) -c "import torch" >/dev/null 2>&1; then \
+	    echo "keeping torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	else $(PY) -m pip install -q "$(TORCH_CPU)"; fi
+	$(PY) -m pip install -q -e ".[test]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	@test -f $(DEMO)/data/meta.json || $(VENV)/bin/dist-sparse prepare-data --default-corpus \
+	    --output $(DEMO)/data --vocab-size 8000 --seq-len 128
+	PATH=$(abspath $(VENV))/bin:$$PATH deepspeed --num_gpus $(DEMO_RANKS) launchers/pretrain.py \
+	    --deepspeed_config ds_configs/cpu_zero2.json --data $(DEMO)/data --model bert-tiny \
+	    --output $(DEMO)/run --max-steps $(DEMO_STEPS) --eval-interval 20 --save-interval 20 --overwrite
+	@echo "demo done: TensorBoard logs in $(DEMO)/run/tensorboard, checkpoints in $(DEMO)/run/checkpoints"
+
+test: $(STAMP)
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q tests/unit
+
+clean-demo:
+	rm -rf $(DEMO)

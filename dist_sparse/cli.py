@@ -1,0 +1,34 @@
+"""The ``dist-sparse`` command: subcommands around a pre-training run.
+
+Training itself is started by the deepspeed launcher (``launchers/pretrain.py``); this command
+holds the steps before and after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dist-sparse", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from dist_sparse.data.prepare import add_prepare_arguments, run_prepare
+    p = sub.add_parser("prepare-data", help="corpus -> tokenizer -> BERT pre-training examples (Arrow)")
+    add_prepare_arguments(p)
+    p.set_defaults(func=run_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as err:
+        print(f"dist-sparse {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Typed configuration of the project's own sections of the DeepSpeed JSON.
+
+A run is configured by one DeepSpeed JSON file. DeepSpeed owns its keys (batch sizes,
+optimizer, ZeRO, tensor_parallel, ...); the sections named in ``OWN_SECTIONS`` belong to
+dist_sparse. They are parsed here with ``extra="forbid"`` so that a typo is an error that
+names the key, and they are removed before the dict is handed to ``deepspeed.initialize``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+# Sections of the DeepSpeed JSON that dist_sparse owns. Later capabilities add theirs here.
+OWN_SECTIONS = ("training",)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+
+class TrainingConfig(_Section):
+    """The ``"training"`` section: schedule, cadence and seed of a pre-training run."""
+
+    max_steps: int | None = Field(default=None, ge=1)
+    """Optimizer steps to train; ``--max-steps`` on the command line overrides it."""
+
+    warmup_steps: int | None = Field(default=None, ge=0)
+    """Linear warmup length in optimizer steps; wins over ``warmup_fraction`` when set."""
+
+    warmup_fraction: float = Field(default=0.01, ge=0.0, lt=1.0)
+    """Warmup length as a fraction of ``max_steps`` (BERT used 1%; NVIDIA's LAMB phase 1 28.4%)."""
+
+    decay: Literal["linear", "polynomial", "cosine", "constant"] = "linear"
+    """Shape of the learning-rate decay after warmup, down to ``end_lr_fraction`` at ``max_steps``."""
+
+    decay_power: float = Field(default=0.5, gt=0.0)
+    """Exponent of the ``polynomial`` decay (NVIDIA's BERT LAMB recipe uses 0.5)."""
+
+    end_lr_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Learning rate at the end of training, as a fraction of the peak."""
+
+    seed: int = 1234
+    """Seeds model initialisation, data order, masking and dropout."""
+
+    log_interval: int = Field(default=1, ge=1)
+    """Write training scalars to TensorBoard every this many optimizer steps."""
+
+    eval_interval: int = Field(default=0, ge=0)
+    """Evaluate on the held-out split every this many steps (0: only at the end)."""
+
+    eval_batches: int = Field(default=8, ge=1)
+    """Micro batches per rank in one evaluation."""
+
+    save_interval: int = Field(default=0, ge=0)
+    """Save a checkpoint every this many steps (0: only at the end)."""
+
+    keep_checkpoints: int = Field(default=0, ge=0)
+    """Keep only the newest N checkpoints (0: keep all)."""
+
+    mlm_probability: float = Field(default=0.15, gt=0.0, lt=1.0)
+    """Fraction of tokens selected for masked-language-model prediction (80/10/10 rule)."""
+
+
+class RunConfig(BaseModel):
+    """A DeepSpeed config split into DeepSpeed's part and ours."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+
+    deepspeed: dict[str, Any]
+    training: TrainingConfig
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.deepspeed.get("zero_optimization", {}).get("stage", 0))
+
+    @property
+    def tp_size(self) -> int:
+        return int(self.deepspeed.get("tensor_parallel", {}).get("autotp_size", 1) or 1)
+
+
+def _format_validation_error(section: str, model: type[BaseModel], err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f'unknown key "{section}.{where}" (known keys: {", ".join(sorted(model.model_fields))})')
+        else:
+            lines.append(f'"{section}.{where}": {e["msg"]}')
+    return "; ".join(lines)
+
+
+def parse_section(raw: dict[str, Any], section: str, model: type[BaseModel], source: str):
+    """Validate one of our sections; a missing section gives the defaults."""
+    body = raw.get(section, {})
+    if not isinstance(body, dict):
+        raise ValueError(f'{source}: "{section}" must be a JSON object')
+    try:
+        return model(**body)
+    except ValidationError as err:
+        raise ValueError(f"{source}: {_format_validation_error(section, model, err)}") from None
+
+
+def parse_run_config(raw: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    """Split and validate a DeepSpeed config dict. Raises ValueError naming what to fix."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: a DeepSpeed config must be a JSON object")
+    ds = {k: v for k, v in raw.items() if k not in OWN_SECTIONS}
+    return RunConfig(deepspeed=ds, training=parse_section(raw, "training", TrainingConfig, source))
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"DeepSpeed config {path} does not exist")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    return parse_run_config(raw, source=str(path))
+
+
+def resolve_batch_sizes(ds: dict[str, Any], dp_size: int) -> tuple[int, int, int]:
+    """Return (global batch, micro batch per rank, gradient accumulation) for ``dp_size``.
+
+    DeepSpeed derives a missing one of the three from the other two; we do the same here
+    first so that a mismatch is reported in terms the user wrote, before any process group
+    or model exists.
+    """
+    train = ds.get("train_batch_size")
+    micro = ds.get("train_micro_batch_size_per_gpu")
+    gas = ds.get("gradient_accumulation_steps")
+    given = {k: v for k, v in (("train_batch_size", train), ("train_micro_batch_size_per_gpu", micro),
+                                 ("gradient_accumulation_steps", gas)) if v is not None}
+    for k, v in given.items():
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{k} must be a positive integer, got {v!r}")
+    if micro is None and train is None:
+        raise ValueError("set train_micro_batch_size_per_gpu (and train_batch_size or "
+                         "gradient_accumulation_steps) in the DeepSpeed config")
+    if train is None:
+        gas = gas or 1
+        train = micro * gas * dp_size
+    elif micro is None:
+        gas = gas or 1
+        if train % (gas * dp_size):
+            raise ValueError(f"train_batch_size {train} is not divisible by gradient_accumulation_steps "
+                             f"{gas} x data-parallel size {dp_size}")
+        micro = train // (gas * dp_size)
+    elif gas is None:
+        if train % (micro * dp_size):
+            raise ValueError(f"train_batch_size {train} is not divisible by train_micro_batch_size_per_gpu "
+                             f"{micro} x data-parallel size {dp_size}")
+        gas = train // (micro * dp_size)
+    if train != micro * gas * dp_size:
+        raise ValueError(
+            f"batch sizes do not multiply out: train_batch_size {train} != train_micro_batch_size_per_gpu "
+            f"{micro} x gradient_accumulation_steps {gas} x data-parallel size {dp_size} "
+            f"(= {micro * gas * dp_size}); fix one of the three or change the number of ranks")
+    return train, micro, gas
+
+
+def data_parallel_size(world_size: int, tp_size: int) -> int:
+    if tp_size < 1 or world_size % tp_size:
+        raise ValueError(f"tensor_parallel.autotp_size {tp_size} does not divide the world size {world_size}")
+    return world_size // tp_size
+
+
+def lr_multiplier(step: int, cfg: TrainingConfig, max_steps: int) -> float:
+    """Learning-rate multiplier of the peak at optimizer step ``step`` (0-based): pure function."""
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_fraction * max_steps)
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if cfg.decay == "constant" or max_steps <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / (max_steps - warmup))
+    end = cfg.end_lr_fraction
+    if cfg.decay == "linear":
+        shape = 1.0 - progress
+    elif cfg.decay == "polynomial":
+        shape = (1.0 - progress) ** cfg.decay_power
+    else:
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return end + (1.0 - end) * shape

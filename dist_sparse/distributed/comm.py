@@ -1,0 +1,104 @@
+"""The one module that calls collectives.
+
+Everything that talks to other ranks goes through these functions, each taking the process
+group explicitly (None means the whole world), so the rest of the code stays testable in one
+process and the communication volume of a feature can be read off one file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import deepspeed
+from deepspeed import comm as dist
+
+
+def init(backend: str | None = None) -> None:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA)."""
+    if dist.is_initialized():
+        return
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def is_initialized() -> bool:
+    return dist.is_initialized()
+
+
+def rank(group=None) -> int:
+    return dist.get_rank(group=group) if dist.is_initialized() else 0
+
+
+def world_size(group=None) -> int:
+    return dist.get_world_size(group=group) if dist.is_initialized() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def barrier(group=None) -> None:
+    if dist.is_initialized():
+        dist.barrier(group=group)
+
+
+def all_reduce_sum_(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum ``tensor`` in place over ``group``; returns it. A no-op in a single process."""
+    if dist.is_initialized() and world_size(group) > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def all_gather_object(obj, group=None) -> list:
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def broadcast_object(obj, src: int = 0, group=None):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    """The process groups of a DP x TP layout, passed explicitly to whoever needs them."""
+
+    dp_group: object
+    tp_group: object
+    dp_rank: int
+    dp_size: int
+    tp_rank: int
+    tp_size: int
+    global_rank: int
+    world_size: int
+
+
+def parallel_groups(tp_size: int) -> ParallelGroups:
+    """The DP and TP groups that DeepSpeed created in ``deepspeed.initialize``.
+
+    AutoTP builds a (data_parallel, tensor_parallel) mesh, so TP peers are consecutive ranks
+    and share a data-parallel rank: they must and do see the same batches. Without tensor
+    parallelism the data-parallel group is the whole world.
+    """
+    from deepspeed.utils import groups
+
+    if tp_size > 1:
+        tp_group = groups.get_tensor_model_parallel_group()
+        tp_rank = groups.get_tensor_model_parallel_rank()
+        dp_group = groups.get_data_parallel_group()
+        assert world_size(tp_group) == tp_size, "DeepSpeed's TP group disagrees with autotp_size"
+    else:
+        tp_group, tp_rank, dp_group = None, 0, None
+    return ParallelGroups(dp_group=dp_group, tp_group=tp_group,
+                          dp_rank=rank(dp_group), dp_size=world_size(dp_group),
+                          tp_rank=tp_rank, tp_size=tp_size,
+                          global_rank=rank(), world_size=world_size())

@@ -1,0 +1,386 @@
+"""BERT for pre-training with a head count and an FFN width per layer.
+
+Written against transformers v5, which removed ``prune_heads``.  Two constraints shape it:
+
+* Module names and state-dict keys are exactly those of ``transformers.BertForPreTraining``
+  (``bert.encoder.layer.{i}.attention.self.query`` ...).  DeepSpeed AutoTP picks what to split by
+  these names, and checkpoints / the dense Hugging Face export map one to one.
+* With uniform sizes it is the same function as ``BertForPreTraining``.  A layer with fewer heads
+  only has narrower Q/K/V outputs and a narrower ``attention.output.dense`` input; a layer with
+  fewer FFN neurons a narrower ``intermediate.dense`` output / ``output.dense`` input.
+
+Attention always runs through ``torch.nn.functional.scaled_dot_product_attention`` (flash /
+memory-efficient kernels on GPU); there is no eager path and no attention-probability output.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from .config import DistSparseBertConfig
+
+try:  # reuse HF's output type so downstream code can treat both models alike
+    from transformers.models.bert.modeling_bert import BertForPreTrainingOutput
+except ImportError:  # pragma: no cover - only if transformers moves it
+    from dataclasses import dataclass
+
+    from transformers.utils import ModelOutput
+
+    @dataclass
+    class BertForPreTrainingOutput(ModelOutput):
+        loss: torch.Tensor | None = None
+        prediction_logits: torch.Tensor | None = None
+        seq_relationship_logits: torch.Tensor | None = None
+        hidden_states: tuple[torch.Tensor, ...] | None = None
+        attentions: tuple[torch.Tensor, ...] | None = None
+
+
+IGNORE_INDEX = -100
+
+
+def _activation(config: DistSparseBertConfig):
+    return ACT2FN[config.hidden_act] if isinstance(config.hidden_act, str) else config.hidden_act
+
+
+def padding_mask_to_additive(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Turn a ``(batch, seq)`` 1 = keep / 0 = pad mask into an additive ``(batch, 1, 1, seq)`` bias.
+
+    An additive bias with the dtype's most negative finite value (not -inf, not a boolean mask)
+    keeps a row whose keys are all padding finite: it softmaxes to a uniform row instead of NaN,
+    as in HF's eager BERT.  ``None`` stays ``None`` so SDPA may pick a mask-free flash kernel;
+    callers with unpadded batches should therefore pass no mask at all.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must have shape (batch, seq), got {tuple(attention_mask.shape)}")
+    keep = attention_mask[:, None, None, :].to(dtype)
+    return (1.0 - keep) * torch.finfo(dtype).min
+
+
+class DistSparseBertEmbeddings(nn.Module):
+    """Word + position + token-type embeddings, LayerNorm, dropout (as HF BERT)."""
+
+    def __init__(self, config: DistSparseBertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        # Non-persistent so the state dict has exactly HF's keys; they only save an arange per step.
+        self.register_buffer(
+            "position_ids", torch.arange(config.max_position_embeddings).expand((1, -1)), persistent=False
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        seq_len = input_ids.shape[1]
+        if position_ids is None:
+            position_ids = self.position_ids[:, :seq_len]
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        embeddings = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+        embeddings = embeddings + self.position_embeddings(position_ids)
+        return self.dropout(self.LayerNorm(embeddings))
+
+
+class DistSparseBertSelfAttention(nn.Module):
+    """Q/K/V projections and SDPA for ``config.heads_of(layer_idx)`` heads of width ``head_dim``."""
+
+    def __init__(self, config: DistSparseBertConfig, layer_idx: int):
+        super().__init__()
+        self.num_heads = config.heads_of(layer_idx)  # informational only: forward infers it (TP shards)
+        self.head_dim = config.head_dim
+        inner = self.num_heads * self.head_dim
+        self.query = nn.Linear(config.hidden_size, inner)
+        self.key = nn.Linear(config.hidden_size, inner)
+        self.value = nn.Linear(config.hidden_size, inner)
+        self.dropout_p = float(config.attention_probs_dropout_prob)
+        self.scaling = self.head_dim**-0.5
+
+    def forward(self, hidden_states: torch.Tensor, attention_bias: torch.Tensor | None = None) -> torch.Tensor:
+        batch, seq = hidden_states.shape[:2]
+        # -1 for the head count: under AutoTP a rank holds only its slice of the Q/K/V rows, i.e.
+        # fewer heads than the config says, and a pruned layer fewer than num_attention_heads.
+        split = (batch, seq, -1, self.head_dim)
+        q = self.query(hidden_states).view(split).transpose(1, 2)
+        k = self.key(hidden_states).view(split).transpose(1, 2)
+        v = self.value(hidden_states).view(split).transpose(1, 2)
+        context = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attention_bias,
+            dropout_p=self.dropout_p if self.training else 0.0,
+            scale=self.scaling,
+        )
+        return context.transpose(1, 2).reshape(batch, seq, -1)
+
+
+class DistSparseBertSelfOutput(nn.Module):
+    """``attention.output``: projects the concatenated heads back to hidden, residual, LayerNorm."""
+
+    def __init__(self, config: DistSparseBertConfig, layer_idx: int):
+        super().__init__()
+        # Input width follows the kept heads: removing a head removes its head_dim input columns.
+        self.dense = nn.Linear(config.heads_of(layer_idx) * config.head_dim, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, context: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(context)) + residual)
+
+
+class DistSparseBertAttention(nn.Module):
+    def __init__(self, config: DistSparseBertConfig, layer_idx: int):
+        super().__init__()
+        self.self = DistSparseBertSelfAttention(config, layer_idx)
+        self.output = DistSparseBertSelfOutput(config, layer_idx)
+
+    def forward(self, hidden_states: torch.Tensor, attention_bias: torch.Tensor | None = None) -> torch.Tensor:
+        return self.output(self.self(hidden_states, attention_bias), hidden_states)
+
+
+class DistSparseBertIntermediate(nn.Module):
+    def __init__(self, config: DistSparseBertConfig, layer_idx: int):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_of(layer_idx))
+        self.intermediate_act_fn = _activation(config)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.intermediate_act_fn(self.dense(hidden_states))
+
+
+class DistSparseBertOutput(nn.Module):
+    """FFN down-projection, residual, LayerNorm."""
+
+    def __init__(self, config: DistSparseBertConfig, layer_idx: int):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_of(layer_idx), config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + residual)
+
+
+class DistSparseBertLayer(GradientCheckpointingLayer):
+    """One post-LN transformer block; GradientCheckpointingLayer makes
+    ``model.gradient_checkpointing_enable()`` work (hidden_states must stay positional)."""
+
+    def __init__(self, config: DistSparseBertConfig, layer_idx: int):
+        super().__init__()
+        self.attention = DistSparseBertAttention(config, layer_idx)
+        self.intermediate = DistSparseBertIntermediate(config, layer_idx)
+        self.output = DistSparseBertOutput(config, layer_idx)
+
+    def forward(self, hidden_states: torch.Tensor, attention_bias: torch.Tensor | None = None) -> torch.Tensor:
+        attention_output = self.attention(hidden_states, attention_bias)
+        return self.output(self.intermediate(attention_output), attention_output)
+
+
+class DistSparseBertEncoder(nn.Module):
+    def __init__(self, config: DistSparseBertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList([DistSparseBertLayer(config, i) for i in range(config.num_hidden_layers)])
+
+    def forward(self, hidden_states: torch.Tensor, attention_bias: torch.Tensor | None = None) -> torch.Tensor:
+        for layer in self.layer:
+            hidden_states = layer(hidden_states, attention_bias)
+        return hidden_states
+
+
+class DistSparseBertPooler(nn.Module):
+    """tanh(dense(first token)), the input of the NSP head."""
+
+    def __init__(self, config: DistSparseBertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = nn.Tanh()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.dense(hidden_states[:, 0]))
+
+
+class DistSparseBertPredictionHeadTransform(nn.Module):
+    def __init__(self, config: DistSparseBertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.transform_act_fn = _activation(config)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.transform_act_fn(self.dense(hidden_states)))
+
+
+class DistSparseBertLMPredictionHead(nn.Module):
+    def __init__(self, config: DistSparseBertConfig):
+        super().__init__()
+        self.transform = DistSparseBertPredictionHeadTransform(config)
+        # decoder.weight is tied to the word embeddings and decoder.bias to ``self.bias`` by
+        # PreTrainedModel.tie_weights (see _tied_weights_keys).  Both keys appear in the state
+        # dict, exactly as in HF BERT, so checkpoints load either way.
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(hidden_states))
+
+
+class DistSparseBertPreTrainingHeads(nn.Module):
+    def __init__(self, config: DistSparseBertConfig):
+        super().__init__()
+        self.predictions = DistSparseBertLMPredictionHead(config)
+        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+    def forward(self, sequence_output: torch.Tensor, pooled_output: torch.Tensor):
+        return self.predictions(sequence_output), self.seq_relationship(pooled_output)
+
+
+class DistSparseBertPreTrainedModel(PreTrainedModel):
+    config_class = DistSparseBertConfig
+    config: DistSparseBertConfig
+    base_model_prefix = "bert"
+    supports_gradient_checkpointing = True
+    # The attention is SDPA whatever config._attn_implementation says; declaring support keeps
+    # transformers from rejecting the default "sdpa" choice.
+    _supports_sdpa = True
+    _no_split_modules = ["DistSparseBertEmbeddings", "DistSparseBertLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """BERT init: N(0, initializer_range) for linear and embedding weights, zero biases,
+        LayerNorm 1/0, zero padding embedding row and MLM output bias.
+
+        Uses transformers.initialization so that parameters already loaded by from_pretrained
+        (flagged ``_is_hf_initialized``) are left alone.
+        """
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
+                init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, DistSparseBertLMPredictionHead):
+            init.zeros_(module.bias)
+        elif isinstance(module, DistSparseBertEmbeddings):
+            # Buffers are not saved; recompute in case the model was built on the meta device.
+            init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
+
+
+class DistSparseBertModel(DistSparseBertPreTrainedModel):
+    """Embeddings + encoder (+ pooler): the ``bert.`` sub-module of the pre-training model."""
+
+    def __init__(self, config: DistSparseBertConfig, add_pooling_layer: bool = True):
+        super().__init__(config)
+        self.embeddings = DistSparseBertEmbeddings(config)
+        self.encoder = DistSparseBertEncoder(config)
+        self.pooler = DistSparseBertPooler(config) if add_pooling_layer else None
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ):
+        hidden_states = self.embeddings(input_ids, token_type_ids, position_ids)
+        attention_bias = padding_mask_to_additive(attention_mask, hidden_states.dtype)
+        sequence_output = self.encoder(hidden_states, attention_bias)
+        pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
+        out = BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=pooled_output)
+        return out if return_dict else out.to_tuple()
+
+
+class DistSparseBertForPreTraining(DistSparseBertPreTrainedModel):
+    """BERT with the MLM and NSP heads; state-dict compatible with ``BertForPreTraining``."""
+
+    # transformers v5 form: {target: source}; expanded by post_init() and applied by tie_weights().
+    _tied_weights_keys = {
+        "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+        "cls.predictions.decoder.bias": "cls.predictions.bias",
+    }
+
+    def __init__(self, config: DistSparseBertConfig):
+        super().__init__(config)
+        self.bert = DistSparseBertModel(config)
+        self.cls = DistSparseBertPreTrainingHeads(config)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.cls.predictions.decoder
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.cls.predictions.decoder = new_embeddings
+        self.cls.predictions.bias = new_embeddings.bias
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        next_sentence_label: torch.Tensor | None = None,
+        return_dict: bool = True,
+        position_ids: torch.Tensor | None = None,
+    ):
+        """Logits of both heads, and the loss when labels are given.
+
+        ``loss`` = mean MLM cross entropy over tokens whose label is not -100 (when ``labels``
+        is given) + mean NSP cross entropy (when ``next_sentence_label`` is given).  HF only
+        returns a loss when both are given; with both given the value is the same.
+        """
+        outputs = self.bert(input_ids, attention_mask, token_type_ids, position_ids, return_dict=True)
+        prediction_logits, seq_relationship_logits = self.cls(outputs.last_hidden_state, outputs.pooler_output)
+
+        loss = None
+        if labels is not None:
+            # fp32 for the log-softmax over the vocabulary: in bf16 it loses ~3 digits.
+            loss = F.cross_entropy(
+                prediction_logits.reshape(-1, prediction_logits.shape[-1]).float(),
+                labels.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+            )
+        if next_sentence_label is not None:
+            nsp_loss = F.cross_entropy(seq_relationship_logits.reshape(-1, 2).float(), next_sentence_label.reshape(-1))
+            loss = nsp_loss if loss is None else loss + nsp_loss
+
+        out = BertForPreTrainingOutput(
+            loss=loss, prediction_logits=prediction_logits, seq_relationship_logits=seq_relationship_logits
+        )
+        return out if return_dict else out.to_tuple()
+
+
+__all__ = [
+    "BertForPreTrainingOutput",
+    "DistSparseBertForPreTraining",
+    "DistSparseBertModel",
+    "DistSparseBertPreTrainedModel",
+    "padding_mask_to_additive",
+]

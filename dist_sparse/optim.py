@@ -1,0 +1,113 @@
+"""LAMB that stays layer-wise under ZeRO, and the parameter grouping it needs.
+
+DeepSpeed's FusedLamb is CUDA-only and, like every optimizer ZeRO drives, it sees each param
+group as one flat fp32 partition: its trust ratio ||w|| / ||update|| is then taken over a
+slice of many layers, which is not LAMB. This LAMB follows FusedLamb's update rule (Adam
+moments with bias correction, decoupled weight decay added to the update, trust ratio clamped
+to [min_coeff, max_coeff], 1 when either norm is zero) and takes its norms per *param group*:
+the training code puts every parameter in a group of its own, so under ZeRO each rank holds a
+slice of exactly one parameter per group and the squared norms are summed over the
+data-parallel group with one small all-reduce per step (``norm_reducer``). Without ZeRO the
+groups hold whole tensors and no reduction is needed.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+
+NO_DECAY_SUFFIXES = ("bias", "LayerNorm.weight", "LayerNorm.bias")
+
+
+class Lamb(torch.optim.Optimizer):
+    """Layer-wise Adaptive Moments (You et al., 2019) with FusedLamb's conventions.
+
+    ``norm_reducer`` receives a float64 tensor of shape [n_groups, 2] holding this rank's
+    squared norms (weights, update) per param group and must sum it in place over the ranks
+    that share each group's parameter (the data-parallel group under ZeRO).
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.01, bias_correction: bool = True,
+                 max_coeff: float = 10.0, min_coeff: float = 0.01,
+                 norm_reducer: Callable[[torch.Tensor], None] | None = None):
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError("Lamb: lr, eps and weight_decay must be >= 0")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"Lamb: betas must lie in [0, 1), got {betas}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        bias_correction=bias_correction, max_coeff=max_coeff, min_coeff=min_coeff)
+        super().__init__(params, defaults)
+        self.norm_reducer = norm_reducer
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        updates: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        sq_norms = torch.zeros(len(self.param_groups), 2, dtype=torch.float64)
+        for gi, group in enumerate(self.param_groups):
+            beta1, beta2 = group["betas"]
+            pairs = []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad.float()
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                state["step"] += 1
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(beta1).add_(grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                if group["bias_correction"]:
+                    c1 = 1 - beta1 ** state["step"]
+                    c2 = 1 - beta2 ** state["step"]
+                else:
+                    c1 = c2 = 1.0
+                update = (m / c1) / ((v / c2).sqrt_().add_(group["eps"]))
+                if group["weight_decay"]:
+                    update.add_(p.float(), alpha=group["weight_decay"])
+                sq_norms[gi, 0] += p.float().square().sum().double()
+                sq_norms[gi, 1] += update.square().sum().double()
+                pairs.append((p, update))
+            updates.append(pairs)
+        if self.norm_reducer is not None:
+            self.norm_reducer(sq_norms)
+        norms = sq_norms.sqrt()
+        for gi, group in enumerate(self.param_groups):
+            w_norm, u_norm = float(norms[gi, 0]), float(norms[gi, 1])
+            if w_norm > 0 and u_norm > 0:
+                trust = min(max(w_norm / u_norm, group["min_coeff"]), group["max_coeff"])
+            else:
+                trust = 1.0
+            for p, update in updates[gi]:
+                p.add_(update.to(p.dtype), alpha=-group["lr"] * trust)
+        return loss
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float, one_per_parameter: bool) -> list[dict]:
+    """Param groups with BERT's weight-decay exclusions (biases and LayerNorm).
+
+    ``one_per_parameter`` gives every tensor its own group, which layer-wise optimizers need
+    under ZeRO (see the module docstring).
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if name.endswith(NO_DECAY_SUFFIXES) else decay).append((name, p))
+    if one_per_parameter:
+        return ([{"params": [p], "weight_decay": weight_decay, "name": n} for n, p in decay]
+                + [{"params": [p], "weight_decay": 0.0, "name": n} for n, p in no_decay])
+    groups = []
+    if decay:
+        groups.append({"params": [p for _, p in decay], "weight_decay": weight_decay})
+    if no_decay:
+        groups.append({"params": [p for _, p in no_decay], "weight_decay": 0.0})
+    return groups

@@ -1,0 +1,28 @@
+"""Command-line arguments of a pre-training run (``launchers/pretrain.py``)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pretrain.py",
+        description="BERT pre-training on DeepSpeed (start with the deepspeed launcher).")
+    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", required=True,
+                   help="DeepSpeed JSON config; its 'training' section is dist_sparse's own")
+    p.add_argument("--data", required=True, help="a dataset written by `dist-sparse prepare-data`")
+    p.add_argument("--model", default="bert-tiny", help="model preset (bert-tiny, bert-mini, ..., bert-large)")
+    p.add_argument("--output", required=True, help="run directory (checkpoints, tensorboard, metrics)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides training.max_steps)")
+    p.add_argument("--save-interval", type=int, default=None, help="checkpoint every N steps (0: at the end)")
+    p.add_argument("--eval-interval", type=int, default=None, help="evaluate every N steps (0: at the end)")
+    p.add_argument("--seed", type=int, default=None, help="overrides training.seed")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/latest")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="exit after this many steps of this invocation, as if interrupted (tests, debugging)")
+    # The deepspeed launcher passes --local_rank; the environment carries it too.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    return p

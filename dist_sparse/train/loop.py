@@ -1,0 +1,249 @@
+"""The pre-training loop around the DeepSpeed engine.
+
+Determinism is by construction, which is what makes resume exact: the data order is a
+function of (seed, epoch) and the position in it; MLM masking and dropout draw from
+generators reseeded at every micro step from (seed, step, micro step, data-parallel rank).
+Tensor-parallel peers share a data-parallel rank, so they see the same batch and the same
+dropout masks on replicated activations.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dist_sparse.config import (RunConfig, data_parallel_size, load_run_config, lr_multiplier,
+                                resolve_batch_sizes)
+from dist_sparse.distributed import comm
+from dist_sparse.train import run_dir as rd
+from dist_sparse.train.args import build_parser
+from dist_sparse.train.engine import build_engine
+from dist_sparse.train.metrics import MetricsWriter
+
+log = logging.getLogger("dist_sparse.train")
+
+CHECKPOINT_FORMAT = 1
+
+
+def step_seed(seed: int, step: int, micro: int, dp_rank: int, stream: int = 0) -> int:
+    """A 63-bit seed for one micro step; distinct streams never collide for sane sizes."""
+    return (((seed * 1_000_003 + step) * 4099 + micro) * 65_537 + dp_rank) * 7 + stream & (2**63 - 1)
+
+
+@dataclass
+class Progress:
+    step: int = 0          # optimizer steps done
+    samples: int = 0       # global samples consumed
+    tokens: int = 0        # global non-pad tokens consumed
+
+
+def _resolve(args, run_cfg: RunConfig):
+    t = run_cfg.training
+    max_steps = args.max_steps if args.max_steps is not None else t.max_steps
+    if max_steps is None or max_steps < 1:
+        raise ValueError("set the number of steps: --max-steps N or training.max_steps in the config")
+    save_interval = args.save_interval if args.save_interval is not None else t.save_interval
+    eval_interval = args.eval_interval if args.eval_interval is not None else t.eval_interval
+    seed = args.seed if args.seed is not None else t.seed
+    for name, v in (("--save-interval", save_interval), ("--eval-interval", eval_interval)):
+        if v < 0:
+            raise ValueError(f"{name} must be >= 0")
+    return max_steps, save_interval, eval_interval, seed
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    # Everything that can be checked without processes or models is checked first.
+    run_cfg = load_run_config(args.deepspeed_config)
+    max_steps, save_interval, eval_interval, seed = _resolve(args, run_cfg)
+    from dist_sparse.data.prepare import load_prepared
+    datasets, meta = load_prepared(args.data)
+    from dist_sparse.model.presets import build_config, build_model
+    model_config = build_config(args.model, vocab_size=meta["vocab_size"],
+                                max_position_embeddings=max(512, meta["seq_len"]),
+                                pad_token_id=meta["special_ids"]["[PAD]"])
+    run = Path(args.output)
+    resume_tag = rd.check_run_dir(run, args.resume, args.overwrite)
+
+    comm.init()
+    world = comm.world_size()
+    dp_size = data_parallel_size(world, run_cfg.tp_size)
+    global_batch, micro_bs, grad_acc = resolve_batch_sizes(run_cfg.deepspeed, dp_size)
+    is_rank0 = comm.rank() == 0
+
+    if is_rank0:
+        run.mkdir(parents=True, exist_ok=True)
+        if args.overwrite:
+            rd.clear_run(run)
+        rd.checkpoint_dir(run).mkdir(exist_ok=True)
+        if resume_tag is None:
+            rd.write_json_atomic(run / "run.json", {
+                "argv": argv, "model": args.model, "data": str(Path(args.data).resolve()),
+                "deepspeed_config": json.loads(Path(args.deepspeed_config).read_text()),
+                "max_steps": max_steps, "seed": seed, "world_size": world, "dp_size": dp_size,
+                "tp_size": run_cfg.tp_size, "global_batch": global_batch, "micro_batch": micro_bs,
+                "gradient_accumulation": grad_acc, "data_meta": meta})
+    comm.barrier()
+
+    torch.manual_seed(seed)
+    model = build_model(model_config)
+    engine = build_engine(model, run_cfg,
+                          lr_lambda=lambda s: lr_multiplier(s, run_cfg.training, max_steps))
+    groups = comm.parallel_groups(run_cfg.tp_size)
+
+    from dist_sparse.data.collator import MlmCollator
+    from dist_sparse.data.loader import ResumableBatchIterator
+    train_ds, eval_ds = datasets["train"], datasets["eval"]
+    special = meta["special_ids"]
+    collator = MlmCollator(pad_id=special["[PAD]"], mask_id=special["[MASK]"], vocab_size=meta["vocab_size"],
+                           special_ids=sorted(special.values()), seq_len=meta["seq_len"],
+                           mlm_probability=run_cfg.training.mlm_probability)
+    loader = ResumableBatchIterator(len(train_ds), micro_bs, groups.dp_rank, groups.dp_size, seed)
+
+    progress = Progress()
+    ckpt_dir = rd.checkpoint_dir(run)
+    if resume_tag is not None:
+        progress = _load_checkpoint(engine, ckpt_dir, resume_tag, loader, args, meta, groups)
+        if is_rank0:
+            rd.truncate_metrics(run / "metrics.jsonl", progress.step)
+    comm.barrier()
+
+    metrics = MetricsWriter(run, enabled=is_rank0, purge_step=progress.step + 1 if resume_tag else None)
+    pbar = None
+    if is_rank0 and not args.no_progress:
+        from tqdm import tqdm
+        pbar = tqdm(total=max_steps, initial=progress.step, desc="pretrain", unit="step", dynamic_ncols=True)
+
+    def save(step: int) -> None:
+        tag = f"global_step{step}"
+        client_state = {"format": CHECKPOINT_FORMAT, "progress": progress.__dict__, "loader": loader.state_dict(),
+                        "seed": seed, "max_steps": max_steps, "model": args.model,
+                        "model_config": model_config.to_dict(), "data_meta": meta,
+                        "dp_size": groups.dp_size, "tp_size": groups.tp_size}
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        torch.save(_rng_state(), ckpt_dir / tag / f"rng_state_rank{comm.rank()}.pt")
+        comm.barrier()  # every rank has written its part before `latest` moves
+        if is_rank0:
+            rd.commit_latest(ckpt_dir, tag)
+            rd.prune_checkpoints(ckpt_dir, run_cfg.training.keep_checkpoints, tag)
+            log.info("saved checkpoint %s", ckpt_dir / tag)
+        comm.barrier()
+
+    steps_this_run = 0
+    while progress.step < max_steps:
+        t0 = time.perf_counter()
+        engine.train()
+        local = torch.zeros(3, dtype=torch.float64)  # loss sum over micro steps, micro steps, tokens
+        for micro in range(grad_acc):
+            indices = next(loader)
+            gen = torch.Generator().manual_seed(step_seed(seed, progress.step, micro, groups.dp_rank))
+            batch = collator([train_ds[i] for i in indices], gen)
+            torch.manual_seed(step_seed(seed, progress.step, micro, groups.dp_rank, stream=1))
+            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            out = engine(**batch)
+            engine.backward(out.loss)
+            engine.step()
+            local += torch.tensor([float(out.loss.detach()), 1.0, float(batch["attention_mask"].sum())],
+                                  dtype=torch.float64)
+        comm.all_reduce_sum_(local, groups.dp_group)
+        progress.step += 1
+        progress.samples += global_batch
+        progress.tokens += int(local[2])
+        steps_this_run += 1
+        elapsed = time.perf_counter() - t0
+        loss = float(local[0] / local[1])
+        if progress.step % run_cfg.training.log_interval == 0 or progress.step == max_steps:
+            grad_norm = engine.get_global_grad_norm()
+            metrics.scalars("train", progress.step, {
+                "loss": loss, "lr": engine.get_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "samples_per_sec": global_batch / elapsed, "tokens_per_sec": float(local[2]) / elapsed})
+        if pbar is not None:
+            pbar.update(1)
+            pbar.set_postfix(loss=f"{loss:.4f}")
+        last = progress.step == max_steps
+        if (eval_interval and progress.step % eval_interval == 0) or last:
+            result = evaluate(engine, eval_ds, collator, micro_bs, run_cfg.training.eval_batches, seed, groups)
+            metrics.scalars("eval", progress.step, result)
+            if is_rank0:
+                log.info("step %d eval %s", progress.step, {k: round(v, 4) for k, v in result.items()})
+        if (save_interval and progress.step % save_interval == 0) or last:
+            save(progress.step)
+        if args.stop_after is not None and steps_this_run >= args.stop_after and not last:
+            log.info("stopping after %d steps as asked (--stop-after)", steps_this_run)
+            break
+
+    if pbar is not None:
+        pbar.close()
+    metrics.close()
+    if is_rank0:
+        print(f"run directory: {run.resolve()}")
+        print(f"  checkpoints: {ckpt_dir.resolve()} (latest: {rd.latest_tag(ckpt_dir)})")
+        print(f"  tensorboard: {(run / 'tensorboard').resolve()}  (tensorboard --logdir {run / 'tensorboard'})")
+    comm.barrier()
+    return 0
+
+
+@torch.no_grad()
+def evaluate(engine, eval_ds, collator, micro_bs: int, batches: int, seed: int, groups) -> dict[str, float]:
+    """MLM loss (token-weighted) and accuracy on the held-out split, over all DP ranks.
+
+    Each data-parallel rank takes its own stride of the split with masking seeded independently
+    of the step, so the same weights always give the same numbers.
+    """
+    engine.eval()
+    totals = torch.zeros(3, dtype=torch.float64)  # summed token loss, masked tokens, correct
+    n = len(eval_ds)
+    for b in range(batches):
+        start = (b * groups.dp_size + groups.dp_rank) * micro_bs
+        indices = [(start + j) % n for j in range(micro_bs)]
+        gen = torch.Generator().manual_seed(step_seed(seed, 0, b, groups.dp_rank, stream=2))
+        batch = {k: v.to(engine.device) for k, v in collator([eval_ds[i] for i in indices], gen).items()}
+        labels = batch.pop("labels")
+        batch.pop("next_sentence_label", None)
+        logits = engine(**batch).prediction_logits.float()
+        selected = labels != -100
+        token_loss = torch.nn.functional.cross_entropy(logits[selected], labels[selected], reduction="sum")
+        correct = (logits[selected].argmax(-1) == labels[selected]).sum()
+        totals += torch.tensor([float(token_loss), float(selected.sum()), float(correct)], dtype=torch.float64)
+    comm.all_reduce_sum_(totals, groups.dp_group)
+    engine.train()
+    count = max(float(totals[1]), 1.0)
+    return {"mlm_loss": float(totals[0]) / count, "mlm_accuracy": float(totals[2]) / count}
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _load_checkpoint(engine, ckpt_dir: Path, tag: str, loader, args, meta, groups) -> Progress:
+    load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if load_path is None or not client_state:
+        raise ValueError(f"--resume: DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+    if client_state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"--resume: {ckpt_dir / tag} was not written by this version of dist_sparse")
+    if client_state["model"] != args.model:
+        raise ValueError(f"--resume: the checkpoint is of model {client_state['model']!r}, not {args.model!r}")
+    if client_state["data_meta"]["seq_len"] != meta["seq_len"] or \
+            client_state["data_meta"]["vocab_size"] != meta["vocab_size"]:
+        raise ValueError("--resume: --data has a different sequence length or vocabulary than the checkpoint")
+    if client_state["dp_size"] != groups.dp_size:
+        raise ValueError(f"--resume: the checkpoint was written with data-parallel size {client_state['dp_size']}, "
+                         f"this run has {groups.dp_size}; exact data-order resume needs the same size")
+    loader.load_state_dict(client_state["loader"])
+    rng_file = ckpt_dir / tag / f"rng_state_rank{comm.rank()}.pt"
+    if rng_file.exists():
+        state = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(state["numpy"])
+        random.setstate(state["python"])
+    return Progress(**client_state["progress"])

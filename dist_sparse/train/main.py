@@ -1,0 +1,17 @@
+"""Process entry: run the loop, turn user errors into one clear line and exit code 2."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dist_sparse.train.loop import run
+
+    try:
+        return run(argv)
+    except ValueError as err:
+        # Every rank hits the same check; one line per rank is readable and names the rank.
+        import os
+        print(f"error (rank {os.environ.get('RANK', '0')}): {err}", file=sys.stderr, flush=True)
+        return 2
