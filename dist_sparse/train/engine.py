@@ -51,7 +51,8 @@ def build_optimizer(model: torch.nn.Module, run_cfg: RunConfig, ds: dict) -> tor
             kwargs["betas"] = tuple(kwargs["betas"])
         del ds["optimizer"]
         ds["zero_allow_untested_optimizer"] = True
-        groups = parameter_groups(model, weight_decay, one_per_parameter=zero > 0)
+        # LAMB's trust ratio is per tensor: one group per tensor, with or without ZeRO.
+        groups = parameter_groups(model, weight_decay, one_per_parameter=True)
         return Lamb(groups, norm_reducer=_dp_norm_reducer(run_cfg.tp_size) if zero > 0 else None, **kwargs)
     if kind in ("adam", "adamw"):
         if not torch.cuda.is_available():
