@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--stop-after", type=int, default=None,
                    help="exit after this many steps of this invocation, as if interrupted (tests, debugging)")
+    p.add_argument("--overfit-batch", action="store_true",
+                   help="train on the first batch over and over (a sanity check: the loss must fall)")
     # The deepspeed launcher passes --local_rank; the environment carries it too.
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     return p

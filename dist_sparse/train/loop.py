@@ -139,13 +139,15 @@ def run(argv: list[str] | None = None) -> int:
         comm.barrier()
 
     steps_this_run = 0
+    first_batch = next(iter(ResumableBatchIterator(len(train_ds), micro_bs, groups.dp_rank, groups.dp_size, seed)))
     while progress.step < max_steps:
         t0 = time.perf_counter()
         engine.train()
         local = torch.zeros(3, dtype=torch.float64)  # loss sum over micro steps, micro steps, tokens
         for micro in range(grad_acc):
-            indices = next(loader)
-            gen = torch.Generator().manual_seed(step_seed(seed, progress.step, micro, groups.dp_rank))
+            data_step = 0 if args.overfit_batch else progress.step
+            indices = first_batch if args.overfit_batch else next(loader)
+            gen = torch.Generator().manual_seed(step_seed(seed, data_step, micro, groups.dp_rank))
             batch = collator([train_ds[i] for i in indices], gen)
             torch.manual_seed(step_seed(seed, progress.step, micro, groups.dp_rank, stream=1))
             batch = {k: v.to(engine.device) for k, v in batch.items()}

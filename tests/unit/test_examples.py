@@ -1,0 +1,221 @@
+"""Packed MLM and NSP example construction, and the held-out eval split."""
+
+import random
+
+import datasets
+import pytest
+
+from dist_sparse.data.examples import (
+    NSP_IS_NEXT,
+    NSP_RANDOM_NEXT,
+    document_starts,
+    document_stream,
+    make_pair,
+    nsp_batch,
+    nsp_examples,
+    num_packed_examples,
+    packed_batch,
+    packed_examples,
+    split_documents,
+    truncate_pair,
+)
+
+datasets.disable_progress_bars()
+CLS, SEP = 2, 3
+
+
+def unique_token_corpus(num_docs, seed=0, max_segments=12, max_segment_len=40):
+    """Documents whose every token id is unique, so each token's origin is known exactly.
+
+    Returns (documents, origin) with origin[token] = (document, segment, position in doc).
+    """
+    rng = random.Random(seed)
+    documents, origin, next_id = [], {}, 10
+    for d in range(num_docs):
+        document, position = [], 0
+        for s in range(rng.randint(1, max_segments)):
+            segment = list(range(next_id, next_id + rng.randint(1, max_segment_len)))
+            next_id += len(segment)
+            for token in segment:
+                origin[token] = (d, s, position)
+                position += 1
+            document.append(segment)
+        documents.append(document)
+    return documents, origin
+
+
+# --------------------------------------------------------------------------- packed
+
+
+def test_document_stream_separates_documents():
+    docs = [[[5, 6], [7]], [[8]], [[9, 10]]]
+    assert document_stream(docs, SEP).tolist() == [5, 6, 7, SEP, 8, SEP, 9, 10]
+    assert document_starts([3, 1, 2]).tolist() == [0, 4, 6]
+
+
+@pytest.mark.parametrize("seq_len", [16, 17, 128])
+def test_packed_lengths_exact(seq_len):
+    documents, _ = unique_token_corpus(30, seed=seq_len)
+    stream = document_stream(documents, SEP)
+    examples = packed_examples(documents, seq_len, CLS, SEP)
+    body = seq_len - 2
+    assert len(examples) == len(stream) // body
+    assert len(examples) == num_packed_examples([sum(map(len, d)) for d in documents], seq_len)
+    assert all(len(example) == seq_len for example in examples)
+    assert all(example[0] == CLS and example[-1] == SEP for example in examples)
+    bodies = [token for example in examples for token in example[1:-1]]
+    assert bodies == stream[: len(examples) * body].tolist()  # only the remainder is dropped
+    assert len(stream) - len(bodies) < body
+
+
+def test_packed_examples_drop_short_remainder():
+    assert packed_examples([[[7] * 13]], 16, CLS, SEP) == []
+    assert packed_examples([[[7] * 14]], 16, CLS, SEP) == [[CLS] + [7] * 14 + [SEP]]
+    with pytest.raises(ValueError, match="at least 16"):
+        packed_examples([[[7] * 30]], 15, CLS, SEP)
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 1000])
+def test_packed_batch_matches_in_memory_packing(batch_size):
+    documents, _ = unique_token_corpus(25, seed=3)
+    seq_len = 32
+    expected = packed_examples(documents, seq_len, CLS, SEP)
+    table = datasets.Dataset.from_dict({"segment_ids": documents})
+    numbers = datasets.Dataset.from_dict({"example": list(range(len(expected)))})
+    built = numbers.map(
+        packed_batch,
+        batched=True,
+        batch_size=batch_size,
+        remove_columns=["example"],
+        fn_kwargs={
+            "documents": table,
+            "starts": document_starts([sum(map(len, d)) for d in documents]),
+            "seq_len": seq_len,
+            "cls_id": CLS,
+            "sep_id": SEP,
+        },
+    )
+    assert built["input_ids"] == expected
+    assert all(set(types) == {0} for types in built["token_type_ids"])
+
+
+# --------------------------------------------------------------------------- NSP
+
+
+def test_make_pair_and_truncate_pair():
+    ids, types = make_pair([10, 11], [12], CLS, SEP)
+    assert ids == [CLS, 10, 11, SEP, 12, SEP]
+    assert types == [0, 0, 0, 0, 1, 1]
+    rng = random.Random(0)
+    a, b = list(range(100, 130)), list(range(200, 210))
+    truncate_pair(a, b, 25, rng)
+    assert len(a) + len(b) == 25 and len(b) == 10  # only the longer one was trimmed
+    assert a == list(range(a[0], a[0] + len(a)))  # still contiguous
+    assert a[0] > 100 and a[-1] < 129  # trimmed from both ends (for this seed)
+
+
+def _check_pair(example, seq_len):
+    ids, types = example["input_ids"], example["token_type_ids"]
+    assert len(ids) <= seq_len and len(types) == len(ids)
+    assert ids[0] == CLS and ids[-1] == SEP
+    seps = [i for i, token in enumerate(ids) if token == SEP]
+    assert len(seps) == 2 and ids.count(CLS) == 1
+    a, b = ids[1 : seps[0]], ids[seps[0] + 1 : -1]
+    assert a and b
+    assert types == [0] * (len(a) + 2) + [1] * (len(b) + 1)
+    return a, b
+
+
+def _contiguous(tokens, origin):
+    docs = {origin[t][0] for t in tokens}
+    positions = [origin[t][2] for t in tokens]
+    return len(docs) == 1 and positions == list(range(positions[0], positions[0] + len(tokens)))
+
+
+@pytest.mark.parametrize("seq_len", [16, 64, 128])
+def test_nsp_pairs_exact(seq_len):
+    documents, origin = unique_token_corpus(40, seed=seq_len)
+    examples = nsp_examples(documents, seq_len=seq_len, cls_id=CLS, sep_id=SEP, seed=7)
+    labels = [e["next_sentence_label"] for e in examples]
+    assert labels.count(NSP_IS_NEXT) > 0 and labels.count(NSP_RANDOM_NEXT) > 0
+    segment_starts = {
+        (d, origin[segment[0]][2]) for d, doc in enumerate(documents) for segment in doc
+    }
+    for example in examples:
+        a, b = _check_pair(example, seq_len)
+        assert _contiguous(a, origin) and _contiguous(b, origin)
+        doc_a, doc_b = origin[a[0]][0], origin[b[0]][0]
+        if example["next_sentence_label"] == NSP_IS_NEXT:
+            # B is the true continuation: same document, after A, and A/B were split at a
+            # segment boundary lying between A's last and B's first token (truncation may
+            # have trimmed A's back or B's front, never the order).
+            assert doc_a == doc_b
+            end_a, start_b = origin[a[-1]][2], origin[b[0]][2]
+            assert start_b > end_a
+            assert any((doc_a, p) in segment_starts for p in range(end_a + 1, start_b + 1))
+        else:
+            assert doc_a != doc_b
+
+
+def test_nsp_deterministic_and_seeded():
+    documents, _ = unique_token_corpus(12, seed=1)
+    kwargs = dict(seq_len=64, cls_id=CLS, sep_id=SEP)
+    first = nsp_examples(documents, seed=5, **kwargs)
+    assert first == nsp_examples(documents, seed=5, **kwargs)
+    assert first != nsp_examples(documents, seed=6, **kwargs)
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, 100])
+def test_nsp_batch_independent_of_batching(batch_size):
+    documents, _ = unique_token_corpus(15, seed=2)
+    expected = nsp_examples(documents, seq_len=48, cls_id=CLS, sep_id=SEP, seed=3)
+    table = datasets.Dataset.from_dict({"segment_ids": documents})
+    built = table.map(
+        nsp_batch,
+        batched=True,
+        batch_size=batch_size,
+        with_indices=True,
+        remove_columns=["segment_ids"],
+        fn_kwargs={"documents": table, "seq_len": 48, "cls_id": CLS, "sep_id": SEP, "seed": 3},
+    )
+    assert built.to_list() == expected
+
+
+def test_nsp_needs_two_documents():
+    with pytest.raises(ValueError, match="at least 2 documents"):
+        nsp_examples([[[10, 11], [12]]], seq_len=32, cls_id=CLS, sep_id=SEP, seed=0)
+
+
+# --------------------------------------------------------------------------- split
+
+
+def test_split_holds_out_whole_documents():
+    num_tokens = [50] * 300
+    train, held = split_documents(num_tokens, eval_fraction=0.01, seed=1, seq_len=128, nsp=False)
+    assert len(held) == 3 and sorted(train + held) == list(range(300))
+    assert train == sorted(train) and held == sorted(held)
+    again = split_documents(num_tokens, eval_fraction=0.01, seed=1, seq_len=128, nsp=False)
+    assert again == (train, held)
+    other = split_documents(num_tokens, eval_fraction=0.01, seed=2, seq_len=128, nsp=False)
+    assert other[1] != held
+
+
+def test_split_guarantees_an_eval_example():
+    # small documents: eval needs several of them to fill one packed sequence
+    num_tokens = [10] * 50
+    train, held = split_documents(num_tokens, eval_fraction=0.0, seed=0, seq_len=64, nsp=False)
+    eval_stream = sum(num_tokens[i] for i in held) + len(held) - 1
+    assert eval_stream >= 62 and len(held) == 6
+    _, held_nsp = split_documents(num_tokens, eval_fraction=0.0, seed=0, seq_len=64, nsp=True)
+    assert len(held_nsp) == 2
+
+
+def test_split_errors_when_corpus_too_small():
+    with pytest.raises(ValueError, match="too small"):
+        split_documents([100], eval_fraction=0.01, seed=0, seq_len=64, nsp=False)
+    with pytest.raises(ValueError, match="too small"):
+        split_documents([100, 100, 100], eval_fraction=0.01, seed=0, seq_len=64, nsp=True)
+    with pytest.raises(ValueError, match="eval-fraction"):
+        split_documents([100, 100], eval_fraction=1.0, seed=0, seq_len=64, nsp=False)
+    train, held = split_documents([70, 70], eval_fraction=0.5, seed=0, seq_len=64, nsp=False)
+    assert len(train) == len(held) == 1 and set(train + held) == {0, 1}
