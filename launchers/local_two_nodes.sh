@@ -17,7 +17,8 @@ trap 'rm -rf "$work"' EXIT
 printf 'node0 slots=%s\nnode1 slots=%s\n' "$slots" "$slots" > "$work/hostfile"
 
 start_node() {
-    deepspeed --hostfile "$work/hostfile" --no_ssh --node_rank="$1" \
+    local node=$1; shift
+    deepspeed --hostfile "$work/hostfile" --no_ssh --node_rank="$node" \
         --master_addr 127.0.0.1 --master_port "$port" "$here/pretrain.py" \
         --deepspeed_config "$config" --data "$data" --model "$model" --output "$output" "$@"
 }

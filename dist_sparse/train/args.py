@@ -21,8 +21,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/latest")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    p.add_argument("--stop-after", type=int, default=None,
-                   help="exit after this many steps of this invocation, as if interrupted (tests, debugging)")
     p.add_argument("--overfit-batch", action="store_true",
                    help="train on the first batch over and over (a sanity check: the loss must fall)")
     # The deepspeed launcher passes --local_rank; the environment carries it too.

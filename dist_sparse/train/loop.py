@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from dist_sparse.train.metrics import MetricsWriter
 log = logging.getLogger("dist_sparse.train")
 
 CHECKPOINT_FORMAT = 1
+# Name a checkpoint tag here to make every rank die after writing it but before `latest` moves.
+CRASH_IN_SAVE_ENV = "DIST_SPARSE_TEST_CRASH_IN_SAVE"
 
 
 def step_seed(seed: int, step: int, micro: int, dp_rank: int, stream: int = 0) -> int:
@@ -73,11 +76,13 @@ def run(argv: list[str] | None = None) -> int:
                                 pad_token_id=meta["special_ids"]["[PAD]"])
     run = Path(args.output)
     resume_tag = rd.check_run_dir(run, args.resume, args.overwrite)
-
-    comm.init()
-    world = comm.world_size()
+    # The launcher sets WORLD_SIZE, so the batch arithmetic is checked before any process group.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     dp_size = data_parallel_size(world, run_cfg.tp_size)
     global_batch, micro_bs, grad_acc = resolve_batch_sizes(run_cfg.deepspeed, dp_size)
+
+    comm.init()
+    assert comm.world_size() == world, "WORLD_SIZE disagrees with the process group"
     is_rank0 = comm.rank() == 0
 
     if is_rank0:
@@ -131,6 +136,8 @@ def run(argv: list[str] | None = None) -> int:
                         "dp_size": groups.dp_size, "tp_size": groups.tp_size}
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
         torch.save(_rng_state(), ckpt_dir / tag / f"rng_state_rank{comm.rank()}.pt")
+        if os.environ.get(CRASH_IN_SAVE_ENV) == tag:  # fault injection for the crash-safety test
+            os._exit(17)
         comm.barrier()  # every rank has written its part before `latest` moves
         if is_rank0:
             rd.commit_latest(ckpt_dir, tag)
@@ -138,7 +145,6 @@ def run(argv: list[str] | None = None) -> int:
             log.info("saved checkpoint %s", ckpt_dir / tag)
         comm.barrier()
 
-    steps_this_run = 0
     first_batch = next(iter(ResumableBatchIterator(len(train_ds), micro_bs, groups.dp_rank, groups.dp_size, seed)))
     while progress.step < max_steps:
         t0 = time.perf_counter()
@@ -160,7 +166,6 @@ def run(argv: list[str] | None = None) -> int:
         progress.step += 1
         progress.samples += global_batch
         progress.tokens += int(local[2])
-        steps_this_run += 1
         elapsed = time.perf_counter() - t0
         loss = float(local[0] / local[1])
         if progress.step % run_cfg.training.log_interval == 0 or progress.step == max_steps:
@@ -180,9 +185,6 @@ def run(argv: list[str] | None = None) -> int:
                 log.info("step %d eval %s", progress.step, {k: round(v, 4) for k, v in result.items()})
         if (save_interval and progress.step % save_interval == 0) or last:
             save(progress.step)
-        if args.stop_after is not None and steps_this_run >= args.stop_after and not last:
-            log.info("stopping after %d steps as asked (--stop-after)", steps_this_run)
-            break
 
     if pbar is not None:
         pbar.close()
