@@ -115,7 +115,16 @@ class DistSparseBertSelfAttention(nn.Module):
         # -1 for the head count: under AutoTP a rank holds only its slice of the Q/K/V rows, i.e.
         # fewer heads than the config says, and a pruned layer fewer than num_attention_heads.
         split = (batch, seq, -1, self.head_dim)
-        q = self.query(hidden_states).view(split).transpose(1, 2)
+        q = self.query(hidden_states)
+        if q.shape[-1] % self.head_dim != 0:
+            # AutoTP splits rows evenly without looking at heads: a layer whose kept head count
+            # is not divisible by the TP degree ends up with a fraction of a head per rank.
+            raise ValueError(
+                f"attention projection has {q.shape[-1]} output features, not a whole number of heads of "
+                f"width {self.head_dim}; under tensor parallelism every layer's head count must be "
+                "divisible by the tensor-parallel degree"
+            )
+        q = q.view(split).transpose(1, 2)
         k = self.key(hidden_states).view(split).transpose(1, 2)
         v = self.value(hidden_states).view(split).transpose(1, 2)
         context = F.scaled_dot_product_attention(

@@ -73,11 +73,11 @@ def test_zero_stage_trains_on_a_fixed_batch(stage, data_dir, tmp_path):
     assert (ckpt / "latest").read_text() == "global_step16"
     for tag in ("global_step8", "global_step16"):
         files = {p.name for p in (ckpt / tag).iterdir()}
-        assert "mp_rank_00_model_states.pt" in files
-        if stage < 3:
-            assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= files
-        else:
-            assert {"zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"} <= files
+        assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= files
+        # ZeRO-3 partitions the module states too; stages 1 and 2 keep one copy per model-parallel rank.
+        model_files = ({"zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"}
+                       if stage == 3 else {"mp_rank_00_model_states.pt"})
+        assert model_files <= files
     run_json = json.loads((run / "run.json").read_text())
     assert (run_json["world_size"], run_json["dp_size"], run_json["global_batch"]) == (2, 2, 16)
 
