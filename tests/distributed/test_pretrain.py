@@ -28,6 +28,15 @@ def data_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def nsp_data_dir(tmp_path_factory):
+    from dist_sparse.data.prepare import prepare_data
+
+    out = tmp_path_factory.mktemp("data") / "sotu_nsp"
+    prepare_data(out, default_corpus=True, max_documents=24, vocab_size=1000, seq_len=64, nsp=True)
+    return out
+
+
 def pretrain(config: str, data: Path, run: Path, *extra, nproc: int = 2, **kw):
     return launch([PRETRAIN, "--deepspeed_config", ROOT / "ds_configs" / config, "--data", data,
                    "--model", "bert-tiny", "--output", run, "--no-progress", *extra], nproc=nproc, **kw)
@@ -52,9 +61,11 @@ def assert_loss_falls(losses: list[float]):
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_stage_trains_on_a_fixed_batch(stage, data_dir, tmp_path):
+def test_zero_stage_trains_on_a_fixed_batch(stage, data_dir, nsp_data_dir, tmp_path):
+    """Stage 1 trains on sentence pairs (MLM + NSP loss), stages 2 and 3 on packed MLM sequences."""
     run = tmp_path / "run"
-    pretrain(f"cpu_zero{stage}.json", data_dir, run, "--max-steps", 16, "--overfit-batch",
+    data = nsp_data_dir if stage == 1 else data_dir
+    pretrain(f"cpu_zero{stage}.json", data, run, "--max-steps", 16, "--overfit-batch",
              "--eval-interval", 8, "--save-interval", 8)
     train = metrics(run)
     assert [m["step"] for m in train] == list(range(1, 17))

@@ -1,0 +1,105 @@
+"""Structured mask patterns: square blocks and N:M groups.
+
+Weights are 2-D ``[out_features, in_features]`` (a ``torch.nn.Linear`` layout). Blocks tile
+both dimensions; N:M groups run along the input dimension (the last), which is the layout
+that sparse tensor cores accelerate (2:4 along the reduction dimension of ``x @ W.T``).
+Selection inside blocks and groups uses the same deterministic order as ``topk``: larger
+score first, ties to the lower index.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from dist_sparse.masks.topk import _as_scores, topk_rows_mask
+
+
+def _check_2d(t: torch.Tensor, name: str) -> None:
+    if not isinstance(t, torch.Tensor) or t.dim() != 2:
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be a 2-D [out_features, in_features] tensor, got {shape}")
+
+
+def _check_block(shape: tuple[int, ...], block: int, name: str) -> int:
+    block = operator.index(block)
+    if block < 1:
+        raise ValueError(f"block={block} must be >= 1")
+    rows, cols = shape
+    if rows % block or cols % block:
+        raise ValueError(
+            f"block={block} does not divide both dimensions of {name} with shape {tuple(shape)}; "
+            f"pick a block size that divides {rows} and {cols}"
+        )
+    return block
+
+
+def block_scores(scores_2d: torch.Tensor, block: int) -> torch.Tensor:
+    """Score of every ``block x block`` tile: the sum of its elements' scores.
+
+    Shape ``(rows // block, cols // block)``, float32 (float64 stays float64). The sum is
+    neutral about the norm: pass ``|w|`` for an L1 block score or ``w**2`` for squared L2
+    (which ranks blocks like the L2 norm), whichever the algorithm wants.
+    """
+    _check_2d(scores_2d, "scores_2d")
+    block = _check_block(tuple(scores_2d.shape), block, "scores_2d")
+    x = _as_scores(scores_2d, "scores_2d")
+    rows, cols = x.shape
+    return x.reshape(rows // block, block, cols // block, block).sum(dim=(1, 3))
+
+
+def expand_block_mask(block_mask: torch.Tensor, block: int) -> torch.Tensor:
+    """Element mask from a block mask: each entry becomes a ``block x block`` tile."""
+    _check_2d(block_mask, "block_mask")
+    block = operator.index(block)
+    if block < 1:
+        raise ValueError(f"block={block} must be >= 1")
+    return block_mask.to(torch.bool).repeat_interleave(block, dim=0).repeat_interleave(block, dim=1)
+
+
+def _check_nm(shape: tuple[int, ...], n: int, m: int, name: str) -> tuple[int, int]:
+    n, m = operator.index(n), operator.index(m)
+    if m < 2:
+        raise ValueError(f"m={m} must be >= 2 (group size of the N:M pattern)")
+    if not 1 <= n < m:
+        raise ValueError(f"n={n} must be in [1, m) = [1, {m}) for an N:M pattern")
+    if shape[-1] % m:
+        raise ValueError(
+            f"m={m} does not divide the input dimension {shape[-1]} of {name} with shape {tuple(shape)}"
+        )
+    return n, m
+
+
+def nm_mask(scores_2d: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """N:M mask: in every group of ``m`` consecutive inputs (last dim), the ``n`` largest scores.
+
+    Ties go to the lower column. ``m`` must divide ``in_features`` and ``1 <= n < m``.
+    """
+    _check_2d(scores_2d, "scores_2d")
+    n, m = _check_nm(tuple(scores_2d.shape), n, m, "scores_2d")
+    x = _as_scores(scores_2d, "scores_2d")
+    # Each group of m is a row of the reshaped view; row-major order keeps a group's elements
+    # contiguous and in column order, so "lower index in the row" is "lower column".
+    return topk_rows_mask(x.reshape(-1, m), n).reshape(scores_2d.shape)
+
+
+def check_nm(mask: torch.Tensor, n: int, m: int, exact: bool = True) -> bool:
+    """Whether every group of ``m`` along the last dim holds exactly ``n`` True values.
+
+    ``exact=False`` accepts at most ``n`` (what the hardware requires), for masks that also
+    drop weights inside the pattern.
+    """
+    _check_2d(mask, "mask")
+    n, m = _check_nm(tuple(mask.shape), n, m, "mask")
+    per_group = mask.to(torch.bool).reshape(-1, m).sum(dim=-1)
+    return bool((per_group == n).all()) if exact else bool((per_group <= n).all())
+
+
+def check_block_aligned(mask: torch.Tensor, block: int) -> bool:
+    """Whether every ``block x block`` tile of ``mask`` is all True or all False."""
+    _check_2d(mask, "mask")
+    block = _check_block(tuple(mask.shape), block, "mask")
+    rows, cols = mask.shape
+    per_block = mask.to(torch.bool).reshape(rows // block, block, cols // block, block).sum(dim=(1, 3))
+    return bool(((per_block == 0) | (per_block == block * block)).all())

@@ -1,0 +1,449 @@
+"""Mask functions: deterministic top-k and thresholds, patterns, densities, packing, fingerprints."""
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from dist_sparse.masks import (
+    EMPTY_THRESHOLD,
+    active_counts,
+    block_scores,
+    check_block_aligned,
+    check_nm,
+    deterministic_topk_mask,
+    erk_densities,
+    expand_block_mask,
+    kth_value_threshold,
+    mask_fingerprint,
+    merge_topk_candidates,
+    nm_mask,
+    pack_mask,
+    random_scores,
+    select_by_threshold,
+    stable_seed,
+    topk_among,
+    topk_candidates,
+    uniform_densities,
+    unpack_mask,
+)
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def reference_topk(scores, k):
+    """Plain-Python reference: sort flat positions by (score desc, index asc), take k."""
+    flat = scores.double().reshape(-1).tolist()
+    order = sorted(range(len(flat)), key=lambda i: (-flat[i], i))
+    mask = torch.zeros(len(flat), dtype=torch.bool)
+    mask[order[:k]] = True
+    return mask.reshape(scores.shape)
+
+
+def tied_scores(shape, levels, seed):
+    """Integer-valued float scores: many ties."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, levels, shape, generator=g).float()
+
+
+# ---------------------------------------------------------------- deterministic top-k
+
+
+def test_topk_matches_reference_with_many_ties():
+    rng = random.Random(0)
+    for trial in range(60):
+        shape = rng.choice([(7,), (5, 6), (3, 4, 5), (16, 9)])
+        scores = tied_scores(shape, rng.choice([1, 2, 3, 10, 1000]), trial)
+        n = scores.numel()
+        for k in {0, 1, n - 1, n, rng.randint(0, n)}:
+            mask = deterministic_topk_mask(scores, k)
+            assert mask.shape == scores.shape and mask.dtype == torch.bool
+            assert int(mask.sum()) == k
+            assert torch.equal(mask, reference_topk(scores, k)), (shape, k)
+
+
+def test_topk_all_equal_takes_lowest_flat_indices():
+    scores = torch.full((3, 4), 0.5)
+    mask = deterministic_topk_mask(scores, 5)
+    assert mask.reshape(-1).tolist() == [True] * 5 + [False] * 7
+
+
+def test_topk_signed_zero_and_infinities():
+    scores = torch.tensor([0.0, -0.0, math.inf, -math.inf, 0.0, -1.0])
+    # -0.0 == 0.0, so the three zeros tie and go by index.
+    assert deterministic_topk_mask(scores, 3).tolist() == [True, True, True, False, False, False]
+    assert deterministic_topk_mask(scores, 6).all()
+    assert deterministic_topk_mask(scores, 5).tolist() == [True, True, True, False, True, True]
+
+
+def test_topk_bfloat16_and_float16_agree_with_float32():
+    scores32 = torch.randn(50, 40, generator=torch.Generator().manual_seed(1))
+    for dtype in (torch.bfloat16, torch.float16):
+        low = scores32.to(dtype)
+        for k in (0, 17, 1000, 2000):
+            assert torch.equal(deterministic_topk_mask(low, k), deterministic_topk_mask(low.float(), k))
+            assert torch.equal(deterministic_topk_mask(low, k), reference_topk(low.float(), k))
+
+
+def test_topk_non_contiguous_uses_logical_row_major_index():
+    base = tied_scores((6, 5), 2, 3)
+    transposed = base.t()
+    assert not transposed.is_contiguous()
+    assert torch.equal(deterministic_topk_mask(transposed, 11), deterministic_topk_mask(transposed.contiguous(), 11))
+
+
+def test_topk_does_not_modify_input():
+    scores = tied_scores((8, 8), 3, 4)
+    before = scores.clone()
+    deterministic_topk_mask(scores, 20)
+    topk_among(scores, scores > 0, 5)
+    kth_value_threshold(scores, 9)
+    assert torch.equal(scores, before)
+
+
+def test_topk_errors():
+    scores = torch.randn(4, 4)
+    with pytest.raises(ValueError, match="NaN"):
+        deterministic_topk_mask(torch.tensor([1.0, float("nan")]), 1)
+    with pytest.raises(ValueError, match=r"\[0, 16\]"):
+        deterministic_topk_mask(scores, 17)
+    with pytest.raises(ValueError, match=r"\[0, 16\]"):
+        deterministic_topk_mask(scores, -1)
+    with pytest.raises(ValueError, match="floating"):
+        deterministic_topk_mask(torch.arange(4), 2)
+    with pytest.raises(ValueError, match="integer"):
+        deterministic_topk_mask(scores, 2.5)
+
+
+def test_topk_empty_tensor():
+    assert deterministic_topk_mask(torch.empty(0, 3), 0).shape == (0, 3)
+
+
+def test_torch_stable_descending_sort_keeps_index_order_among_equals():
+    # Documents the behaviour other modules may rely on when they rank with torch.sort.
+    values = tied_scores((1000,), 4, 5)
+    order = torch.sort(values, descending=True, stable=True).indices
+    expected = sorted(range(1000), key=lambda i: (-values[i].item(), i))
+    assert order.tolist() == expected
+
+
+# ---------------------------------------------------------------- top-k among candidates
+
+
+def test_topk_among_excludes_non_candidates_and_breaks_ties_by_index():
+    scores = torch.tensor([[9.0, 1.0, 1.0, 1.0], [9.0, 1.0, 5.0, 1.0]])
+    candidates = torch.tensor([[False, True, True, True], [False, True, True, True]])
+    mask = topk_among(scores, candidates, 3)
+    assert mask.tolist() == [[False, True, True, False], [False, False, True, False]]
+    assert not (mask & ~candidates).any()
+
+
+def test_topk_among_matches_reference():
+    rng = random.Random(1)
+    for trial in range(30):
+        scores = tied_scores((9, 7), 4, 100 + trial)
+        candidates = torch.rand(9, 7, generator=torch.Generator().manual_seed(trial)) < 0.4
+        k = rng.randint(0, int(candidates.sum()))
+        masked = torch.where(candidates, scores, torch.tensor(-math.inf))
+        # With excluded positions at -inf they rank last, so the reference is plain top-k when
+        # no candidate is itself -inf (true here).
+        assert torch.equal(topk_among(scores, candidates, k), reference_topk(masked, k))
+
+
+def test_topk_among_errors():
+    scores = torch.randn(3, 3)
+    with pytest.raises(ValueError, match=r"\[0, 2\]"):
+        topk_among(scores, torch.eye(3, dtype=torch.bool)[:, :3] & (torch.arange(3) < 2), 3)
+    with pytest.raises(ValueError, match="shape"):
+        topk_among(scores, torch.ones(9, dtype=torch.bool), 1)
+    with pytest.raises(ValueError, match="bool"):
+        topk_among(scores, torch.ones(3, 3), 1)
+
+
+# ---------------------------------------------------------------- thresholds
+
+
+def test_threshold_round_trip_every_k():
+    for seed, levels in [(0, 2), (1, 5), (2, 100000)]:
+        scores = tied_scores((4, 9), levels, seed)
+        for k in range(scores.numel() + 1):
+            value, index = kth_value_threshold(scores, k)
+            assert torch.equal(select_by_threshold(scores, value, index), deterministic_topk_mask(scores, k))
+    assert kth_value_threshold(scores, 0) == EMPTY_THRESHOLD
+
+
+def test_threshold_identifies_kth_element():
+    scores = torch.tensor([3.0, 5.0, 3.0, 1.0, 3.0])
+    assert kth_value_threshold(scores, 1) == (5.0, 1)
+    assert kth_value_threshold(scores, 2) == (3.0, 0)
+    assert kth_value_threshold(scores, 3) == (3.0, 2)
+    assert kth_value_threshold(scores, 4) == (3.0, 4)
+    assert kth_value_threshold(scores, 5) == (1.0, 3)
+
+
+def test_empty_threshold_selects_nothing_even_at_inf():
+    scores = torch.tensor([math.inf, 1.0])
+    assert not select_by_threshold(scores, *EMPTY_THRESHOLD, index_offset=5).any()
+
+
+def test_sharded_global_topk_equals_whole_tensor_topk():
+    """Slices exchange candidates and one threshold; concatenated result equals unsharded top-k."""
+    rng = random.Random(2)
+    for trial in range(80):
+        n = rng.randint(4, 300)
+        scores = tied_scores((n,), rng.choice([2, 3, 7, 50, 10**6]), 1000 + trial)
+        if trial % 3 == 0:
+            scores = scores.bfloat16()
+        parts = rng.randint(2, 4)
+        cuts = sorted(rng.sample(range(1, n), parts - 1))
+        bounds = list(zip([0] + cuts, cuts + [n]))
+        for k in {0, 1, n, rng.randint(0, n), rng.randint(0, n)}:
+            gathered = [topk_candidates(scores[a:b], k, index_offset=a) for a, b in bounds]
+            value, index = merge_topk_candidates(gathered, k)
+            local = [select_by_threshold(scores[a:b], value, index, index_offset=a) for a, b in bounds]
+            assert torch.equal(torch.cat(local), deterministic_topk_mask(scores, k)), (trial, n, k, bounds)
+            if k:
+                assert (value, index) == kth_value_threshold(scores, k)
+
+
+def test_topk_candidates_are_local_topk_with_global_indices():
+    scores = torch.tensor([1.0, 4.0, 4.0, 2.0])
+    values, indices = topk_candidates(scores, 2, index_offset=10)
+    assert values.tolist() == [4.0, 4.0] and indices.tolist() == [11, 12]
+    values, indices = topk_candidates(scores, 9)  # more than the slice holds: all of it
+    assert indices.tolist() == [0, 1, 2, 3]
+
+
+def test_merge_errors():
+    v, i = torch.tensor([1.0, 2.0]), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r"\[0, 4\]"):
+        merge_topk_candidates([(v, i), (v, i + 2)], 5)
+    with pytest.raises(ValueError, match="distinct"):
+        merge_topk_candidates([(v, i), (v, i)], 1)
+    with pytest.raises(ValueError, match="1-D"):
+        merge_topk_candidates([(v, i[:1])], 1)
+    with pytest.raises(ValueError, match="empty"):
+        merge_topk_candidates([], 0)
+    with pytest.raises(ValueError, match="NaN"):
+        select_by_threshold(v, float("nan"), 0)
+
+
+# ---------------------------------------------------------------- random scores
+
+
+def test_random_scores_are_keyed_and_reproducible():
+    a = random_scores((64, 32), seed=1, step=100, param_index=3)
+    assert a.dtype == torch.float32 and a.shape == (64, 32)
+    assert float(a.min()) >= 0.0 and float(a.max()) < 1.0
+    assert torch.equal(a, random_scores((64, 32), seed=1, step=100, param_index=3))
+    for other in [(2, 100, 3), (1, 101, 3), (1, 100, 4)]:
+        assert not torch.equal(a, random_scores((64, 32), *other))
+
+
+def test_stable_seed_is_pinned():
+    # A change here silently changes every regrow decision of resumed runs: keep it fixed.
+    assert stable_seed(0, 0, 0) == 3825375755606361693
+    assert stable_seed(1234, 100, 7) == 4932330627962382021
+    assert 0 <= stable_seed(-1, 2**62, 5) < 2**63
+    with pytest.raises(ValueError, match="int64"):
+        stable_seed(2**64, 0, 0)
+
+
+@CUDA
+def test_random_scores_and_topk_agree_on_gpu():
+    cpu = random_scores((300, 200), 3, 7, 1)
+    gpu = random_scores((300, 200), 3, 7, 1, device="cuda")
+    assert torch.equal(cpu, gpu.cpu())
+    ties = tied_scores((300, 200), 5, 9)
+    for k in (1, 777, 30000, 59999):
+        assert torch.equal(deterministic_topk_mask(ties, k), deterministic_topk_mask(ties.cuda(), k).cpu())
+        assert kth_value_threshold(ties, k) == kth_value_threshold(ties.cuda(), k)
+    assert torch.equal(nm_mask(ties, 2, 4), nm_mask(ties.cuda(), 2, 4).cpu())
+    assert mask_fingerprint(ties > 2) == mask_fingerprint((ties > 2).cuda())
+
+
+# ---------------------------------------------------------------- patterns
+
+
+def test_block_scores_sum_each_tile():
+    scores = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    blocks = block_scores(scores, 2)
+    assert blocks.shape == (2, 3)
+    assert blocks[0, 0] == 0 + 1 + 6 + 7 and blocks[1, 2] == 16 + 17 + 22 + 23
+    assert torch.equal(block_scores(scores.bfloat16(), 2), blocks)
+
+
+def test_block_scores_rejects_non_dividing_block():
+    with pytest.raises(ValueError, match=r"block=4 .*\(4, 6\)"):
+        block_scores(torch.zeros(4, 6), 4)
+    with pytest.raises(ValueError, match="2-D"):
+        block_scores(torch.zeros(4), 2)
+
+
+def test_block_mask_round_trip_is_aligned():
+    scores = torch.rand(8, 12, generator=torch.Generator().manual_seed(0))
+    block_mask = deterministic_topk_mask(block_scores(scores, 4), 3)
+    mask = expand_block_mask(block_mask, 4)
+    assert mask.shape == (8, 12) and int(mask.sum()) == 3 * 16
+    assert check_block_aligned(mask, 4)
+    assert torch.equal(mask[::4, ::4], block_mask)
+    broken = mask.clone()
+    broken[0, 0] = ~broken[0, 0]
+    assert not check_block_aligned(broken, 4)
+    assert check_block_aligned(broken, 1)
+
+
+def reference_nm(scores, n, m):
+    rows = scores.reshape(-1, m)
+    return torch.stack([reference_topk(row, n) for row in rows]).reshape(scores.shape)
+
+
+def test_nm_mask_matches_reference_with_ties():
+    for seed, (n, m) in enumerate([(2, 4), (1, 4), (3, 4), (4, 8), (1, 2)]):
+        scores = tied_scores((6, 16), 3, seed)
+        mask = nm_mask(scores, n, m)
+        assert torch.equal(mask, reference_nm(scores, n, m))
+        assert check_nm(mask, n, m)
+        assert check_nm(mask, n, m, exact=False)
+
+
+def test_nm_mask_groups_run_along_input_dimension():
+    scores = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0, 2.0, 3.0, 1.0]])
+    assert nm_mask(scores, 2, 4).tolist() == [[True, True, False, False, False, True, True, False]]
+
+
+def test_check_nm_detects_violations():
+    mask = nm_mask(torch.randn(4, 8), 2, 4)
+    fewer = mask.clone()
+    fewer[0, fewer[0].nonzero()[0]] = False
+    assert not check_nm(fewer, 2, 4) and check_nm(fewer, 2, 4, exact=False)
+    more = mask.clone()
+    more[0, :4] = True
+    assert not check_nm(more, 2, 4, exact=False)
+
+
+def test_nm_errors():
+    scores = torch.randn(4, 6)
+    with pytest.raises(ValueError, match=r"m=4 does not divide the input dimension 6"):
+        nm_mask(scores, 2, 4)
+    with pytest.raises(ValueError, match=r"n=3 must be in \[1, m\)"):
+        nm_mask(scores, 3, 3)
+    with pytest.raises(ValueError, match=r"n=0"):
+        nm_mask(scores, 0, 2)
+
+
+# ---------------------------------------------------------------- densities
+
+BERT_LAYER = {
+    "query": (1024, 1024),
+    "key": (1024, 1024),
+    "value": (1024, 1024),
+    "attention_output": (1024, 1024),
+    "intermediate": (4096, 1024),
+    "output": (1024, 4096),
+}
+
+
+def total(shapes):
+    return sum(math.prod(s) for s in shapes.values())
+
+
+def test_uniform_densities():
+    assert uniform_densities(BERT_LAYER, 0.1) == {name: 0.1 for name in BERT_LAYER}
+    counts = active_counts(BERT_LAYER, uniform_densities(BERT_LAYER, 0.1))
+    assert counts["query"] == math.floor(0.1 * 1024 * 1024 + 0.5)
+    with pytest.raises(ValueError, match="density"):
+        uniform_densities(BERT_LAYER, 0.0)
+    with pytest.raises(ValueError, match="density"):
+        uniform_densities(BERT_LAYER, 1.5)
+
+
+def test_erk_balances_total_and_follows_formula():
+    shapes = dict(BERT_LAYER, classifier=(2, 1024), pooler=(1024, 1024))
+    for density in (0.02, 0.1, 0.3, 0.5):
+        densities = erk_densities(shapes, density)
+        assert list(densities) == list(shapes)
+        assert all(0.0 < d <= 1.0 for d in densities.values())
+        exact_total = sum(densities[n] * math.prod(s) for n, s in shapes.items())
+        assert exact_total == pytest.approx(density * total(shapes), rel=1e-12)
+        counts = active_counts(shapes, densities)
+        target = math.floor(density * total(shapes) + 0.5)
+        assert abs(sum(counts.values()) - target) <= len(shapes) / 2 + 1
+        ratios = {
+            densities[n] / ((sum(s) / math.prod(s))) for n, s in shapes.items() if densities[n] < 1.0
+        }
+        assert max(ratios) == pytest.approx(min(ratios), rel=1e-12)
+        # ERK keeps thin layers denser than square ones of the same size.
+        assert densities["intermediate"] < densities["query"] or densities["query"] == 1.0
+
+
+def test_erk_makes_tiny_layers_dense_and_rebalances():
+    shapes = {"big": (1000, 1000), "tiny": (2, 3), "small": (10, 20)}
+    densities = erk_densities(shapes, 0.1)
+    assert densities["tiny"] == 1.0 and densities["small"] == 1.0
+    # Dense layers are taken out of the budget: the big layer carries the rest exactly.
+    assert densities["big"] * 1e6 + 6 + 200 == pytest.approx(0.1 * total(shapes), rel=1e-12)
+
+
+def test_erk_power_scale_zero_is_uniform_and_density_one_is_dense():
+    assert erk_densities(BERT_LAYER, 0.2, power_scale=0.0) == pytest.approx(uniform_densities(BERT_LAYER, 0.2))
+    assert erk_densities(BERT_LAYER, 1.0) == {name: 1.0 for name in BERT_LAYER}
+    with pytest.raises(ValueError, match="power_scale"):
+        erk_densities(BERT_LAYER, 0.2, power_scale=-1.0)
+    with pytest.raises(ValueError, match="empty"):
+        erk_densities({}, 0.2)
+    with pytest.raises(ValueError, match="'bad'"):
+        erk_densities({"bad": (0, 3)}, 0.2)
+
+
+def test_active_counts_rounds_half_up_and_checks_names():
+    shapes = {"a": (2,), "b": (2,), "c": (10,)}
+    assert active_counts(shapes, {"a": 0.25, "b": 0.75, "c": 1.0}) == {"a": 1, "b": 2, "c": 10}
+    with pytest.raises(ValueError, match="different parameters"):
+        active_counts(shapes, {"a": 0.5})
+    with pytest.raises(ValueError, match="'a'"):
+        active_counts(shapes, {"a": 1.5, "b": 0.5, "c": 0.5})
+
+
+# ---------------------------------------------------------------- packing and fingerprints
+
+
+def test_pack_unpack_round_trip_and_numpy_layout():
+    g = torch.Generator().manual_seed(0)
+    for shape in [(0,), (1,), (7,), (8,), (9,), (3, 5), (16, 33), (2, 3, 4)]:
+        mask = torch.rand(shape, generator=g) < 0.3
+        packed, packed_shape = pack_mask(mask)
+        assert packed.dtype == torch.uint8 and packed.numel() == (mask.numel() + 7) // 8
+        assert packed_shape == shape
+        assert np.array_equal(packed.numpy(), np.packbits(mask.reshape(-1).numpy()))
+        assert torch.equal(unpack_mask(packed, packed_shape), mask)
+
+
+def test_unpack_rejects_wrong_size_and_dirty_padding():
+    packed, shape = pack_mask(torch.ones(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="needs 2"):
+        unpack_mask(packed, (16,))
+    with pytest.raises(ValueError, match="padding"):
+        unpack_mask(torch.tensor([255], dtype=torch.uint8), shape)
+    with pytest.raises(ValueError, match="bool"):
+        pack_mask(torch.ones(3))
+
+
+def test_fingerprint_equal_masks_equal_and_every_bit_flip_differs():
+    mask = torch.rand(6, 11, generator=torch.Generator().manual_seed(3)) < 0.5
+    fp = mask_fingerprint(mask)
+    assert 0 <= fp < 2**63
+    assert fp == mask_fingerprint(mask.clone()) == mask_fingerprint(mask.t().contiguous().t())
+    flipped = set()
+    for i in range(mask.numel()):
+        other = mask.clone().reshape(-1)
+        other[i] = ~other[i]
+        flipped.add(mask_fingerprint(other.reshape(mask.shape)))
+    assert fp not in flipped and len(flipped) == mask.numel()
+    assert mask_fingerprint(mask.reshape(11, 6)) != fp
+    # Same bits padded differently: 8 zeros vs 16 zeros pack to different byte counts, and
+    # shape is hashed too.
+    assert mask_fingerprint(torch.zeros(8, dtype=torch.bool)) != mask_fingerprint(torch.zeros(2, 4, dtype=torch.bool))
+    assert torch.tensor([fp], dtype=torch.int64).item() == fp
