@@ -10,6 +10,9 @@ TORCH_CPU := torch==2.13.0
 # An interpreter that already has a CUDA torch lends it to the venv instead of being shadowed.
 SYSTEM_CUDA_TORCH := $(shell $(PYTHON) -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1 && echo yes)
 
+# DeepSpeed's JIT-built CPU ops are cached per environment (not shared between checkouts).
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
+
 DEMO ?= demo
 DEMO_RANKS ?= 2
 DEMO_STEPS ?= 60

@@ -13,10 +13,10 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # Sections of the DeepSpeed JSON that dist_sparse owns. Later capabilities add theirs here.
-OWN_SECTIONS = ("training",)
+OWN_SECTIONS = ("training", "sparsity")
 
 
 class _Section(BaseModel):
@@ -66,6 +66,87 @@ class TrainingConfig(_Section):
     """Fraction of tokens selected for masked-language-model prediction (80/10/10 rule)."""
 
 
+DEFAULT_SPARSE_PARAMS = ("bert.encoder.layer.*.weight",)
+
+
+class SparsityConfig(_Section):
+    """The ``"sparsity"`` section: which weights are sparse, how sparse, and how masks change.
+
+    Defaults follow the papers: RigL (Evci et al. 2020) updates every 100 steps, drops 30% of
+    the active weights with cosine decay and stops changing masks at 75% of training; GMP
+    (Zhu & Gupta 2017) prunes on a cubic schedule.
+    """
+
+    method: Literal["static", "gmp", "set", "rigl"]
+    """static: fixed mask; gmp: gradual magnitude pruning from dense; set: magnitude drop +
+    random regrow (SET, Graphcore's method); rigl: magnitude drop + dense-gradient regrow."""
+
+    sparsity: float = Field(ge=0.0, lt=1.0)
+    """Target fraction of zero weights over the selected parameters, in [0, 1)."""
+
+    pattern: Literal["unstructured", "block", "nm"] = "unstructured"
+    """unstructured; block (square blocks of ``block_size``, scored by block norm); nm (``n`` of
+    every ``m`` consecutive weights along the input dimension; static and gmp only)."""
+
+    block_size: int = Field(default=16, ge=1)
+    """Side of a square block for ``pattern: "block"``; must divide each (sharded) weight."""
+
+    n: int = Field(default=2, ge=1)
+    """N of N:M: weights kept in every group of ``m``."""
+
+    m: int = Field(default=4, ge=2)
+    """M of N:M: group length along the input dimension."""
+
+    distribution: Literal["uniform", "erk"] = "uniform"
+    """Per-layer density: the same everywhere, or Erdős–Rényi-Kernel (RigL) by layer shape."""
+
+    params: list[str] = Field(default_factory=lambda: list(DEFAULT_SPARSE_PARAMS))
+    """Glob patterns on parameter names; default: the encoder's Linear weights (embeddings,
+    pooler and heads stay dense). LayerNorm weights never take part."""
+
+    exclude: list[str] = Field(default_factory=list)
+    """Glob patterns removed from the selection."""
+
+    init: Literal["random", "magnitude"] = "random"
+    """How the first mask is drawn for static, set and rigl (gmp always starts dense)."""
+
+    update_interval: int = Field(default=100, ge=1)
+    """Steps between mask updates (dT) for set, rigl and gmp."""
+
+    drop_fraction: float = Field(default=0.3, gt=0.0, le=1.0)
+    """Fraction of the active weights dropped (and regrown) at an update, before decay."""
+
+    drop_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    """Decay of the drop fraction to zero at ``end_fraction`` of training."""
+
+    start_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Fraction of ``--max-steps`` before which masks do not change (gmp: pruning starts)."""
+
+    end_fraction: float = Field(default=0.75, gt=0.0, le=1.0)
+    """Fraction of ``--max-steps`` after which masks stop changing (gmp: target reached)."""
+
+    balance: Literal["global", "shard"] = "global"
+    """Tensor parallel: decide over the whole weight, the same at any TP degree (global), or
+    keep the same count in every shard (shard)."""
+
+    seed: int = 0
+    """Seeds random masks and random regrowth, keyed by (seed, step, parameter)."""
+
+    verify: bool = True
+    """After every mask update, compare a checksum of every mask across data-parallel ranks."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.pattern == "nm":
+            if self.n >= self.m:
+                raise ValueError(f"N:M needs n < m, got n={self.n}, m={self.m}")
+            if self.method in ("set", "rigl"):
+                raise ValueError("pattern \"nm\" is for method static or gmp (N:M masks are not regrown)")
+        if self.end_fraction <= self.start_fraction:
+            raise ValueError(f"end_fraction {self.end_fraction} must be after start_fraction {self.start_fraction}")
+        return self
+
+
 class RunConfig(BaseModel):
     """A DeepSpeed config split into DeepSpeed's part and ours."""
 
@@ -73,6 +154,7 @@ class RunConfig(BaseModel):
 
     deepspeed: dict[str, Any]
     training: TrainingConfig
+    sparsity: SparsityConfig | None = None
 
     @property
     def zero_stage(self) -> int:
@@ -90,7 +172,7 @@ def _format_validation_error(section: str, model: type[BaseModel], err: Validati
         if e["type"] == "extra_forbidden":
             lines.append(f'unknown key "{section}.{where}" (known keys: {", ".join(sorted(model.model_fields))})')
         else:
-            lines.append(f'"{section}.{where}": {e["msg"]}')
+            lines.append(f'"{section}{"." + where if where else ""}": {e["msg"]}')
     return "; ".join(lines)
 
 
@@ -110,7 +192,9 @@ def parse_run_config(raw: dict[str, Any], source: str = "<dict>") -> RunConfig:
     if not isinstance(raw, dict):
         raise ValueError(f"{source}: a DeepSpeed config must be a JSON object")
     ds = {k: v for k, v in raw.items() if k not in OWN_SECTIONS}
-    return RunConfig(deepspeed=ds, training=parse_section(raw, "training", TrainingConfig, source))
+    sparsity = parse_section(raw, "sparsity", SparsityConfig, source) if "sparsity" in raw else None
+    return RunConfig(deepspeed=ds, training=parse_section(raw, "training", TrainingConfig, source),
+                     sparsity=sparsity)
 
 
 def load_run_config(path: str | Path) -> RunConfig:

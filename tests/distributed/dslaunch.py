@@ -19,11 +19,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch_env() -> dict:
+    # DeepSpeed JIT-builds a CPU comm op on first use; a cache per virtual environment keeps two
+    # checkouts on one machine from rebuilding it for each other.
+    return dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1",
+                TOKENIZERS_PARALLELISM="false",
+                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions")))
+
+
 def launch(args: list[str], nproc: int = 2, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
     """``deepspeed --num_gpus nproc ARGS`` (N CPU processes here); output captured for asserts."""
     cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()), *map(str, args)]
-    env = dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false")
+    env = launch_env()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-6000:]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dslaunch import BIN, ROOT, free_port, launch
+from dslaunch import ROOT, free_port, launch, launch_env
 
 pytestmark = pytest.mark.distributed
 
@@ -137,8 +137,7 @@ def test_dp2_x_tp2_trains(data_dir, tmp_path):
 
 def test_two_nodes_over_loopback(data_dir, tmp_path):
     run = tmp_path / "run"
-    env = dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}", MASTER_PORT=str(free_port()),
-               OMP_NUM_THREADS="1")
+    env = dict(launch_env(), MASTER_PORT=str(free_port()))
     proc = subprocess.run(["bash", str(ROOT / "launchers" / "local_two_nodes.sh"), str(ROOT / "ds_configs" / "cpu_zero1.json"),
                            str(data_dir), "bert-tiny", str(run), "--max-steps", "6", "--overfit-batch", "--no-progress"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
