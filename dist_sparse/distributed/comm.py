@@ -52,6 +52,15 @@ def all_reduce_sum_(tensor: torch.Tensor, group=None) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_min_max(tensor: torch.Tensor, group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Element-wise (min, max) of ``tensor`` over ``group``; equal results mean all ranks agree."""
+    lo, hi = tensor.clone(), tensor.clone()
+    if dist.is_initialized() and world_size(group) > 1:
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
+    return lo, hi
+
+
 def all_gather_object(obj, group=None) -> list:
     if not dist.is_initialized():
         return [obj]

@@ -1,0 +1,125 @@
+"""The one module that touches ZeRO state, through deepspeed.utils' public fragment API.
+
+What a mask update needs from ZeRO:
+- the values the decision is made on, identical wherever they are read: under ZeRO-1/2 every
+  data-parallel rank holds the whole (TP-shard of the) module weight; under ZeRO-3 each holds a
+  flat slice of it, read as fp32 with ``safe_get_local_fp32_param``;
+- a way to make pruned weights exactly zero everywhere they live: the module weight, the fp32
+  master copy and the optimizer moments. ZeRO-3 has local setters for its slices. ZeRO-1/2
+  has only full-tensor getters (an all-reduce over the DP group) and setters (each rank copies
+  its own fragment). For an fp32 module the module weight *is* the master value, so it is set
+  without communication; for bf16 modules the fp32 master is fetched, which costs an fp32
+  all-reduce of the weight per update and is counted in ``bytes_applied``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
+                             safe_get_local_fp32_param, safe_get_local_grad, safe_get_local_optimizer_state,
+                             safe_set_full_fp32_param, safe_set_full_optimizer_state,
+                             safe_set_local_fp32_param, safe_set_local_grad, safe_set_local_optimizer_state)
+
+from dist_sparse.distributed import comm
+
+# The moments of Adam, AdamW and LAMB (DeepSpeed's and ours use the same names).
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+@dataclass
+class LocalSlice:
+    """This rank's elements of a target: flat positions [start, stop) of its TP shard."""
+
+    values: torch.Tensor  # fp32, 1-D, stop - start elements
+    start: int
+    stop: int
+
+
+@dataclass
+class ZeroAccess:
+    stage: int
+    dp_group: object
+    dp_rank: int
+    dp_size: int
+    bytes_applied: int = field(default=0)
+
+    @property
+    def partitioned(self) -> bool:
+        """Whether a rank holds only a slice of each parameter (ZeRO-3)."""
+        return self.stage == 3
+
+    def local_slice(self, param: torch.nn.Parameter, shard_numel: int) -> LocalSlice:
+        if self.partitioned:
+            flat = safe_get_local_fp32_param(param).detach().flatten().float()
+            start = min(self.dp_rank * flat.numel(), shard_numel)
+            stop = min(start + flat.numel(), shard_numel)
+            return LocalSlice(flat[: stop - start], start, stop)
+        return LocalSlice(param.detach().flatten().float(), 0, shard_numel)
+
+    def apply_mask(self, param: torch.nn.Parameter, mask: torch.Tensor, moments: bool) -> None:
+        """Zero ``param`` where ``mask`` (its TP-shard shape) is False, in every copy ZeRO keeps.
+
+        ``moments``: whether the optimizer has state yet (not before its first step). Every rank
+        must pass the same value: the full-state getters are collectives.
+        """
+        assert not self.partitioned, "ZeRO-3 masks are slices: use apply_local_mask"
+        keep = mask.to(param.dtype)
+        param.data.mul_(keep)
+        if param.dtype == torch.float32:
+            safe_set_full_fp32_param(param, param.data)
+        else:
+            master = safe_get_full_fp32_param(param)
+            self.bytes_applied += master.numel() * 4
+            safe_set_full_fp32_param(param, master * mask)
+        for key in MOMENT_KEYS if moments else ():
+            state = safe_get_full_optimizer_state(param, key)
+            self.bytes_applied += state.numel() * 4
+            safe_set_full_optimizer_state(param, state * mask, key)
+
+    def _padded_local(self, param, local_mask: torch.Tensor) -> torch.Tensor:
+        """The local mask slice padded to ZeRO-3's partition size (padding is pruned: it is zero)."""
+        flat = safe_get_local_fp32_param(param)
+        local = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+        local[: local_mask.numel()] = local_mask.to(flat.device)
+        return local
+
+    def apply_local_mask(self, param, local_mask: torch.Tensor, moments: bool) -> None:
+        """ZeRO-3: zero this rank's slice of ``param`` where its slice mask is False, in the fp32
+        master, the low-precision partition and the moments. No communication."""
+        flat = safe_get_local_fp32_param(param)
+        local = self._padded_local(param, local_mask)
+        safe_set_local_fp32_param(param, flat * local.view_as(flat))
+        # The low-precision partition that the next all-gather serves to the forward pass.
+        param.ds_tensor.data.mul_(local.view_as(param.ds_tensor).to(param.ds_tensor.dtype))
+        for key in MOMENT_KEYS if moments else ():
+            state = safe_get_local_optimizer_state(param, key)
+            safe_set_local_optimizer_state(param, state * local.view_as(state), key)
+
+    def mask_local_grad(self, param, local_mask: torch.Tensor) -> None:
+        """ZeRO-3: zero pruned entries of this rank's reduced gradient partition."""
+        grad = safe_get_local_grad(param)
+        if grad is not None:
+            local = self._padded_local(param, local_mask)
+            safe_set_local_grad(param, grad * local.view_as(grad).to(grad.dtype))
+
+    def gather_shard_mask(self, local: torch.Tensor, start: int, stop: int, shard_shape: tuple[int, int],
+                          counter: list[int]) -> torch.Tensor:
+        """The whole TP-shard mask from each DP rank's slice (ZeRO-3), exchanged as packed bits.
+
+        For inspection and export; training never needs it."""
+        if not self.partitioned or self.dp_size == 1:
+            out = torch.zeros(shard_shape[0] * shard_shape[1], dtype=torch.bool)
+            out[start:stop] = local
+            return out.view(shard_shape)
+        from dist_sparse.masks.checksum import pack_mask, unpack_mask
+
+        packed, _ = pack_mask(local.cpu())
+        parts = comm.all_gather_object((start, stop, packed.numpy().tobytes()), self.dp_group)
+        counter[0] += len(packed) * self.dp_size
+        out = torch.zeros(shard_shape[0] * shard_shape[1], dtype=torch.bool)
+        for s, e, raw in parts:
+            bits = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.zeros(0, dtype=torch.uint8)
+            out[s:e] = unpack_mask(bits, (e - s,))
+        return out.view(shard_shape)

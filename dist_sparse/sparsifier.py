@@ -1,0 +1,398 @@
+"""The stateful part of dynamic sparse training: prepare / step / state_dict / load_state_dict.
+
+Everything that decides a mask is a pure function of values that are identical on every
+data-parallel rank (weights after the optimizer step, seeded random scores keyed by
+(seed, step, parameter)), with ties broken by global index, so every rank computes the same
+mask without receiving it. A checksum of every mask is compared across ranks after each update
+to prove it. Between updates the masks are enforced for free: a gradient hook zeroes pruned
+gradients before ZeRO reduces them, and with zero moments an Adam/LAMB step leaves a zero
+weight at zero.
+
+Under ZeRO-3 a rank holds a flat slice of every weight and keeps the mask of that slice only;
+pruned gradients are zeroed in its reduced gradient partition (``mask_gradients``, called
+between backward and the optimizer step), so no rank needs the whole mask and mask bits never
+cross the network. Each mask bit then lives on exactly one rank, so there is nothing to compare;
+the exact active count per weight, summed over the ranks, is what ``verify`` checks there.
+
+The methods differ only in their score rules (``dist_sparse.algorithms``): static masks never
+change; GMP shrinks the active set by magnitude on a cubic schedule; SET drops the smallest
+active weights and regrows the same number at random; regrown weights start at zero.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from dist_sparse import algorithms
+from dist_sparse.config import SparsityConfig
+from dist_sparse.distributed import comm
+from dist_sparse.distributed.comm import ParallelGroups
+from dist_sparse.distributed.zero import ZeroAccess
+from dist_sparse.masks.checksum import mask_fingerprint, pack_mask, unpack_mask
+from dist_sparse.masks.density import active_counts, erk_densities, uniform_densities
+from dist_sparse.masks.patterns import block_scores, expand_block_mask, nm_mask
+from dist_sparse.schedules import drop_fraction, gmp_sparsity, is_update_step
+from dist_sparse.sparsity.select import LOCAL, Part, SelectStats, distributed_topk, sortable_keys
+from dist_sparse.sparsity.targets import Target
+
+log = logging.getLogger("dist_sparse.sparsity")
+
+STATE_FORMAT = 1
+
+
+class MaskDivergenceError(RuntimeError):
+    """Ranks that must hold the same mask hold different ones."""
+
+
+@dataclass
+class UpdateStats:
+    step: int
+    changed: int = 0          # weights whose mask bit flipped (over the logical weights)
+    active: int = 0
+    total: int = 0
+    sync_bytes: int = 0       # bytes this rank sent to agree on the decision and verify it
+    apply_bytes: int = 0      # bytes spent zeroing ZeRO's copies (ZeRO-1/2 with bf16 modules)
+    per_layer_density: dict = field(default_factory=dict)
+
+
+def config_fingerprint(cfg: SparsityConfig) -> str:
+    """What a checkpoint's masks were made under; resuming under a different section is refused."""
+    return hashlib.blake2b(json.dumps(cfg.model_dump(), sort_keys=True).encode(), digest_size=8).hexdigest()
+
+
+class Sparsifier:
+    def __init__(self, cfg: SparsityConfig, targets: list[Target], zero: ZeroAccess, groups: ParallelGroups,
+                 max_steps: int):
+        self.cfg = cfg
+        self.targets = targets
+        self.zero = zero
+        self.groups = groups
+        self.max_steps = max_steps
+        self.rule = algorithms.get(cfg.method)
+        self.start_step = int(cfg.start_fraction * max_steps)
+        self.end_step = max(1, int(cfg.end_fraction * max_steps))
+        shapes = {t.name: t.full_shape for t in targets}
+        density = 1.0 - cfg.sparsity
+        densities = (erk_densities(shapes, density) if cfg.distribution == "erk"
+                     else uniform_densities(shapes, density))
+        self.final_density = densities
+        self.masks: dict[str, torch.Tensor] = {}
+        self.step_count = 0
+        # Optimizer moments exist from the first optimizer step on (or in a checkpoint).
+        self._optimizer_has_state = False
+        self.history: list[dict] = []
+        self._hooks = []
+        self._check_layout()
+
+    # ------------------------------------------------------------------ set-up
+    def _check_layout(self) -> None:
+        cfg = self.cfg
+        for t in self.targets:
+            if cfg.pattern == "block":
+                b = cfg.block_size
+                if t.shard_shape[0] % b or t.shard_shape[1] % b:
+                    raise ValueError(f"sparsity.block_size {b} does not divide {t.name} of shard shape "
+                                     f"{tuple(t.shard_shape)} (blocks may not straddle a tensor-parallel shard)")
+            if cfg.pattern == "nm" and t.shard_shape[1] % cfg.m:
+                raise ValueError(f"sparsity N:M with m={cfg.m} does not divide the input dimension "
+                                 f"{t.shard_shape[1]} of {t.name}")
+        if cfg.pattern == "nm" and abs((1 - cfg.n / cfg.m) - cfg.sparsity) > 1e-9:
+            raise ValueError(f"sparsity.sparsity must be 1 - n/m = {1 - cfg.n / cfg.m:g} for N:M {cfg.n}:{cfg.m}")
+        if self.zero.partitioned and cfg.pattern != "unstructured":
+            raise ValueError(f"sparsity.pattern {cfg.pattern!r} is not available with ZeRO stage 3 yet "
+                             "(ZeRO-3 slices weights flat, which breaks 2-D blocks and N:M groups); "
+                             "use ZeRO stage 1 or 2, or pattern \"unstructured\"")
+
+    def prepare(self) -> None:
+        """Draw the first masks, zero what they prune everywhere, and install gradient hooks."""
+        stats = UpdateStats(step=0)
+        self._slices = {t.name: self.zero.local_slice(t.param, t.shard_numel) for t in self.targets}
+        if self.rule.starts_dense:
+            new = {t.name: torch.ones(self._mask_shape(t), dtype=torch.bool) for t in self.targets}
+        else:
+            new = self._initial_masks(stats)
+        self._install(new, stats)
+        if not self.zero.partitioned:
+            for t in self.targets:
+                self._hooks.append(t.param.register_hook(self._grad_hook(t.name)))
+
+    def mask_gradients(self) -> None:
+        """ZeRO-3: zero pruned entries of the reduced gradient partitions; call after the last
+        backward of a step, before ``engine.step()``. (ZeRO-1/2 mask in a gradient hook.)"""
+        if self.zero.partitioned:
+            for t in self.targets:
+                self.zero.mask_local_grad(t.param, self.masks[t.name])
+
+    def _grad_hook(self, name):
+        def hook(grad):
+            mask = self.masks[name]
+            if mask.device != grad.device:
+                mask = self.masks[name] = mask.to(grad.device)
+            return grad.masked_fill(~mask.view(grad.shape), 0)
+        return hook
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    # --------------------------------------------------------------- decisions
+    def _decision_group(self):
+        """Ranks whose slices make up one logical weight (they must decide together)."""
+        tp = self.groups.tp_size > 1 and self.cfg.balance == "global"
+        if self.zero.partitioned:
+            return None if tp else self.groups.dp_group  # ZeRO-3: DP slices (and TP shards)
+        return self.groups.tp_group if tp else LOCAL
+
+    def _count(self, t: Target, density: float) -> int:
+        """Active weights of this decision unit: the logical weight, or one shard under balance=shard."""
+        if self.groups.tp_size > 1 and self.cfg.balance == "shard" and t.shard_dim is not None:
+            return active_counts({t.name: t.shard_shape}, {t.name: density})[t.name]
+        return active_counts({t.name: t.full_shape}, {t.name: density})[t.name]
+
+    def _topk(self, parts: list[Part], ks: list[int], stats: UpdateStats) -> list[torch.Tensor]:
+        sel = SelectStats()
+        masks = distributed_topk(parts, ks, group=self._decision_group(), stats=sel)
+        stats.sync_bytes += sel.bytes
+        return masks
+
+    def _unit(self, t: Target, scores_shard: torch.Tensor, eligible_shard: torch.Tensor):
+        """(keys, eligible, global index fn, numel) of a target's local elements for selection.
+
+        Unstructured: elements are weights; block: elements are blocks of the shard's grid.
+        ``scores_shard`` / ``eligible_shard`` have the shard shape (or, under ZeRO-3, are the
+        flat local slice).
+        """
+        if self.cfg.pattern == "block":
+            b = self.cfg.block_size
+            bs = block_scores(scores_shard, b)
+            elig = eligible_shard[::b, ::b]
+            gshape = (t.full_shape[0] // b, t.full_shape[1] // b)
+            sshape = bs.shape
+            off = t.shard_offset // b
+
+            def gidx(pos):
+                r, c = pos // sshape[1], pos % sshape[1]
+                if t.shard_dim == 0:
+                    r = r + off
+                elif t.shard_dim == 1:
+                    c = c + off
+                return r * gshape[1] + c
+            return Part(sortable_keys(bs).flatten(), elig.flatten(), gidx, gshape[0] * gshape[1])
+        if self.zero.partitioned:
+            start = self._slices[t.name].start
+            return Part(sortable_keys(scores_shard), eligible_shard,
+                        lambda pos: t.global_index(pos + start), t.numel)
+        return Part(sortable_keys(scores_shard).flatten(), eligible_shard.flatten(), t.global_index, t.numel)
+
+    def _to_mask(self, t: Target, selected: torch.Tensor, counter: list[int]) -> torch.Tensor:
+        if self.cfg.pattern == "block":
+            b = self.cfg.block_size
+            grid = selected.view(t.shard_shape[0] // b, t.shard_shape[1] // b)
+            return expand_block_mask(grid, b)
+        if self.zero.partitioned:
+            return selected  # the flat local slice is the mask this rank keeps
+        return selected.view(t.shard_shape)
+
+    def _local(self, t: Target, full_or_shard: torch.Tensor) -> torch.Tensor:
+        """This rank's elements of a shard-shaped tensor (the flat ZeRO-3 slice when partitioned)."""
+        if self.zero.partitioned:
+            s = self._slices[t.name]
+            return full_or_shard.flatten()[s.start:s.stop]
+        return full_or_shard
+
+    def _read(self) -> dict[str, torch.Tensor]:
+        """|w| of the local elements, read where they are identical on every rank."""
+        self._slices = {t.name: self.zero.local_slice(t.param, t.shard_numel) for t in self.targets}
+        out = {}
+        for t in self.targets:
+            v = self._slices[t.name].values
+            out[t.name] = v.abs() if self.zero.partitioned else v.abs().view(t.shard_shape)
+        return out
+
+    def _random(self, t: Target, step: int) -> torch.Tensor:
+        from dist_sparse.masks.topk import random_scores
+
+        return self._local(t, t.slice_full(random_scores(t.full_shape, self.cfg.seed, step, t.index)))
+
+    def _select(self, scores: dict[str, torch.Tensor], eligible: dict[str, torch.Tensor], ks: dict[str, int],
+                stats: UpdateStats, counter: list[int]) -> dict[str, torch.Tensor]:
+        names = [t.name for t in self.targets]
+        parts = [self._unit(t, scores[t.name], eligible[t.name]) for t in self.targets]
+        chosen = self._topk(parts, [ks[n] for n in names], stats)
+        return {t.name: self._to_mask(t, c, counter) for t, c in zip(self.targets, chosen)}
+
+    def _units_of(self, t: Target, count: int) -> int:
+        return count // (self.cfg.block_size ** 2) if self.cfg.pattern == "block" else count
+
+    def _initial_masks(self, stats: UpdateStats) -> dict[str, torch.Tensor]:
+        if self.cfg.pattern == "nm":
+            mags = self._read()
+            return {t.name: nm_mask(mags[t.name], self.cfg.n, self.cfg.m) for t in self.targets}
+        if self.cfg.init == "magnitude":
+            scores = self._read()
+        else:
+            self._slices = {t.name: self.zero.local_slice(t.param, t.shard_numel) for t in self.targets}
+            scores = {t.name: self._random(t, 0) for t in self.targets}
+        eligible = {n: torch.ones_like(s, dtype=torch.bool) for n, s in scores.items()}
+        ks = {t.name: self._units_of(t, self._count(t, self.final_density[t.name])) for t in self.targets}
+        counter = [0]
+        masks = self._select(scores, eligible, ks, stats, counter)
+        stats.sync_bytes += counter[0]
+        return masks
+
+    # ------------------------------------------------------------------ update
+    def is_update_step(self, step: int) -> bool:
+        if self.rule.kind == "fixed":
+            return False
+        if self.rule.kind == "gmp":
+            # GMP prunes at grid steps from start_step through end_step, and at end_step itself so
+            # that the target is reached even when the grid does not land on it.
+            return step == self.end_step or is_update_step(step, self.cfg.update_interval, self.end_step + 1,
+                                                           max(0, self.start_step - 1))
+        return is_update_step(step, self.cfg.update_interval, self.end_step, self.start_step)
+
+    def step(self, step: int) -> UpdateStats | None:
+        """Call after optimizer step ``step`` (1-based count of completed steps)."""
+        self.step_count = step
+        self._optimizer_has_state = True
+        if not self.is_update_step(step):
+            return None
+        stats = UpdateStats(step=step)
+        mags = self._read()
+        counter = [0]
+        old = {n: m.cpu() for n, m in self.masks.items()}
+        active = old
+        if self.rule.kind == "gmp":
+            s_t = gmp_sparsity(step, self.cfg.sparsity, self.start_step, self.end_step, self.cfg.update_interval)
+            if self.cfg.pattern == "nm":
+                keep = max(self.cfg.n, min(self.cfg.m, round(self.cfg.m * (1 - s_t))))
+                # Only weights still active may stay: score the pruned ones below every active one.
+                new = {t.name: nm_mask(torch.where(old[t.name], mags[t.name], -1.0), keep, self.cfg.m)
+                       for t in self.targets}
+            else:
+                frac = s_t / self.cfg.sparsity if self.cfg.sparsity > 0 else 0.0
+                ks = {t.name: self._units_of(t, self._count(t, 1.0 - (1.0 - self.final_density[t.name]) * frac))
+                      for t in self.targets}
+                new = self._select(mags, active, ks, stats, counter)
+        else:  # set: drop the weakest active weights, regrow as many at random
+            f = drop_fraction(step, self.cfg.drop_fraction, self.cfg.drop_schedule, self.end_step)
+            ks_total = {t.name: self._units_of(t, self._count(t, self.final_density[t.name])) for t in self.targets}
+            drops = {n: int(f * k) for n, k in ks_total.items()}
+            kept = self._select(mags, active, {n: ks_total[n] - drops[n] for n in ks_total}, stats, counter)
+            grow_scores = {t.name: self._grow_scores(t, step) for t in self.targets}
+            not_kept = {n: ~m for n, m in kept.items()}
+            grown = self._select(grow_scores, not_kept, drops, stats, counter)
+            new = {n: kept[n] | grown[n] for n in kept}
+        stats.sync_bytes += counter[0]
+        self._install(new, stats, old)
+        return stats
+
+    def _grow_scores(self, t: Target, step: int) -> torch.Tensor:
+        return self._random(t, step)
+
+    # ----------------------------------------------------------------- install
+    def _install(self, new: dict[str, torch.Tensor], stats: UpdateStats, old: dict | None = None) -> None:
+        before = self.zero.bytes_applied
+        for t in self.targets:
+            mask = new[t.name].to(torch.bool).cpu()
+            assert tuple(mask.shape) == self._mask_shape(t), (t.name, mask.shape, self._mask_shape(t))
+            self.masks[t.name] = mask
+            if self.zero.partitioned:
+                self.zero.apply_local_mask(t.param, mask, moments=self._optimizer_has_state)
+            else:
+                self.zero.apply_mask(t.param, mask.to(t.param.device), moments=self._optimizer_has_state)
+        stats.apply_bytes = self.zero.bytes_applied - before
+        self._account(stats, old)
+        if self.cfg.verify:
+            stats.sync_bytes += self.verify()
+        self.history.append({k: v for k, v in stats.__dict__.items() if k != "per_layer_density"})
+
+    def _mask_shape(self, t: Target) -> tuple:
+        if self.zero.partitioned:
+            s = self._slices[t.name]
+            return (s.stop - s.start,)
+        return tuple(t.shard_shape)
+
+    def _holders_group(self):
+        """The ranks whose masks together make up the logical masks (for totals)."""
+        if self.zero.partitioned:
+            return None  # every rank holds a different slice: sum over the world
+        return self.groups.tp_group if self.groups.tp_size > 1 else LOCAL
+
+    def _account(self, stats: UpdateStats, old) -> None:
+        counts = torch.zeros(len(self.targets) * 2 + 1, dtype=torch.int64)
+        for i, t in enumerate(self.targets):
+            counts[2 * i] = int(self.masks[t.name].sum())
+            if old is not None:
+                counts[-1] += int((self.masks[t.name] != old[t.name]).sum())
+        # Shards and slices of one weight live on several ranks: sum them for the logical totals.
+        group = self._holders_group()
+        if group is not LOCAL:
+            comm.all_reduce_sum_(counts, group)
+        for i, t in enumerate(self.targets):
+            stats.per_layer_density[t.name] = int(counts[2 * i]) / t.numel
+            stats.active += int(counts[2 * i])
+            stats.total += t.numel
+        stats.changed = int(counts[-1])
+
+    def verify(self) -> int:
+        """Compare every mask's fingerprint across data-parallel ranks; raise naming the first that differs.
+
+        Returns the bytes sent (two int64 all-reduces per mask: the min and the max). Under ZeRO-3
+        no two ranks hold the same mask bits; ``_account`` has summed the exact counts instead.
+        """
+        if self.groups.dp_size == 1 or self.zero.partitioned:
+            return 0
+        fp = torch.tensor([mask_fingerprint(self.masks[t.name]) for t in self.targets], dtype=torch.int64)
+        lo, hi = comm.all_reduce_min_max(fp, self.groups.dp_group)
+        if not torch.equal(lo, hi):
+            i = int(torch.nonzero(lo != hi)[0])
+            raise MaskDivergenceError(f"mask of {self.targets[i].name} differs across data-parallel ranks "
+                                      f"(rank {self.groups.global_rank} holds fingerprint {int(fp[i])}); "
+                                      "training stopped")
+        return 2 * fp.numel() * fp.element_size()
+
+    def shard_mask(self, name: str) -> torch.Tensor:
+        """The whole TP-shard mask of a target (gathered over data-parallel ranks under ZeRO-3);
+        for inspection, tests and export, not for training."""
+        t = next(t for t in self.targets if t.name == name)
+        if not self.zero.partitioned:
+            return self.masks[name].cpu()
+        s = self._slices[name]
+        return self.zero.gather_shard_mask(self.masks[name], s.start, s.stop, t.shard_shape, [0])
+
+    # -------------------------------------------------------------- persistence
+    def state_dict(self) -> dict:
+        return {"format": STATE_FORMAT, "config": self.cfg.model_dump(), "fingerprint": config_fingerprint(self.cfg),
+                "step": self.step_count, "max_steps": self.max_steps,
+                "masks": {n: pack_mask(m) for n, m in self.masks.items()}, "history": self.history}
+
+    def load_state_dict(self, state: dict, allow_config_change: bool = False) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError("the checkpoint's sparsity state has an unknown format")
+        if state["fingerprint"] != config_fingerprint(self.cfg) and not allow_config_change:
+            raise ValueError("the checkpoint was written under a different \"sparsity\" section; resume with the "
+                             "same section, or pass --sparsity-reset to keep the weights and start new masks")
+        names = {t.name for t in self.targets}
+        if set(state["masks"]) != names:
+            raise ValueError("the checkpoint's masks are for other parameters than this model's sparse targets")
+        restored = {}
+        self._slices = {t.name: self.zero.local_slice(t.param, t.shard_numel) for t in self.targets}
+        for t in self.targets:
+            packed, shape = state["masks"][t.name]
+            if tuple(shape) != self._mask_shape(t):
+                raise ValueError(f"mask of {t.name} has shape {tuple(shape)}, this rank's part of the parameter "
+                                 f"{self._mask_shape(t)}: resume with the same ZeRO stage and parallel layout")
+            restored[t.name] = unpack_mask(packed, tuple(shape))
+        self.step_count = state["step"]
+        self._optimizer_has_state = self.step_count > 0
+        self.history = list(state.get("history", []))
+        stats = UpdateStats(step=self.step_count)
+        self._install(restored, stats)
+        self.history.pop()  # re-installing is not an update
