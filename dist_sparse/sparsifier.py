@@ -85,6 +85,7 @@ class Sparsifier:
         self.step_count = 0
         # Optimizer moments exist from the first optimizer step on (or in a checkpoint).
         self._optimizer_has_state = False
+        self._densities: dict[str, float] = {t.name: 1.0 for t in targets}
         self.history: list[dict] = []
         self._hooks = []
         self._check_layout()
@@ -108,18 +109,21 @@ class Sparsifier:
                              "(ZeRO-3 slices weights flat, which breaks 2-D blocks and N:M groups); "
                              "use ZeRO stage 1 or 2, or pattern \"unstructured\"")
 
-    def prepare(self) -> None:
-        """Draw the first masks, zero what they prune everywhere, and install gradient hooks."""
+    def prepare(self, draw: bool = True) -> None:
+        """Install the gradient hooks and, with ``draw``, draw the first masks and zero what they
+        prune everywhere (without: ``load_state_dict`` brings the masks of a checkpoint)."""
         stats = UpdateStats(step=0)
         self._slices = {t.name: self.zero.local_slice(t.param, t.shard_numel) for t in self.targets}
+        if not self.zero.partitioned:
+            for t in self.targets:
+                self._hooks.append(t.param.register_hook(self._grad_hook(t.name)))
+        if not draw:
+            return
         if self.rule.starts_dense:
             new = {t.name: torch.ones(self._mask_shape(t), dtype=torch.bool) for t in self.targets}
         else:
             new = self._initial_masks(stats)
         self._install(new, stats)
-        if not self.zero.partitioned:
-            for t in self.targets:
-                self._hooks.append(t.param.register_hook(self._grad_hook(t.name)))
 
     def mask_gradients(self) -> None:
         """ZeRO-3: zero pruned entries of the reduced gradient partitions; call after the last
@@ -337,6 +341,7 @@ class Sparsifier:
             comm.all_reduce_sum_(counts, group)
         for i, t in enumerate(self.targets):
             stats.per_layer_density[t.name] = int(counts[2 * i]) / t.numel
+            self._densities[t.name] = stats.per_layer_density[t.name]
             stats.active += int(counts[2 * i])
             stats.total += t.numel
         stats.changed = int(counts[-1])
@@ -369,9 +374,26 @@ class Sparsifier:
 
     # -------------------------------------------------------------- persistence
     def state_dict(self) -> dict:
+        """This rank's masks (bit-packed) and the method's state; ``layout`` says which part of
+        each logical weight the masks cover, so a reader can put the ranks' files together."""
+        layout = {"zero_stage": self.zero.stage, "dp_rank": self.groups.dp_rank, "dp_size": self.groups.dp_size,
+                  "tp_rank": self.groups.tp_rank, "tp_size": self.groups.tp_size,
+                  "targets": {t.name: {"full_shape": list(t.full_shape), "shard_shape": list(t.shard_shape),
+                                       "shard_dim": t.shard_dim, "shard_offset": t.shard_offset,
+                                       "slice": ([self._slices[t.name].start, self._slices[t.name].stop]
+                                                 if self.zero.partitioned else None)}
+                              for t in self.targets}}
         return {"format": STATE_FORMAT, "config": self.cfg.model_dump(), "fingerprint": config_fingerprint(self.cfg),
-                "step": self.step_count, "max_steps": self.max_steps,
-                "masks": {n: pack_mask(m) for n, m in self.masks.items()}, "history": self.history}
+                "step": self.step_count, "max_steps": self.max_steps, "layout": layout,
+                "masks": {n: pack_mask(m.cpu()) for n, m in self.masks.items()}, "history": self.history}
+
+    def densities(self) -> dict[str, float]:
+        """Current density of every logical weight (from the last install)."""
+        return dict(self._densities)
+
+    def sparse_weights(self) -> list[tuple[int, float]]:
+        """(numel, density) of every target, for FLOP counting."""
+        return [(t.numel, self._densities[t.name]) for t in self.targets]
 
     def load_state_dict(self, state: dict, allow_config_change: bool = False) -> None:
         if state.get("format") != STATE_FORMAT:

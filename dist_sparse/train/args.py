@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--overfit-batch", action="store_true",
                    help="train on the first batch over and over (a sanity check: the loss must fall)")
+    p.add_argument("--sparsity-reset", action="store_true",
+                   help="on --resume, ignore the checkpoint's masks (or their absence) and draw new ones "
+                        "from the config's sparsity section (or none)")
     # The deepspeed launcher passes --local_rank; the environment carries it too.
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     return p

@@ -27,10 +27,12 @@ from dist_sparse.train import run_dir as rd
 from dist_sparse.train.args import build_parser
 from dist_sparse.train.engine import build_engine
 from dist_sparse.train.metrics import MetricsWriter
+from dist_sparse.train.sparse import build_sparsifier, config_fingerprint, sparsity_scalars
 
 log = logging.getLogger("dist_sparse.train")
 
 CHECKPOINT_FORMAT = 1
+SPARSITY_FILE_PREFIX = "sparsity_rank"
 # Name a checkpoint tag here to make every rank die after writing it but before `latest` moves.
 CRASH_IN_SAVE_ENV = "DIST_SPARSE_TEST_CRASH_IN_SAVE"
 
@@ -70,7 +72,7 @@ def run(argv: list[str] | None = None) -> int:
     max_steps, save_interval, eval_interval, seed = _resolve(args, run_cfg)
     from dist_sparse.data.prepare import load_prepared
     datasets, meta = load_prepared(args.data)
-    from dist_sparse.model.presets import build_config, build_model
+    from dist_sparse.model.presets import build_config, build_model, dense_flops_per_token
     model_config = build_config(args.model, vocab_size=meta["vocab_size"],
                                 max_position_embeddings=max(512, meta["seq_len"]),
                                 pad_token_id=meta["special_ids"]["[PAD]"])
@@ -104,6 +106,9 @@ def run(argv: list[str] | None = None) -> int:
     engine = build_engine(model, run_cfg,
                           lr_lambda=lambda s: lr_multiplier(s, run_cfg.training, max_steps))
     groups = comm.parallel_groups(run_cfg.tp_size)
+    sparsifier = build_sparsifier(engine, run_cfg, groups, max_steps)
+    dense_fwd = dense_flops_per_token(model_config, meta["seq_len"])
+    tokens_per_step = global_batch * meta["seq_len"]
 
     from dist_sparse.data.collator import MlmCollator
     from dist_sparse.data.loader import ResumableBatchIterator
@@ -116,13 +121,20 @@ def run(argv: list[str] | None = None) -> int:
 
     progress = Progress()
     ckpt_dir = rd.checkpoint_dir(run)
+
     if resume_tag is not None:
         progress = _load_checkpoint(engine, ckpt_dir, resume_tag, loader, args, meta, groups)
+        _resume_sparsity(sparsifier, ckpt_dir / resume_tag, args.sparsity_reset)
         if is_rank0:
             rd.truncate_metrics(run / "metrics.jsonl", progress.step)
+    elif sparsifier is not None:
+        sparsifier.prepare(draw=True)
     comm.barrier()
 
     metrics = MetricsWriter(run, enabled=is_rank0, purge_step=progress.step + 1 if resume_tag else None)
+    if sparsifier is not None and resume_tag is None:
+        metrics.scalars("sparsity", 0, sparsity_scalars(sparsifier, None, dense_fwd, tokens_per_step))
+
     pbar = None
     if is_rank0 and not args.no_progress:
         from tqdm import tqdm
@@ -133,9 +145,12 @@ def run(argv: list[str] | None = None) -> int:
         client_state = {"format": CHECKPOINT_FORMAT, "progress": progress.__dict__, "loader": loader.state_dict(),
                         "seed": seed, "max_steps": max_steps, "model": args.model,
                         "model_config": model_config.to_dict(), "data_meta": meta,
-                        "dp_size": groups.dp_size, "tp_size": groups.tp_size}
+                        "dp_size": groups.dp_size, "tp_size": groups.tp_size,
+                        "sparsity": None if sparsifier is None else config_fingerprint(sparsifier.cfg)}
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
         torch.save(_rng_state(), ckpt_dir / tag / f"rng_state_rank{comm.rank()}.pt")
+        if sparsifier is not None:
+            torch.save(sparsifier.state_dict(), ckpt_dir / tag / f"{SPARSITY_FILE_PREFIX}{comm.rank()}.pt")
         if os.environ.get(CRASH_IN_SAVE_ENV) == tag:  # fault injection for the crash-safety test
             os._exit(17)
         comm.barrier()  # every rank has written its part before `latest` moves
@@ -159,6 +174,8 @@ def run(argv: list[str] | None = None) -> int:
             batch = {k: v.to(engine.device) for k, v in batch.items()}
             out = engine(**batch)
             engine.backward(out.loss)
+            if sparsifier is not None and engine.is_gradient_accumulation_boundary():
+                sparsifier.mask_gradients()
             engine.step()
             local += torch.tensor([float(out.loss.detach()), 1.0, float(batch["attention_mask"].sum())],
                                   dtype=torch.float64)
@@ -166,8 +183,11 @@ def run(argv: list[str] | None = None) -> int:
         progress.step += 1
         progress.samples += global_batch
         progress.tokens += int(local[2])
+        update = sparsifier.step(progress.step) if sparsifier is not None else None
         elapsed = time.perf_counter() - t0
         loss = float(local[0] / local[1])
+        if update is not None:
+            metrics.scalars("sparsity", progress.step, sparsity_scalars(sparsifier, update, dense_fwd, tokens_per_step))
         if progress.step % run_cfg.training.log_interval == 0 or progress.step == max_steps:
             grad_norm = engine.get_global_grad_norm()
             metrics.scalars("train", progress.step, {
@@ -251,3 +271,23 @@ def _load_checkpoint(engine, ckpt_dir: Path, tag: str, loader, args, meta, group
         np.random.set_state(state["numpy"])
         random.setstate(state["python"])
     return Progress(**client_state["progress"])
+
+
+def _resume_sparsity(sparsifier, tag_dir: Path, reset: bool) -> None:
+    """Masks come back from the checkpoint; a mismatch between it and the config is an error
+    unless ``--sparsity-reset`` says to start new masks (or, with no sparsity section, none)."""
+    path = tag_dir / f"{SPARSITY_FILE_PREFIX}{comm.rank()}.pt"
+    has_masks = path.exists()
+    if sparsifier is None:
+        if has_masks and not reset:
+            raise ValueError(f"--resume: {tag_dir} holds sparsity masks but the config has no \"sparsity\" section; "
+                             "add the section back, or pass --sparsity-reset to continue dense")
+        return
+    if not has_masks and not reset:
+        raise ValueError(f"--resume: {tag_dir} has no sparsity masks (a dense run?) but the config asks for "
+                         "sparsity; pass --sparsity-reset to draw new masks from the resumed weights")
+    if reset:
+        sparsifier.prepare(draw=True)
+        return
+    sparsifier.prepare(draw=False)
+    sparsifier.load_state_dict(torch.load(path, weights_only=False))
