@@ -18,6 +18,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare-data", help="corpus -> tokenizer -> BERT pre-training examples (Arrow)")
     add_prepare_arguments(p)
     p.set_defaults(func=run_prepare)
+
+    p = sub.add_parser("inspect", help="per-layer masks and sparsity state of a run or checkpoint")
+    p.add_argument("path", help="RUN, RUN/checkpoints, or RUN/checkpoints/<tag>")
+    p.set_defaults(func=lambda args: __import__("dist_sparse.inspect", fromlist=["run_inspect"]).run_inspect(args))
     return parser
 
 

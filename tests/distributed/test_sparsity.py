@@ -111,3 +111,13 @@ def test_decisions_are_the_same_at_every_layout(frozen_reports):
         assert len(reference) >= 3  # initial mask and at least two updates
         for tp, stage, logical in runs:
             assert logical == reference, f"{key}: tp={tp} ZeRO-{stage} decided differently"
+
+
+def test_planted_divergence_is_caught_and_named(tmp_path):
+    out = tmp_path / "diverge.json"
+    run_script("sparse_check.py", "diverge", out)
+    ranks = json.loads(out.read_text())
+    assert len(ranks) == 2
+    for r in ranks:
+        assert r["clean_bytes"] == 2 * 8 * 12  # min and max of one int64 per weight (12 weights)
+        assert r["outcome"].startswith(f"mask of {r['victim']} differs across data-parallel ranks"), r

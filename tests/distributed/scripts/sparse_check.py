@@ -163,9 +163,41 @@ def run_case(stage: int, section: dict, frozen: bool, tp: int) -> dict:
             "rank": comm.rank(), "dp_rank": groups.dp_rank, "tp_rank": groups.tp_rank}
 
 
+def planted_divergence(out_path: str) -> None:
+    """Rank 1 flips one bit of one mask; verify() must stop every rank, naming that weight."""
+    from dist_sparse.sparsifier import MaskDivergenceError
+
+    cfg = SparsityConfig(method="set", sparsity=0.75, update_interval=2)
+    ds = {"train_micro_batch_size_per_gpu": MICRO, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+          "zero_optimization": {"stage": 2}}
+    engine = build_engine(make_model(), parse_run_config(ds), lr_lambda=lambda s: 1.0)
+    groups = comm.parallel_groups(1)
+    sp = Sparsifier(cfg, select_targets(engine.module, cfg), ZeroAccess(2, None, groups.dp_rank, groups.dp_size),
+                    groups, max_steps=STEPS)
+    sp.prepare()
+    clean = sp.verify()
+    victim = sp.targets[3].name
+    if comm.rank() == 1:
+        sp.masks[victim].view(-1)[7] ^= True
+    try:
+        sp.verify()
+        outcome = "no error"
+    except MaskDivergenceError as err:
+        outcome = str(err)
+    everyone = comm.all_gather_object({"rank": comm.rank(), "clean_bytes": clean, "outcome": outcome,
+                                       "victim": victim})
+    if comm.rank() == 0:
+        with open(out_path, "w") as f:
+            json.dump(everyone, f)
+
+
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     mode, out_path = args[0], args[1]
+    if mode == "diverge":
+        comm.init()
+        planted_divergence(out_path)
+        return
     tp = int(args[2]) if len(args) > 2 else 1
     stages = tuple(int(x) for x in args[3].split(",")) if len(args) > 3 else (1, 2, 3)
     comm.init()
