@@ -1,0 +1,91 @@
+"""Sparsity start-up checks and the count-only selection, in one process."""
+
+import pytest
+import torch
+
+from dist_sparse.config import SparsityConfig, parse_run_config
+from dist_sparse.distributed.comm import ParallelGroups
+from dist_sparse.distributed.zero import ZeroAccess
+from dist_sparse.masks.topk import deterministic_topk_mask
+from dist_sparse.model.presets import build_config, build_model
+from dist_sparse.sparsifier import Sparsifier
+from dist_sparse.sparsity.select import LOCAL, Part, distributed_topk, sortable_keys
+from dist_sparse.sparsity.targets import select_targets
+
+GROUPS = ParallelGroups(dp_group=None, tp_group=None, dp_rank=0, dp_size=1, tp_rank=0, tp_size=1,
+                        global_rank=0, world_size=1)
+
+
+def tiny():
+    return build_model(build_config("bert-tiny", vocab_size=64, max_position_embeddings=16, hidden_size=64,
+                                    num_attention_heads=4, intermediate_size=96))
+
+
+def sparsifier(stage=2, **section):
+    cfg = SparsityConfig(**section)
+    model = tiny()
+    return Sparsifier(cfg, select_targets(model, cfg), ZeroAccess(stage, None, 0, 1), GROUPS, max_steps=10)
+
+
+def test_default_targets_are_the_encoder_linear_weights():
+    cfg = SparsityConfig(method="static", sparsity=0.5)
+    names = [t.name for t in select_targets(tiny(), cfg)]
+    assert len(names) == 12 and all(n.startswith("bert.encoder.layer.") and n.endswith(".weight") for n in names)
+    assert not any("LayerNorm" in n for n in names)
+
+
+def test_pattern_that_matches_nothing():
+    with pytest.raises(ValueError, match=r"match no 2-D Linear weight"):
+        sparsifier(method="static", sparsity=0.5, params=["bert.encoder.layers.*.weight"])
+
+
+def test_block_that_does_not_divide():
+    with pytest.raises(ValueError, match=r"block_size 64 does not divide .*intermediate.dense.weight"):
+        sparsifier(method="set", sparsity=0.5, pattern="block", block_size=64)
+
+
+def test_nm_that_does_not_divide_the_input_dimension():
+    with pytest.raises(ValueError, match=r"m=5 does not divide the input dimension"):
+        sparsifier(method="static", sparsity=0.6, pattern="nm", n=2, m=5)
+
+
+def test_nm_sparsity_must_match():
+    with pytest.raises(ValueError, match=r"must be 1 - n/m = 0.5"):
+        sparsifier(method="static", sparsity=0.7, pattern="nm", n=2, m=4)
+
+
+def test_block_and_nm_refused_under_zero3():
+    with pytest.raises(ValueError, match=r"not available with ZeRO stage 3"):
+        sparsifier(stage=3, method="set", sparsity=0.5, pattern="block", block_size=16)
+
+
+def test_sparsity_range_and_unknown_keys_in_the_json():
+    with pytest.raises(ValueError, match=r'"sparsity.sparsity"'):
+        parse_run_config({"sparsity": {"method": "set", "sparsity": 1.0}})
+    with pytest.raises(ValueError, match=r'unknown key "sparsity.drop_fractoin"'):
+        parse_run_config({"sparsity": {"method": "set", "sparsity": 0.5, "drop_fractoin": 0.1}})
+    with pytest.raises(ValueError, match=r"not available in this version"):
+        sparsifier(method="rigl", sparsity=0.5)
+
+
+def test_the_issue_example_parses():
+    example = {"method": "rigl", "sparsity": 0.9, "distribution": "erk", "pattern": "unstructured",
+               "update_interval": 100, "drop_fraction": 0.3, "drop_schedule": "cosine", "end_fraction": 0.75,
+               "seed": 1}
+    assert parse_run_config({"sparsity": example}).sparsity.method == "rigl"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_count_only_selection_equals_deterministic_topk(seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 7, (37, 11), generator=g).float() * (1 if seed % 2 else -1)  # many ties
+    eligible = torch.rand(37, 11, generator=g) < 0.7
+    for k in (0, 1, 5, int(eligible.sum()) // 2, int(eligible.sum())):
+        part = Part(sortable_keys(scores).flatten(), eligible.flatten(), lambda pos: pos, scores.numel())
+        got = distributed_topk([part], [k], group=LOCAL)[0].view(37, 11)
+        masked = torch.where(eligible, scores, torch.tensor(float("-inf")))
+        want = deterministic_topk_mask(masked, k) & eligible
+        assert int(got.sum()) == k and torch.equal(got, want)
+    with pytest.raises(ValueError, match="cannot select"):
+        distributed_topk([Part(sortable_keys(scores).flatten(), eligible.flatten(), lambda p: p, scores.numel())],
+                         [int(eligible.sum()) + 1], group=LOCAL)
