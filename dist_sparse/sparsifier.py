@@ -85,6 +85,8 @@ class Sparsifier:
         self.step_count = 0
         # Optimizer moments exist from the first optimizer step on (or in a checkpoint).
         self._optimizer_has_state = False
+        self._dense_grad_step = False
+        self._grad_scores: dict[str, torch.Tensor] = {}
         self._densities: dict[str, float] = {t.name: 1.0 for t in targets}
         self.history: list[dict] = []
         self._hooks = []
@@ -125,15 +127,38 @@ class Sparsifier:
             new = self._initial_masks(stats)
         self._install(new, stats)
 
+    def before_step(self, step: int) -> None:
+        """Call before the first forward of optimizer step ``step`` (1-based).
+
+        On RigL's update steps the gradient hooks let the dense gradient through, so that ZeRO's
+        own reduction averages it over the data-parallel ranks; ``mask_gradients`` reads it as
+        the regrowth score and masks it before the optimizer sees it.
+        """
+        self._dense_grad_step = self.rule.grow == "gradient" and self.is_update_step(step)
+
     def mask_gradients(self) -> None:
-        """ZeRO-3: zero pruned entries of the reduced gradient partitions; call after the last
-        backward of a step, before ``engine.step()``. (ZeRO-1/2 mask in a gradient hook.)"""
+        """Call after the last backward of a step, before ``engine.step()``.
+
+        ZeRO-3 zeroes pruned entries of this rank's reduced gradient partition (ZeRO-1/2 did it
+        in the gradient hook). On a RigL update step it first keeps |dense gradient| as the
+        regrowth score and then masks the gradient (all stages).
+        """
+        if self._dense_grad_step:
+            self._grad_scores = {t.name: self.zero.take_dense_grad(t.param, self.masks[t.name]).abs()
+                                 for t in self.targets}
+            if not self.zero.partitioned:
+                self._grad_scores = {t.name: g.view(t.shard_shape) for t, g in
+                                     zip(self.targets, self._grad_scores.values())}
+            self._dense_grad_step = False
+            return
         if self.zero.partitioned:
             for t in self.targets:
                 self.zero.mask_local_grad(t.param, self.masks[t.name])
 
     def _grad_hook(self, name):
         def hook(grad):
+            if self._dense_grad_step:
+                return grad  # RigL's update step: ZeRO reduces the dense gradient; masked after
             mask = self.masks[name]
             if mask.device != grad.device:
                 mask = self.masks[name] = mask.to(grad.device)
@@ -298,6 +323,8 @@ class Sparsifier:
         return stats
 
     def _grow_scores(self, t: Target, step: int) -> torch.Tensor:
+        if self.rule.grow == "gradient":
+            return self._grad_scores.pop(t.name)
         return self._random(t, step)
 
     # ----------------------------------------------------------------- install

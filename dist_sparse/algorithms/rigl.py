@@ -1,9 +1,10 @@
 """RigL (Evci et al. 2020): drop by magnitude, regrow where the dense gradient is largest.
 
-Not wired into the sparsifier yet: the dense gradient of pruned weights must be taken before the
-gradient hook zeroes it and reduced over data-parallel ranks on update steps only."""
+On update steps the gradient hooks let the dense gradient through ZeRO's reduction (so it is
+averaged over data-parallel ranks and identical on all of them); the sparsifier reads |gradient|
+of the pruned weights as the regrowth score and masks the gradient before the optimizer step.
+Regrown weights start at zero, as in the paper."""
 
 from dist_sparse.algorithms.base import MethodRule
 
-RULE = MethodRule(name="rigl", kind="regrow", starts_dense=False, grow="gradient", available=False,
-                  note="gradient regrowth under ZeRO is the next milestone")
+RULE = MethodRule(name="rigl", kind="regrow", starts_dense=False, grow="gradient")

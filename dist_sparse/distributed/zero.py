@@ -17,7 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
+from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_grad, safe_get_full_optimizer_state,
+                             safe_set_full_grad,
                              safe_get_local_fp32_param, safe_get_local_grad, safe_get_local_optimizer_state,
                              safe_set_full_fp32_param, safe_set_full_optimizer_state,
                              safe_set_local_fp32_param, safe_set_local_grad, safe_set_local_optimizer_state)
@@ -96,6 +97,24 @@ class ZeroAccess:
         for key in MOMENT_KEYS if moments else ():
             state = safe_get_local_optimizer_state(param, key)
             safe_set_local_optimizer_state(param, state * local.view_as(state), key)
+
+    def take_dense_grad(self, param, mask: torch.Tensor) -> torch.Tensor:
+        """The reduced (data-parallel averaged) dense gradient of this rank's elements, flat fp32;
+        the gradient ZeRO keeps is masked on the way out.
+
+        ZeRO-3 reads its local partition; ZeRO-1/2 can only read the full gradient (an fp32
+        all-reduce, counted in ``bytes_applied``) and writes back its own fragment.
+        """
+        if self.partitioned:
+            grad = safe_get_local_grad(param)
+            local = self._padded_local(param, mask)
+            dense = grad.detach().flatten().float()[: mask.numel()].clone()
+            safe_set_local_grad(param, grad * local.view_as(grad).to(grad.dtype))
+            return dense.cpu()
+        grad = safe_get_full_grad(param)
+        self.bytes_applied += grad.numel() * 4
+        safe_set_full_grad(param, grad * mask.to(grad.device, grad.dtype))
+        return grad.detach().flatten().float().cpu()
 
     def mask_local_grad(self, param, local_mask: torch.Tensor) -> None:
         """ZeRO-3: zero pruned entries of this rank's reduced gradient partition."""

@@ -165,6 +165,8 @@ def run(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         engine.train()
         local = torch.zeros(3, dtype=torch.float64)  # loss sum over micro steps, micro steps, tokens
+        if sparsifier is not None:
+            sparsifier.before_step(progress.step + 1)
         for micro in range(grad_acc):
             data_step = 0 if args.overfit_batch else progress.step
             indices = first_batch if args.overfit_batch else next(loader)

@@ -64,8 +64,6 @@ def test_sparsity_range_and_unknown_keys_in_the_json():
         parse_run_config({"sparsity": {"method": "set", "sparsity": 1.0}})
     with pytest.raises(ValueError, match=r'unknown key "sparsity.drop_fractoin"'):
         parse_run_config({"sparsity": {"method": "set", "sparsity": 0.5, "drop_fractoin": 0.1}})
-    with pytest.raises(ValueError, match=r"not available in this version"):
-        sparsifier(method="rigl", sparsity=0.5)
 
 
 def test_the_issue_example_parses():

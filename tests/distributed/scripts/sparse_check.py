@@ -38,6 +38,10 @@ CASES = [
     (3, {"method": "set", "sparsity": 0.75, "update_interval": 2, "end_fraction": 1.0, "drop_schedule": "linear"}),
     (2, {"method": "set", "sparsity": 0.75, "pattern": "block", "block_size": 16, "update_interval": 2,
          "end_fraction": 1.0}),
+    (1, {"method": "rigl", "sparsity": 0.8, "update_interval": 2, "end_fraction": 1.0}),
+    (2, {"method": "rigl", "sparsity": 0.9, "distribution": "erk", "update_interval": 3, "end_fraction": 1.0,
+         "drop_fraction": 0.5}),
+    (3, {"method": "rigl", "sparsity": 0.8, "update_interval": 2, "end_fraction": 1.0}),
     (1, {"method": "static", "sparsity": 0.9, "distribution": "erk"}),
     (3, {"method": "static", "sparsity": 0.5, "init": "magnitude"}),
     (2, {"method": "static", "sparsity": 0.5, "pattern": "nm", "n": 2, "m": 4}),
@@ -56,6 +60,7 @@ FROZEN_SECTIONS = [
     {"method": "set", "sparsity": 0.75, "pattern": "block", "block_size": 16, "update_interval": 2,
      "end_fraction": 1.0, "init": "magnitude"},
     {"method": "gmp", "sparsity": 0.8, "update_interval": 2, "end_fraction": 0.8},
+    {"method": "rigl", "sparsity": 0.75, "update_interval": 2, "end_fraction": 1.0, "drop_schedule": "constant"},
 ]
 
 
@@ -149,6 +154,7 @@ def run_case(stage: int, section: dict, frozen: bool, tp: int) -> dict:
     check(0, None, None)
     for step in range(1, STEPS + 1):
         engine.train()
+        sp.before_step(step)
         out = engine(**batch(step, groups.dp_rank))
         engine.backward(out.loss)
         sp.mask_gradients()
