@@ -19,24 +19,6 @@ pytestmark = pytest.mark.distributed
 PRETRAIN = ROOT / "launchers" / "pretrain.py"
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from dist_sparse.data.prepare import prepare_data
-
-    out = tmp_path_factory.mktemp("data") / "sotu"
-    prepare_data(out, default_corpus=True, max_documents=24, vocab_size=1000, seq_len=64)
-    return out
-
-
-@pytest.fixture(scope="module")
-def nsp_data_dir(tmp_path_factory):
-    from dist_sparse.data.prepare import prepare_data
-
-    out = tmp_path_factory.mktemp("data") / "sotu_nsp"
-    prepare_data(out, default_corpus=True, max_documents=24, vocab_size=1000, seq_len=64, nsp=True)
-    return out
-
-
 def pretrain(config: str, data: Path, run: Path, *extra, nproc: int = 2, **kw):
     return launch([PRETRAIN, "--deepspeed_config", ROOT / "ds_configs" / config, "--data", data,
                    "--model", "bert-tiny", "--output", run, "--no-progress", *extra], nproc=nproc, **kw)

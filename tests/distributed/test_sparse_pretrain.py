@@ -19,15 +19,6 @@ SPARSITY = {"method": "set", "sparsity": 0.8, "distribution": "erk", "update_int
             "drop_fraction": 0.3, "drop_schedule": "cosine", "end_fraction": 1.0, "seed": 1}
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from dist_sparse.data.prepare import prepare_data
-
-    out = tmp_path_factory.mktemp("data") / "sotu"
-    prepare_data(out, default_corpus=True, max_documents=24, vocab_size=1000, seq_len=64)
-    return out
-
-
 def config(tmp_path: Path, stage: int, sparsity: dict | None, name: str) -> Path:
     cfg = json.loads((ROOT / "ds_configs" / f"cpu_zero{stage}.json").read_text())
     if sparsity is not None:
