@@ -35,7 +35,7 @@ from dist_sparse.distributed.comm import ParallelGroups
 from dist_sparse.distributed.zero import ZeroAccess
 from dist_sparse.masks.checksum import mask_fingerprint, pack_mask, unpack_mask
 from dist_sparse.masks.density import active_counts, erk_densities, uniform_densities
-from dist_sparse.masks.patterns import block_scores, expand_block_mask, nm_mask
+from dist_sparse.masks.patterns import expand_block_mask, nm_mask
 from dist_sparse.schedules import drop_fraction, gmp_sparsity, is_update_step
 from dist_sparse.sparsity.select import LOCAL, Part, SelectStats, distributed_topk, sortable_keys
 from dist_sparse.sparsity.targets import Target
@@ -87,6 +87,7 @@ class Sparsifier:
         self._optimizer_has_state = False
         self._dense_grad_step = False
         self._grad_scores: dict[str, torch.Tensor] = {}
+        self._grid_bytes = 0
         self._densities: dict[str, float] = {t.name: 1.0 for t in targets}
         self.history: list[dict] = []
         self._hooks = []
@@ -106,10 +107,9 @@ class Sparsifier:
                                  f"{t.shard_shape[1]} of {t.name}")
         if cfg.pattern == "nm" and abs((1 - cfg.n / cfg.m) - cfg.sparsity) > 1e-9:
             raise ValueError(f"sparsity.sparsity must be 1 - n/m = {1 - cfg.n / cfg.m:g} for N:M {cfg.n}:{cfg.m}")
-        if self.zero.partitioned and cfg.pattern != "unstructured":
-            raise ValueError(f"sparsity.pattern {cfg.pattern!r} is not available with ZeRO stage 3 yet "
-                             "(ZeRO-3 slices weights flat, which breaks 2-D blocks and N:M groups); "
-                             "use ZeRO stage 1 or 2, or pattern \"unstructured\"")
+        if self.zero.partitioned and cfg.pattern == "nm":
+            raise ValueError("sparsity.pattern \"nm\" is not available with ZeRO stage 3 yet (ZeRO-3 slices "
+                             "weights flat, which can split N:M groups between ranks); use ZeRO stage 1 or 2")
 
     def prepare(self, draw: bool = True) -> None:
         """Install the gradient hooks and, with ``draw``, draw the first masks and zero what they
@@ -174,7 +174,8 @@ class Sparsifier:
     def _decision_group(self):
         """Ranks whose slices make up one logical weight (they must decide together)."""
         tp = self.groups.tp_size > 1 and self.cfg.balance == "global"
-        if self.zero.partitioned:
+        # Block grids are summed over the DP group first, so every DP rank holds the whole grid.
+        if self.zero.partitioned and self.cfg.pattern != "block":
             return None if tp else self.groups.dp_group  # ZeRO-3: DP slices (and TP shards)
         return self.groups.tp_group if tp else LOCAL
 
@@ -187,7 +188,8 @@ class Sparsifier:
     def _topk(self, parts: list[Part], ks: list[int], stats: UpdateStats) -> list[torch.Tensor]:
         sel = SelectStats()
         masks = distributed_topk(parts, ks, group=self._decision_group(), stats=sel)
-        stats.sync_bytes += sel.bytes
+        stats.sync_bytes += sel.bytes + self._grid_bytes
+        self._grid_bytes = 0
         return masks
 
     def _unit(self, t: Target, scores_shard: torch.Tensor, eligible_shard: torch.Tensor):
@@ -199,8 +201,8 @@ class Sparsifier:
         """
         if self.cfg.pattern == "block":
             b = self.cfg.block_size
-            bs = block_scores(scores_shard, b)
-            elig = eligible_shard[::b, ::b]
+            bs = self._grid_sum(t, scores_shard)
+            elig = self._grid_sum(t, eligible_shard.to(torch.float64)) > 0  # masks are block-aligned
             gshape = (t.full_shape[0] // b, t.full_shape[1] // b)
             sshape = bs.shape
             off = t.shard_offset // b
@@ -219,11 +221,32 @@ class Sparsifier:
                         lambda pos: t.global_index(pos + start), t.numel)
         return Part(sortable_keys(scores_shard).flatten(), eligible_shard.flatten(), t.global_index, t.numel)
 
+    def _grid_sum(self, t: Target, x: torch.Tensor) -> torch.Tensor:
+        """Per-block sums of ``x`` over this rank's TP shard, the same on every data-parallel rank.
+
+        Sums are taken in float64, where adding a block's fp32 values is exact in practice, so
+        ZeRO-3 (partial sums of each slice, then a sum over the DP group: one float64 per block,
+        1/``block_size``^2 of the weight) gets the very numbers ZeRO-1/2 gets from the whole shard.
+        """
+        b = self.cfg.block_size
+        rows, cols = t.shard_shape
+        if not self.zero.partitioned:
+            return x.to(torch.float64).view(rows // b, b, cols // b, b).sum(dim=(1, 3))
+        s = self._slices[t.name]
+        pos = torch.arange(s.start, s.stop)
+        block = (pos // cols // b) * (cols // b) + (pos % cols) // b
+        grid = torch.zeros((rows // b) * (cols // b), dtype=torch.float64)
+        grid.index_add_(0, block, x.flatten().to(torch.float64))
+        if self.groups.dp_size > 1:
+            comm.all_reduce_sum_(grid, self.groups.dp_group)
+            self._grid_bytes += grid.numel() * grid.element_size()
+        return grid.view(rows // b, cols // b)
+
     def _to_mask(self, t: Target, selected: torch.Tensor, counter: list[int]) -> torch.Tensor:
         if self.cfg.pattern == "block":
             b = self.cfg.block_size
             grid = selected.view(t.shard_shape[0] // b, t.shard_shape[1] // b)
-            return expand_block_mask(grid, b)
+            return self._local(t, expand_block_mask(grid, b))
         if self.zero.partitioned:
             return selected  # the flat local slice is the mask this rank keeps
         return selected.view(t.shard_shape)

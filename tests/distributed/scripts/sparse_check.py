@@ -38,6 +38,8 @@ CASES = [
     (3, {"method": "set", "sparsity": 0.75, "update_interval": 2, "end_fraction": 1.0, "drop_schedule": "linear"}),
     (2, {"method": "set", "sparsity": 0.75, "pattern": "block", "block_size": 16, "update_interval": 2,
          "end_fraction": 1.0}),
+    (3, {"method": "set", "sparsity": 0.75, "pattern": "block", "block_size": 16, "update_interval": 2,
+         "end_fraction": 1.0, "drop_schedule": "constant"}),
     (1, {"method": "rigl", "sparsity": 0.8, "update_interval": 2, "end_fraction": 1.0}),
     (2, {"method": "rigl", "sparsity": 0.9, "distribution": "erk", "update_interval": 3, "end_fraction": 1.0,
          "drop_fraction": 0.5}),
@@ -208,8 +210,7 @@ def main():
     stages = tuple(int(x) for x in args[3].split(",")) if len(args) > 3 else (1, 2, 3)
     comm.init()
     frozen = mode == "frozen"
-    cases = CASES if not frozen else [(stage, sec) for sec in FROZEN_SECTIONS for stage in stages
-                                      if not (stage == 3 and sec.get("pattern") == "block")]
+    cases = CASES if not frozen else [(stage, sec) for sec in FROZEN_SECTIONS for stage in stages]
     reports = [run_case(stage, dict(section), frozen, tp) for stage, section in cases]
     everyone = comm.all_gather_object(reports)
     if comm.rank() == 0:

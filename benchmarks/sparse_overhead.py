@@ -1,0 +1,417 @@
+"""Step-time overhead of sparse training: dense vs fixed mask vs RigL, side by side in one run.
+
+Three engines are built up front from the same initial weights and the same synthetic batches:
+
+    dense   no sparsity section
+    fixed   method "static" (the first mask never changes), --sparsity (0.9), --distribution (erk)
+    rigl    method "rigl", same sparsity and distribution, update interval --rigl-interval (100)
+
+and timed in interleaved rounds (dense, fixed, rigl, dense, fixed, rigl, ...), --steps-per-round
+optimizer steps of each per round, so that whatever else the machine is doing hits the three
+alike. A step is what ``dist_sparse.train.loop`` does: ``sparsifier.before_step``, forward,
+``engine.backward``, ``sparsifier.mask_gradients`` at the accumulation boundary, ``engine.step``,
+then ``sparsifier.step`` (the mask update on RigL's update steps).
+
+Reported, as ratios to the dense step:
+- fixed / dense (DESIGN §9 target <= 1.03);
+- RigL amortized / dense: the mean over all timed RigL steps, update steps included, at the
+  interval actually run; and, because a short run can only afford a small interval, the same
+  figure extrapolated to dT = 100 from the two kinds of RigL step measured here:
+  amortized(100) = (99 * t_between + t_update) / 100 (target <= 1.05);
+- mask-update latency (``sparsifier.step`` on an update step) and the dense-gradient read
+  (``mask_gradients`` on an update step);
+- bytes per update: ``UpdateStats.sync_bytes`` (deciding and verifying the masks) and
+  ``apply_bytes`` (zeroing ZeRO's copies), against one bf16 all-reduce payload of the sparse
+  weights (2 bytes x numel); sync target <= 1/16.
+
+    python benchmarks/sparse_overhead.py --model bert-mini --rigl-interval 10
+    deepspeed --num_gpus 2 benchmarks/sparse_overhead.py --model bert-mini --rigl-interval 10 \\
+        --deepspeed_config ds_configs/cpu_zero3.json --json /tmp/so/zero3.json
+    deepspeed --num_gpus 1 benchmarks/sparse_overhead.py --model bert-large --seq-len 128 \\
+        --deepspeed_config ds_configs/bert_large_phase1_seq128_zero2.json --micro-batch 64 \\
+        --rounds 10 --steps-per-round 20
+
+Ratios are computed two ways: the ratio of mean step times over the whole run, and the median
+over rounds of the per-round ratio (each round's variants ran back to back, so this one is
+less sensitive to slow drifts in machine load). Step times are those of the slowest rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# `python benchmarks/sparse_overhead.py` (and the deepspeed launcher, which runs the same) puts
+# benchmarks/ on sys.path: the shared helpers of dense_throughput.py import from there. The
+# repository root is added for a checkout whose package is not installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dense_throughput import (DATA_POOL, _cpu_model, _precision, _single_process_env,  # noqa: E402
+                              prepare_deepspeed_dict, synthetic_batches)
+
+VARIANTS = ("dense", "fixed", "rigl")
+# bf16 all-reduce payload of the sparse weights: 2 bytes per element (DESIGN §4's yardstick).
+BF16_BYTES = 2
+DT_TARGET = 100  # the update interval the RigL target is stated at
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Sparse-training step overhead: dense vs fixed mask vs RigL.")
+    p.add_argument("--model", default="bert-mini", help="model preset (bert-tiny ... bert-large)")
+    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
+                   default="ds_configs/cpu_zero2.json",
+                   help="DeepSpeed JSON (a \"sparsity\" section in it is ignored: the script sets its own)")
+    p.add_argument("--zero-stage", type=int, choices=(1, 2, 3), default=None,
+                   help="override zero_optimization.stage of the config")
+    p.add_argument("--micro-batch", type=int, default=8,
+                   help="train_micro_batch_size_per_gpu (gradient accumulation 1, global batch follows the ranks)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--vocab-size", type=int, default=30522, help="default: BERT's uncased WordPiece vocabulary")
+    p.add_argument("--sparsity", type=float, default=0.9)
+    p.add_argument("--distribution", choices=("erk", "uniform"), default="erk",
+                   help="per-layer densities of both sparse variants")
+    p.add_argument("--rigl-interval", type=int, default=DT_TARGET,
+                   help="RigL's update interval dT; a short CPU run may use less (the dT=100 figure is "
+                        "then extrapolated from the measured update step)")
+    p.add_argument("--horizon", type=int, default=100_000,
+                   help="training length the sparsity schedule assumes; large, so that every timed step "
+                        "lies before end_fraction and the drop fraction stays near its initial 0.3")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps of each variant before the first round")
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--steps-per-round", type=int, default=5)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--json", dest="json_out", default=None, help="write the result (rank 0) to this file")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    return p
+
+
+def sparsity_section(method: str, args) -> dict:
+    sec = {"method": method, "sparsity": args.sparsity, "distribution": args.distribution, "seed": 1}
+    if method == "rigl":
+        sec["update_interval"] = args.rigl_interval
+    return sec
+
+
+def _stats(xs: list[float]) -> dict | None:
+    if not xs:
+        return None
+    return {"n": len(xs), "mean": statistics.fmean(xs), "median": statistics.median(xs),
+            "min": min(xs), "max": max(xs)}
+
+
+def run(argv: list[str] | None = None) -> dict | None:
+    args = build_parser().parse_args(argv)
+    if args.rounds < 1 or args.steps_per_round < 1 or args.warmup < 0:
+        raise ValueError("--rounds and --steps-per-round must be >= 1, --warmup >= 0")
+    if not 0 < args.sparsity < 1:
+        raise ValueError("--sparsity must be in (0, 1)")
+    if args.rigl_interval < 1:
+        raise ValueError("--rigl-interval must be >= 1")
+    last_step = args.warmup + args.rounds * args.steps_per_round
+    if last_step >= 0.75 * args.horizon:
+        raise ValueError("--horizon too short: RigL stops updating at 75% of it, before the last timed step")
+    _single_process_env()
+
+    import torch
+    import deepspeed
+
+    from dist_sparse.config import data_parallel_size, parse_run_config, resolve_batch_sizes
+    from dist_sparse.distributed import comm
+    from dist_sparse.model.presets import build_config, build_model, count_parameters, dense_flops_per_token
+    from dist_sparse.train.engine import build_engine
+    from dist_sparse.train.sparse import build_sparsifier
+
+    path = Path(args.deepspeed_config)
+    raw = prepare_deepspeed_dict(json.loads(path.read_text()), args.micro_batch)
+    raw.pop("sparsity", None)
+    if args.zero_stage is not None:
+        raw["zero_optimization"] = {**raw.get("zero_optimization", {}), "stage": args.zero_stage}
+    cfgs = {"dense": raw, "fixed": {**raw, "sparsity": sparsity_section("static", args)},
+            "rigl": {**raw, "sparsity": sparsity_section("rigl", args)}}
+    run_cfgs = {v: parse_run_config(c, source=f"{path} ({v})") for v, c in cfgs.items()}
+    world = int(os.environ["WORLD_SIZE"])
+    dense_cfg = run_cfgs["dense"]
+    dp_size = data_parallel_size(world, dense_cfg.tp_size)
+    global_batch, micro_bs, grad_acc = resolve_batch_sizes(dense_cfg.deepspeed, dp_size)
+
+    comm.init()
+    rank = comm.rank()
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(comm.local_rank())
+
+    def sync() -> None:
+        if on_gpu:
+            torch.cuda.synchronize()
+
+    model_config = build_config(args.model, vocab_size=args.vocab_size,
+                                max_position_embeddings=max(512, args.seq_len))
+
+    # All three start from the same weights (same seed) so that the dense and sparse models do
+    # the same work apart from the masks; the sparse ones prune their copy in prepare().
+    engines, sparsifiers = {}, {}
+    for v in VARIANTS:
+        torch.manual_seed(args.seed)
+        model = build_model(model_config)
+        n_params = count_parameters(model)
+        engines[v] = build_engine(model, run_cfgs[v], lr_lambda=lambda step: 1.0)
+        engines[v].train()
+        groups = comm.parallel_groups(run_cfgs[v].tp_size)
+        sparsifiers[v] = build_sparsifier(engines[v], run_cfgs[v], groups, args.horizon)
+        if sparsifiers[v] is not None:
+            sparsifiers[v].prepare(draw=True)
+    sparse_numel_local = sum(t.shard_numel for t in sparsifiers["fixed"].targets)
+    sparse_numel = sum(t.numel for t in sparsifiers["fixed"].targets)
+    n_targets = len(sparsifiers["fixed"].targets)
+
+    batches = synthetic_batches(DATA_POOL, micro_bs, args.seq_len, args.vocab_size,
+                                args.seed + 1000 * groups.dp_rank, engines["dense"].device)
+    cursor = {v: 0 for v in VARIANTS}
+    step_no = {v: 0 for v in VARIANTS}
+
+    def one_step(v: str) -> dict:
+        """One optimizer step of variant v as the training loop does it, timed."""
+        engine, sp = engines[v], sparsifiers[v]
+        step_no[v] += 1
+        step = step_no[v]
+        update = sp is not None and sp.is_update_step(step)
+        dense_grad = update and sp.rule.grow == "gradient"
+        applied0 = sp.zero.bytes_applied if sp is not None else 0
+        t_mask = 0.0
+        sync()
+        t0 = time.perf_counter()
+        if sp is not None:
+            sp.before_step(step)
+        for _ in range(grad_acc):
+            batch = batches[cursor[v] % DATA_POOL]
+            cursor[v] += 1
+            out = engine(**batch)
+            engine.backward(out.loss)
+            if sp is not None and engine.is_gradient_accumulation_boundary():
+                # The dense-gradient read of RigL's update step is timed on its own; a sync here
+                # on other steps would only add host stalls that the training loop does not have.
+                if dense_grad:
+                    sync()
+                    tm = time.perf_counter()
+                sp.mask_gradients()
+                if dense_grad:
+                    sync()
+                    t_mask = time.perf_counter() - tm
+            engine.step()
+        sync()
+        t1 = time.perf_counter()
+        stats = sp.step(step) if sp is not None else None
+        sync()
+        t2 = time.perf_counter()
+        rec = {"v": v, "step": step, "total": t2 - t0, "sp_step": t2 - t1, "mask_grad": t_mask,
+               "update": bool(update)}
+        if stats is not None:
+            rec.update(sync_bytes=stats.sync_bytes, apply_bytes=stats.apply_bytes,
+                       # everything ZeroAccess moved over the step, the dense-gradient read included
+                       applied_step_bytes=sp.zero.bytes_applied - applied0,
+                       changed=stats.changed, active=stats.active, total_w=stats.total)
+        return rec
+
+    for _ in range(args.warmup):
+        for v in VARIANTS:
+            one_step(v)
+    sync()
+    comm.barrier()
+
+    load_before = os.getloadavg()[0]
+    wall0 = time.perf_counter()
+    records = []
+    for r in range(args.rounds):
+        for v in VARIANTS:
+            for _ in range(args.steps_per_round):
+                rec = one_step(v)
+                rec["round"] = r
+                records.append(rec)
+    wall = time.perf_counter() - wall0
+    load_after = os.getloadavg()[0]
+    # Density over all sparse weights after the run (a check that the masks held their target).
+    densities = {}
+    for v in ("fixed", "rigl"):
+        dens = sparsifiers[v].densities()
+        densities[v] = sum(dens[t.name] * t.numel for t in sparsifiers[v].targets) / sparse_numel
+
+    all_records = comm.all_gather_object(records)
+    if rank != 0:
+        comm.barrier()
+        return None
+
+    # Steps are synchronous across ranks (gradient reduction, and the sparsifier's collectives),
+    # so each step costs what its slowest rank took.
+    merged = []
+    for i, rec in enumerate(all_records[0]):
+        per_rank = [recs[i] for recs in all_records]
+        m = dict(rec)
+        for key in ("total", "sp_step", "mask_grad"):
+            m[key] = max(p[key] for p in per_rank)
+        if rec["update"]:
+            for key in ("sync_bytes", "apply_bytes", "applied_step_bytes"):
+                m[key + "_per_rank"] = [p[key] for p in per_rank]
+        merged.append(m)
+
+    def times(v, pred=lambda m: True):
+        return [m["total"] for m in merged if m["v"] == v and pred(m)]
+
+    t = {v: _stats(times(v)) for v in VARIANTS}
+    dense_mean = t["dense"]["mean"]
+    per_round = {v: [sum(m["total"] for m in merged if m["v"] == v and m["round"] == r) for r in range(args.rounds)]
+                 for v in VARIANTS}
+    rigl_between = _stats(times("rigl", lambda m: not m["update"]))
+    rigl_update = _stats(times("rigl", lambda m: m["update"]))
+    upd = [m for m in merged if m["v"] == "rigl" and m["update"]]
+    # Per-round ratios for RigL's between-update steps only (a round with an update step would
+    # mix the two kinds): per-round mean of its non-update steps over the round's dense mean.
+    rigl_between_round_ratio = []
+    for r in range(args.rounds):
+        nb = [m["total"] for m in merged if m["v"] == "rigl" and m["round"] == r and not m["update"]]
+        if nb:
+            rigl_between_round_ratio.append(statistics.fmean(nb) / (per_round["dense"][r] / args.steps_per_round))
+
+    result = {
+        "benchmark": "sparse_overhead",
+        "model": args.model, "params": n_params, "seq_len": args.seq_len, "vocab_size": args.vocab_size,
+        "deepspeed_config": str(path), "zero_stage": dense_cfg.zero_stage, "precision": _precision(dense_cfg.deepspeed),
+        "world_size": world, "dp_size": groups.dp_size, "tp_size": groups.tp_size,
+        "micro_batch": micro_bs, "gradient_accumulation": grad_acc, "global_batch": global_batch,
+        "sparsity": args.sparsity, "distribution": args.distribution, "rigl_interval": args.rigl_interval,
+        "horizon": args.horizon, "sparse_targets": n_targets, "sparse_numel": sparse_numel,
+        "sparse_numel_per_rank": sparse_numel_local, "final_density": densities,
+        "warmup_steps": args.warmup, "rounds": args.rounds, "steps_per_round": args.steps_per_round,
+        "order": "interleaved rounds: " + " ".join(VARIANTS) + " x rounds",
+        "step_time_s": t,
+        "ratio_fixed_dense_mean": t["fixed"]["mean"] / dense_mean,
+        "ratio_fixed_dense_round_median": statistics.median(f / d for f, d in zip(per_round["fixed"], per_round["dense"])),
+        "rigl_timed_steps": t["rigl"]["n"], "rigl_update_steps_timed": len(upd),
+        "ratio_rigl_dense_measured": t["rigl"]["mean"] / dense_mean,
+        "rigl_between_step_s": rigl_between, "rigl_update_step_s": rigl_update,
+        "ratio_rigl_between_dense_round_median": (statistics.median(rigl_between_round_ratio)
+                                                  if rigl_between_round_ratio else None),
+    }
+    if rigl_between and rigl_update:
+        amort = (99 * rigl_between["mean"] + rigl_update["mean"]) / DT_TARGET
+        result["rigl_amortized_dt100_s"] = amort
+        result["ratio_rigl_dense_dt100_extrapolated"] = amort / dense_mean
+        # The same from the robust pieces: median between-step ratio plus the update step's
+        # extra time (over a between step) spread over 100 steps.
+        if result["ratio_rigl_between_dense_round_median"] is not None:
+            extra = rigl_update["mean"] - rigl_between["mean"]
+            result["ratio_rigl_dense_dt100_extrapolated_round_median"] = (
+                result["ratio_rigl_between_dense_round_median"] + extra / DT_TARGET / dense_mean)
+    if upd:
+        result["mask_update_latency_s"] = _stats([m["sp_step"] for m in upd])
+        result["dense_grad_read_s"] = _stats([m["mask_grad"] for m in upd])
+        sync_b = [max(m["sync_bytes_per_rank"]) for m in upd]
+        apply_b = [max(m["apply_bytes_per_rank"]) for m in upd]
+        step_b = [max(m["applied_step_bytes_per_rank"]) for m in upd]
+        payload = BF16_BYTES * sparse_numel_local
+        result["bf16_allreduce_payload_bytes"] = payload
+        result["sync_bytes_per_update"] = max(sync_b)
+        result["apply_bytes_per_update"] = max(apply_b)
+        result["zero_bytes_per_update_step"] = max(step_b)
+        result["ratio_sync_bf16_allreduce"] = max(sync_b) / payload
+        result["ratio_apply_bf16_allreduce"] = max(apply_b) / payload
+        result["ratio_zero_step_bytes_bf16_allreduce"] = max(step_b) / payload
+        result["churn_per_update"] = [m["changed"] / max(m["active"], 1) for m in upd]
+    # The initial mask draw of the fixed variant (prepare), for reference: under ZeRO-3 it is a
+    # distributed top-k too.
+    result["fixed_prepare_sync_bytes"] = sparsifiers["fixed"].history[0]["sync_bytes"]
+    device_name = torch.cuda.get_device_name() if on_gpu else _cpu_model()
+    result.update({
+        "device": device_name, "accelerator": "cuda" if on_gpu else "cpu",
+        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "loadavg_1m_before_after": [load_before, load_after], "timed_wall_s": wall,
+        "torch": torch.__version__, "deepspeed": deepspeed.__version__, "host": socket.gethostname(),
+        "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "per_round_s": per_round, "steps": merged,
+    })
+    print(format_report(result), flush=True)
+    if args.json_out:
+        out = Path(args.json_out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    comm.barrier()
+    return result
+
+
+def format_report(r: dict) -> str:
+    def ms(x):
+        return "n/a" if x is None else f"{1000 * x:.1f}"
+
+    def verdict(x, target):
+        return "n/a" if x is None else ("meets" if x <= target else "misses") + f" <= {target:g}"
+
+    t = r["step_time_s"]
+    lines = [
+        f"sparse overhead: {r['model']} ({r['params'] / 1e6:.1f}M params, {r['sparse_numel'] / 1e6:.2f}M in "
+        f"{r['sparse_targets']} sparse weights), seq {r['seq_len']}, {r['precision']}, ZeRO-{r['zero_stage']}, "
+        f"{r['world_size']} rank(s), micro batch {r['micro_batch']} x grad acc {r['gradient_accumulation']}; "
+        f"sparsity {r['sparsity']:g} ({r['distribution']}), RigL dT={r['rigl_interval']}; "
+        f"{r['rounds']} rounds x {r['steps_per_round']} steps of each variant, interleaved, after "
+        f"{r['warmup_steps']} warmup; device: {r['device']}"
+        + ("" if r["accelerator"] == "cuda" else f" ({r['torch_threads']} torch threads/rank)")
+        + "; 1-min load average before/after: " + "/".join(f"{x:.2f}" for x in r["loadavg_1m_before_after"]),
+        "",
+        "| variant | steps | step ms mean | median | min | max | / dense (means) | / dense (median of rounds) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for v, ratio, rr in (("dense", 1.0, 1.0), ("fixed", r["ratio_fixed_dense_mean"], r["ratio_fixed_dense_round_median"]),
+                         ("rigl", r["ratio_rigl_dense_measured"], None)):
+        s = t[v]
+        lines.append(f"| {v}{' (all steps, dT=' + str(r['rigl_interval']) + ')' if v == 'rigl' else ''} | {s['n']} | "
+                     f"{ms(s['mean'])} | {ms(s['median'])} | {ms(s['min'])} | {ms(s['max'])} | {ratio:.3f} | "
+                     f"{'-' if rr is None else f'{rr:.3f}'} |")
+    for label, s, rr in (("rigl between updates", r["rigl_between_step_s"], r["ratio_rigl_between_dense_round_median"]),
+                         ("rigl update steps", r["rigl_update_step_s"], None)):
+        if s:
+            lines.append(f"| {label} | {s['n']} | {ms(s['mean'])} | {ms(s['median'])} | {ms(s['min'])} | "
+                         f"{ms(s['max'])} | {s['mean'] / t['dense']['mean']:.3f} | "
+                         f"{'-' if rr is None else f'{rr:.3f}'} |")
+    lines.append("")
+    lines.append(f"fixed / dense: {r['ratio_fixed_dense_mean']:.3f} (means), {r['ratio_fixed_dense_round_median']:.3f} "
+                 f"(median of rounds): {verdict(r['ratio_fixed_dense_mean'], 1.03)}")
+    lines.append(f"RigL amortized / dense, MEASURED at dT={r['rigl_interval']} ({r['rigl_update_steps_timed']} update "
+                 f"step(s) in {r['rigl_timed_steps']}): {r['ratio_rigl_dense_measured']:.3f}"
+                 + (f": {verdict(r['ratio_rigl_dense_measured'], 1.05)}" if r["rigl_interval"] == DT_TARGET else ""))
+    if "ratio_rigl_dense_dt100_extrapolated" in r:
+        lines.append(f"RigL amortized / dense, EXTRAPOLATED to dT=100 as (99 x between-step + update step) / 100: "
+                     f"{r['ratio_rigl_dense_dt100_extrapolated']:.3f} (means), "
+                     f"{r.get('ratio_rigl_dense_dt100_extrapolated_round_median', float('nan')):.3f} "
+                     f"(median-of-rounds between-step ratio): {verdict(r['ratio_rigl_dense_dt100_extrapolated'], 1.05)}")
+    else:
+        lines.append("RigL dT=100 extrapolation: n/a (no update step, or no between step, was timed)")
+    if "mask_update_latency_s" in r:
+        lat, dg = r["mask_update_latency_s"], r["dense_grad_read_s"]
+        lines.append(f"mask-update latency (sparsifier.step on an update step): mean {ms(lat['mean'])} ms "
+                     f"(min {ms(lat['min'])}, max {ms(lat['max'])}); dense-gradient read (mask_gradients on it): "
+                     f"mean {ms(dg['mean'])} ms")
+        lines.append(f"bytes per update per rank: sync {r['sync_bytes_per_update']:,} "
+                     f"= {r['ratio_sync_bf16_allreduce']:.2e} x one bf16 all-reduce payload of the sparse weights "
+                     f"({r['bf16_allreduce_payload_bytes']:,} B): {verdict(r['ratio_sync_bf16_allreduce'], 1 / 16)}; "
+                     f"apply {r['apply_bytes_per_update']:,} = {r['ratio_apply_bf16_allreduce']:.2f} x; "
+                     f"all ZeRO copies read/written over the update step (dense-gradient read included) "
+                     f"{r['zero_bytes_per_update_step']:,} = {r['ratio_zero_step_bytes_bf16_allreduce']:.2f} x")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(argv)
+    except ValueError as err:
+        print(f"error (rank {os.environ.get('RANK', '0')}): {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
