@@ -38,7 +38,9 @@ demo: $(STAMP)
 	PATH=$(abspath $(VENV))/bin:$$PATH deepspeed --num_gpus $(DEMO_RANKS) launchers/pretrain.py \
 	    --deepspeed_config $(DEMO_CONFIG) --data $(DEMO)/data --model bert-tiny \
 	    --output $(DEMO)/run --max-steps $(DEMO_STEPS) --eval-interval 20 --save-interval 20 --overwrite
-	@echo "demo done: TensorBoard logs in $(DEMO)/run/tensorboard, checkpoints in $(DEMO)/run/checkpoints"
+	$(VENV)/bin/dist-sparse export $(DEMO)/run $(DEMO)/hf --overwrite
+	@echo "demo done: TensorBoard logs in $(DEMO)/run/tensorboard, checkpoints in $(DEMO)/run/checkpoints,"
+	@echo "  Hugging Face export in $(DEMO)/hf (AutoModelForMaskedLM.from_pretrained(\"$(DEMO)/hf\"))"
 
 demo-sparse:
 	$(MAKE) demo DEMO_CONFIG=ds_configs/cpu_zero2_sparse_set.json DEMO=demo-sparse

@@ -22,6 +22,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="per-layer masks and sparsity state of a run or checkpoint")
     p.add_argument("path", help="RUN, RUN/checkpoints, or RUN/checkpoints/<tag>")
     p.set_defaults(func=lambda args: __import__("dist_sparse.inspect", fromlist=["run_inspect"]).run_inspect(args))
+
+    p = sub.add_parser("export", help="a checkpoint as a Hugging Face folder that stock transformers loads")
+    p.add_argument("checkpoint", help="RUN, RUN/checkpoints, or RUN/checkpoints/<tag>")
+    p.add_argument("out_dir", help="folder to write (refused if it exists, unless --overwrite)")
+    p.add_argument("--format", choices=["dense", "compact"], default="dense")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the run's DATA/tokenizer)")
+    p.set_defaults(func=lambda args: __import__("dist_sparse.export.hf", fromlist=["run_export"]).run_export(args))
     return parser
 
 

@@ -53,6 +53,29 @@ def collect(tag_dir: Path) -> dict:
             "ranks": len(states), "layers": layers}
 
 
+def logical_masks(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The whole mask of every sparse weight, put together from the ranks' files."""
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(tag_dir.glob(f"{SPARSITY_FILE_PREFIX}*.pt")):
+        st = torch.load(f, weights_only=False)
+        lay = st["layout"]
+        for name, (packed, shape) in st["masks"].items():
+            info = lay["targets"][name]
+            full = out.setdefault(name, torch.zeros(info["full_shape"], dtype=torch.bool))
+            mask = unpack_mask(packed, tuple(shape))
+            rows, cols = info["shard_shape"]
+            shard = torch.zeros(rows * cols, dtype=torch.bool)
+            if info["slice"] is not None:  # ZeRO-3: a flat slice of the shard
+                shard[info["slice"][0]:info["slice"][1]] = mask
+            else:
+                shard[:] = mask.flatten()
+            shard = shard.view(rows, cols)
+            dim, off = info["shard_dim"], info["shard_offset"]
+            target = full if dim is None else full.narrow(dim, off, (rows, cols)[dim])
+            target |= shard
+    return out
+
+
 def format_report(tag_dir: Path, info: dict) -> str:
     if not info:
         return f"{tag_dir}: dense checkpoint (no sparsity masks)"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from export_checks import export_and_check
 from dslaunch import ROOT, free_port, launch, launch_env
 
 pytestmark = pytest.mark.distributed
@@ -73,6 +74,8 @@ def test_zero_stage_trains_on_a_fixed_batch(stage, data_dir, nsp_data_dir, tmp_p
         assert model_files <= files
     run_json = json.loads((run / "run.json").read_text())
     assert (run_json["world_size"], run_json["dp_size"], run_json["global_batch"]) == (2, 2, 16)
+    # the checkpoint exports to a folder that stock transformers loads, verified on export
+    export_and_check(run, tmp_path / "hf", data)
 
 
 def test_crash_during_save_then_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from export_checks import export_and_check
 from dslaunch import ROOT, launch
 
 pytestmark = pytest.mark.distributed
@@ -82,6 +83,8 @@ def test_sparse_run_survives_a_crash_and_resumes_exactly(data_dir, tmp_path):
         line = next(x for x in proc.stdout.splitlines() if x.startswith(name))
         assert int(line.split()[2]) == count, line
     assert "method set" in proc.stdout and "ZeRO-3" in proc.stdout and "step 8 of 8" in proc.stdout
+
+    export_and_check(whole, tmp_path / "hf", data_dir, sparse=True)
 
     # resuming under a different sparsity section, or dense, is refused unless --sparsity-reset
     other = config(tmp_path, 3, dict(SPARSITY, seed=2), "other.json")

@@ -1,0 +1,1 @@
+"""Export to Hugging Face format (see DESIGN.md section 7)."""
