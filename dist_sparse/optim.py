@@ -48,7 +48,9 @@ class Lamb(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         updates: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
-        sq_norms = torch.zeros(len(self.param_groups), 2, dtype=torch.float64)
+        # Norms stay on the parameters' device: no host sync per tensor.
+        device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+        sq_norms = torch.zeros(len(self.param_groups), 2, dtype=torch.float64, device=device)
         for gi, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
             pairs = []
@@ -73,21 +75,22 @@ class Lamb(torch.optim.Optimizer):
                 update = (m / c1) / ((v / c2).sqrt_().add_(group["eps"]))
                 if group["weight_decay"]:
                     update.add_(p.float(), alpha=group["weight_decay"])
-                sq_norms[gi, 0] += p.float().square().sum().double()
-                sq_norms[gi, 1] += update.square().sum().double()
+                sq_norms[gi, 0] += p.float().square().sum().double().to(device)
+                sq_norms[gi, 1] += update.square().sum().double().to(device)
                 pairs.append((p, update))
             updates.append(pairs)
         if self.norm_reducer is not None:
             self.norm_reducer(sq_norms)
         norms = sq_norms.sqrt()
+        w_norm, u_norm = norms[:, 0], norms[:, 1]
+        lo = torch.tensor([g["min_coeff"] for g in self.param_groups], dtype=torch.float64, device=device)
+        hi = torch.tensor([g["max_coeff"] for g in self.param_groups], dtype=torch.float64, device=device)
+        ratio = torch.minimum(torch.maximum(w_norm / u_norm.clamp_min(1e-300), lo), hi)
+        trust = torch.where((w_norm > 0) & (u_norm > 0), ratio, torch.ones_like(ratio))
         for gi, group in enumerate(self.param_groups):
-            w_norm, u_norm = float(norms[gi, 0]), float(norms[gi, 1])
-            if w_norm > 0 and u_norm > 0:
-                trust = min(max(w_norm / u_norm, group["min_coeff"]), group["max_coeff"])
-            else:
-                trust = 1.0
+            scale = (trust[gi] * -group["lr"]).float()
             for p, update in updates[gi]:
-                p.add_(update.to(p.dtype), alpha=-group["lr"] * trust)
+                p.add_(update.to(p.dtype) * scale.to(p.dtype))
         return loss
 
 

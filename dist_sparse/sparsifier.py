@@ -45,6 +45,10 @@ log = logging.getLogger("dist_sparse.sparsity")
 STATE_FORMAT = 1
 
 
+def _nans(scores: torch.Tensor) -> int:
+    return int(torch.isnan(scores).sum())
+
+
 class MaskDivergenceError(RuntimeError):
     """Ranks that must hold the same mask hold different ones."""
 
@@ -89,6 +93,7 @@ class Sparsifier:
         self._grad_scores: dict[str, torch.Tensor] = {}
         self._grid_bytes = 0
         self._densities: dict[str, float] = {t.name: 1.0 for t in targets}
+        self._device_masks: dict[str, torch.Tensor] = {}
         self.history: list[dict] = []
         self._hooks = []
         self._check_layout()
@@ -105,16 +110,38 @@ class Sparsifier:
             if cfg.pattern == "nm" and t.shard_shape[1] % cfg.m:
                 raise ValueError(f"sparsity N:M with m={cfg.m} does not divide the input dimension "
                                  f"{t.shard_shape[1]} of {t.name}")
+        if self.groups.tp_size > 1:
+            replicated = [t.name for t in self.targets if t.shard_dim is None]
+            if replicated:
+                raise ValueError(f"with tensor parallelism the sparse weights must be tensor-parallel Linear "
+                                 f"weights; {replicated[:3]} are replicated: remove them from sparsity.params")
+        if self.rule.kind != "fixed" and self.end_step <= self.start_step:
+            raise ValueError(f"sparsity: start_fraction {cfg.start_fraction} and end_fraction {cfg.end_fraction} "
+                             f"of {self.max_steps} steps round to the same step: widen them or train longer")
+        if cfg.pattern == "block":
+            for t in self.targets:
+                count = self._count(t, self.final_density[t.name])
+                if count < cfg.block_size ** 2:
+                    raise ValueError(f"sparsity {cfg.sparsity} leaves {t.name} fewer than one {cfg.block_size}x"
+                                     f"{cfg.block_size} block ({count} weights): lower the sparsity or the block size")
+        if self.rule.kind == "regrow" and cfg.update_interval >= self.end_step:
+            log.warning("sparsity.update_interval %d >= the last update step %d: masks will never change",
+                        cfg.update_interval, self.end_step)
         if cfg.pattern == "nm" and abs((1 - cfg.n / cfg.m) - cfg.sparsity) > 1e-9:
             raise ValueError(f"sparsity.sparsity must be 1 - n/m = {1 - cfg.n / cfg.m:g} for N:M {cfg.n}:{cfg.m}")
         if self.zero.partitioned and cfg.pattern == "nm":
             raise ValueError("sparsity.pattern \"nm\" is not available with ZeRO stage 3 yet (ZeRO-3 slices "
                              "weights flat, which can split N:M groups between ranks); use ZeRO stage 1 or 2")
 
-    def prepare(self, draw: bool = True) -> None:
+    def prepare(self, draw: bool = True, optimizer_has_state: bool = False) -> None:
         """Install the gradient hooks and, with ``draw``, draw the first masks and zero what they
-        prune everywhere (without: ``load_state_dict`` brings the masks of a checkpoint)."""
+        prune everywhere (without: ``load_state_dict`` brings the masks of a checkpoint).
+
+        ``optimizer_has_state``: the optimizer already holds moments (masks drawn on resumed
+        weights, ``--sparsity-reset``): they are zeroed where the new masks prune.
+        """
         stats = UpdateStats(step=0)
+        self._optimizer_has_state = optimizer_has_state
         self._slices = {t.name: self.zero.local_slice(t.param, t.shard_numel) for t in self.targets}
         if not self.zero.partitioned:
             for t in self.targets:
@@ -153,7 +180,9 @@ class Sparsifier:
             return
         if self.zero.partitioned:
             for t in self.targets:
-                self.zero.mask_local_grad(t.param, self.masks[t.name])
+                if t.name not in self._device_masks:  # padded and on the device once per mask install
+                    self._device_masks[t.name] = self.zero.padded_local_mask(t.param, self.masks[t.name])
+                self.zero.mask_local_grad(t.param, self._device_masks[t.name])
 
     def _grad_hook(self, name):
         def hook(grad):
@@ -214,12 +243,13 @@ class Sparsifier:
                 elif t.shard_dim == 1:
                     c = c + off
                 return r * gshape[1] + c
-            return Part(sortable_keys(bs).flatten(), elig.flatten(), gidx, gshape[0] * gshape[1])
+            return Part(sortable_keys(bs).flatten(), elig.flatten(), gidx, gshape[0] * gshape[1], _nans(bs))
         if self.zero.partitioned:
             start = self._slices[t.name].start
             return Part(sortable_keys(scores_shard), eligible_shard,
-                        lambda pos: t.global_index(pos + start), t.numel)
-        return Part(sortable_keys(scores_shard).flatten(), eligible_shard.flatten(), t.global_index, t.numel)
+                        lambda pos: t.global_index(pos + start), t.numel, _nans(scores_shard))
+        return Part(sortable_keys(scores_shard).flatten(), eligible_shard.flatten(), t.global_index, t.numel,
+                    _nans(scores_shard))
 
     def _grid_sum(self, t: Target, x: torch.Tensor) -> torch.Tensor:
         """Per-block sums of ``x`` over this rank's TP shard, the same on every data-parallel rank.
@@ -236,7 +266,7 @@ class Sparsifier:
         pos = torch.arange(s.start, s.stop)
         block = (pos // cols // b) * (cols // b) + (pos % cols) // b
         grid = torch.zeros((rows // b) * (cols // b), dtype=torch.float64)
-        grid.index_add_(0, block, x.flatten().to(torch.float64))
+        grid.index_add_(0, block, x.flatten().to("cpu", torch.float64))
         if self.groups.dp_size > 1:
             comm.all_reduce_sum_(grid, self.groups.dp_group)
             self._grid_bytes += grid.numel() * grid.element_size()
@@ -323,10 +353,13 @@ class Sparsifier:
         if self.rule.kind == "gmp":
             s_t = gmp_sparsity(step, self.cfg.sparsity, self.start_step, self.end_step, self.cfg.update_interval)
             if self.cfg.pattern == "nm":
-                keep = max(self.cfg.n, min(self.cfg.m, round(self.cfg.m * (1 - s_t))))
-                # Only weights still active may stay: score the pruned ones below every active one.
-                new = {t.name: nm_mask(torch.where(old[t.name], mags[t.name], -1.0), keep, self.cfg.m)
-                       for t in self.targets}
+                keep = max(self.cfg.n, round(self.cfg.m * (1 - s_t)))
+                if keep >= self.cfg.m:  # early in the schedule: nothing to prune yet
+                    new = old
+                else:
+                    # Only weights still active may stay: score the pruned ones below every active one.
+                    new = {t.name: nm_mask(torch.where(old[t.name], mags[t.name], -1.0), keep, self.cfg.m)
+                           for t in self.targets}
             else:
                 frac = s_t / self.cfg.sparsity if self.cfg.sparsity > 0 else 0.0
                 ks = {t.name: self._units_of(t, self._count(t, 1.0 - (1.0 - self.final_density[t.name]) * frac))
@@ -357,6 +390,7 @@ class Sparsifier:
             mask = new[t.name].to(torch.bool).cpu()
             assert tuple(mask.shape) == self._mask_shape(t), (t.name, mask.shape, self._mask_shape(t))
             self.masks[t.name] = mask
+            self._device_masks.pop(t.name, None)
             if self.zero.partitioned:
                 self.zero.apply_local_mask(t.param, mask, moments=self._optimizer_has_state)
             else:

@@ -20,7 +20,9 @@ def init(backend: str | None = None) -> None:
     if dist.is_initialized():
         return
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # The small bookkeeping collectives (counts, norms, fingerprints) run on CPU tensors; gloo
+        # carries those next to NCCL for the CUDA tensors.
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
 
 

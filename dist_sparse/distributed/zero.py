@@ -107,6 +107,8 @@ class ZeroAccess:
         """
         if self.partitioned:
             grad = safe_get_local_grad(param)
+            if grad is None:
+                raise RuntimeError(f"ZeRO-3 holds no gradient for a sparse weight of shape {tuple(mask.shape)}")
             local = self._padded_local(param, mask)
             dense = grad.detach().flatten().float()[: mask.numel()].clone()
             safe_set_local_grad(param, grad * local.view_as(grad).to(grad.dtype))
@@ -116,12 +118,15 @@ class ZeroAccess:
         safe_set_full_grad(param, grad * mask.to(grad.device, grad.dtype))
         return grad.detach().flatten().float().cpu()
 
-    def mask_local_grad(self, param, local_mask: torch.Tensor) -> None:
+    def padded_local_mask(self, param, local_mask: torch.Tensor) -> torch.Tensor:
+        """The slice mask as ZeRO-3's partition-sized tensor on its device (cache it per install)."""
+        return self._padded_local(param, local_mask)
+
+    def mask_local_grad(self, param, padded_mask: torch.Tensor) -> None:
         """ZeRO-3: zero pruned entries of this rank's reduced gradient partition."""
         grad = safe_get_local_grad(param)
         if grad is not None:
-            local = self._padded_local(param, local_mask)
-            safe_set_local_grad(param, grad * local.view_as(grad).to(grad.dtype))
+            safe_set_local_grad(param, grad * padded_mask.view_as(grad).to(grad.dtype))
 
     def gather_shard_mask(self, local: torch.Tensor, start: int, stop: int, shard_shape: tuple[int, int],
                           counter: list[int]) -> torch.Tensor:

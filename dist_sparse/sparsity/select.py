@@ -31,8 +31,7 @@ def sortable_keys(scores: torch.Tensor) -> torch.Tensor:
     their magnitude bits are flipped. ``+ 0.0`` turns -0.0 into +0.0 so the two tie.
     """
     s = scores.detach().float().contiguous() + 0.0
-    if torch.isnan(s).any():
-        raise ValueError("mask scores contain NaN (diverged weights or gradients?)")
+    s = torch.nan_to_num(s, nan=float("-inf"))  # NaNs are reported by distributed_topk, on every rank
     bits = s.view(torch.int32).to(torch.int64)
     return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
@@ -50,6 +49,10 @@ class Part:
     eligible: torch.Tensor
     global_index: Callable[[torch.Tensor], torch.Tensor]
     numel_global: int
+    nan_count: int = 0
+
+    def __post_init__(self):
+        self.eligible = self.eligible.to(self.keys.device)
 
 
 @dataclass
@@ -78,6 +81,10 @@ def distributed_topk(parts: list[Part], ks: list[int], group, stats: SelectStats
     if n == 0:
         return []
     ks_t = torch.as_tensor(ks, dtype=torch.int64)
+    # Every rank learns of a NaN on any rank before anyone raises, so no rank waits alone.
+    nans = _sum_counts([p.nan_count for p in parts], group, stats)
+    if bool((nans > 0).any()):
+        raise ValueError(f"mask scores contain NaN ({int(nans.sum())} values): diverged weights or gradients?")
     eligible_total = _sum_counts([int(p.eligible.sum()) for p in parts], group, stats)
     if bool((ks_t > eligible_total).any()) or bool((ks_t < 0).any()):
         bad = int(torch.nonzero((ks_t > eligible_total) | (ks_t < 0))[0])

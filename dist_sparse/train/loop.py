@@ -123,7 +123,7 @@ def run(argv: list[str] | None = None) -> int:
     ckpt_dir = rd.checkpoint_dir(run)
 
     if resume_tag is not None:
-        progress = _load_checkpoint(engine, ckpt_dir, resume_tag, loader, args, meta, groups)
+        progress = _load_checkpoint(engine, ckpt_dir, resume_tag, loader, args, meta, groups, max_steps)
         _resume_sparsity(sparsifier, ckpt_dir / resume_tag, args.sparsity_reset)
         if is_rank0:
             rd.truncate_metrics(run / "metrics.jsonl", progress.step)
@@ -164,7 +164,8 @@ def run(argv: list[str] | None = None) -> int:
     while progress.step < max_steps:
         t0 = time.perf_counter()
         engine.train()
-        local = torch.zeros(3, dtype=torch.float64)  # loss sum over micro steps, micro steps, tokens
+        # loss sum over micro steps, micro steps, tokens; on the device, read once per step
+        local = torch.zeros(3, dtype=torch.float64, device=engine.device)
         if sparsifier is not None:
             sparsifier.before_step(progress.step + 1)
         for micro in range(grad_acc):
@@ -179,9 +180,11 @@ def run(argv: list[str] | None = None) -> int:
             if sparsifier is not None and engine.is_gradient_accumulation_boundary():
                 sparsifier.mask_gradients()
             engine.step()
-            local += torch.tensor([float(out.loss.detach()), 1.0, float(batch["attention_mask"].sum())],
-                                  dtype=torch.float64)
+            local[0] += out.loss.detach().double()
+            local[1] += 1
+            local[2] += batch["attention_mask"].sum().double()
         comm.all_reduce_sum_(local, groups.dp_group)
+        local = local.cpu()
         progress.step += 1
         progress.samples += global_batch
         progress.tokens += int(local[2])
@@ -251,7 +254,7 @@ def _rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
 
-def _load_checkpoint(engine, ckpt_dir: Path, tag: str, loader, args, meta, groups) -> Progress:
+def _load_checkpoint(engine, ckpt_dir: Path, tag: str, loader, args, meta, groups, max_steps: int) -> Progress:
     load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if load_path is None or not client_state:
         raise ValueError(f"--resume: DeepSpeed could not load checkpoint {ckpt_dir / tag}")
@@ -262,6 +265,9 @@ def _load_checkpoint(engine, ckpt_dir: Path, tag: str, loader, args, meta, group
     if client_state["data_meta"]["seq_len"] != meta["seq_len"] or \
             client_state["data_meta"]["vocab_size"] != meta["vocab_size"]:
         raise ValueError("--resume: --data has a different sequence length or vocabulary than the checkpoint")
+    if client_state["max_steps"] != max_steps:
+        raise ValueError(f"--resume: the run was started for {client_state['max_steps']} steps, not {max_steps}; "
+                         "the learning-rate and sparsity schedules depend on it (start a new run to change it)")
     if client_state["dp_size"] != groups.dp_size:
         raise ValueError(f"--resume: the checkpoint was written with data-parallel size {client_state['dp_size']}, "
                          f"this run has {groups.dp_size}; exact data-order resume needs the same size")
@@ -289,7 +295,7 @@ def _resume_sparsity(sparsifier, tag_dir: Path, reset: bool) -> None:
         raise ValueError(f"--resume: {tag_dir} has no sparsity masks (a dense run?) but the config asks for "
                          "sparsity; pass --sparsity-reset to draw new masks from the resumed weights")
     if reset:
-        sparsifier.prepare(draw=True)
+        sparsifier.prepare(draw=True, optimizer_has_state=True)
         return
     sparsifier.prepare(draw=False)
     sparsifier.load_state_dict(torch.load(path, weights_only=False))

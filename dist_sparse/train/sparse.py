@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dist_sparse.config import RunConfig
+from dist_sparse.distributed import comm
 from dist_sparse.distributed.comm import ParallelGroups
 from dist_sparse.distributed.zero import ZeroAccess
 from dist_sparse.flops import training_flops_per_token
@@ -24,6 +25,14 @@ def build_sparsifier(engine, run_cfg: RunConfig, groups: ParallelGroups, max_ste
     if run_cfg.zero_stage not in (1, 2, 3):
         raise ValueError("sparsity needs ZeRO stage 1, 2 or 3 (zero_optimization.stage)")
     targets = select_targets(engine.module, cfg, groups.tp_rank, groups.tp_size)
+    if groups.tp_size > 1:
+        # AutoTP may split by heads unevenly (e.g. 12 heads over 8 ranks); the logical-shape and
+        # offset arithmetic of the masks needs equal shards, so check once, on every rank.
+        shapes = comm.all_gather_object([tuple(t.shard_shape) for t in targets], groups.tp_group)
+        uneven = [t.name for i, t in enumerate(targets) if len({s[i] for s in shapes}) > 1]
+        if uneven:
+            raise ValueError(f"tensor-parallel shards of {uneven[:3]} differ in size across TP ranks; sparse "
+                             "training needs autotp_size to divide the head count and FFN width evenly")
     zero = ZeroAccess(run_cfg.zero_stage, groups.dp_group, groups.dp_rank, groups.dp_size)
     return Sparsifier(cfg, targets, zero, groups, max_steps)
 

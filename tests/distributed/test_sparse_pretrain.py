@@ -86,12 +86,26 @@ def test_sparse_run_survives_a_crash_and_resumes_exactly(data_dir, tmp_path):
 
     export_and_check(whole, tmp_path / "hf", data_dir, sparse=True)
 
-    # resuming under a different sparsity section, or dense, is refused unless --sparsity-reset
-    other = config(tmp_path, 3, dict(SPARSITY, seed=2), "other.json")
-    proc = pretrain(other, data_dir, whole, "--max-steps", 10, "--resume", check=False)
+    # resuming under a different sparsity section, dense, or for a different length is refused
+    other = config(tmp_path, 3, dict(SPARSITY, seed=2, method="static", sparsity=0.9), "other.json")
+    proc = pretrain(other, data_dir, whole, "--max-steps", 8, "--resume", check=False)
     assert proc.returncode != 0 and "different \"sparsity\" section" in proc.stdout + proc.stderr
     dense = config(tmp_path, 3, None, "dense.json")
-    proc = pretrain(dense, data_dir, whole, "--max-steps", 10, "--resume", check=False)
+    proc = pretrain(dense, data_dir, whole, "--max-steps", 8, "--resume", check=False)
     assert proc.returncode != 0 and "holds sparsity masks" in proc.stdout + proc.stderr
-    pretrain(other, data_dir, whole, "--max-steps", 10, "--resume", "--sparsity-reset")
-    assert (whole / "checkpoints" / "latest").read_text() == "global_step10"
+    proc = pretrain(cfg, data_dir, whole, "--max-steps", 10, "--resume", check=False)
+    assert proc.returncode != 0 and "started for 8 steps" in proc.stdout + proc.stderr
+
+    # --sparsity-reset from step 4: new static masks on the resumed weights, whose Adam moments
+    # must be zeroed too, or the pruned weights would move again in steps 5-8
+    (whole / "checkpoints" / "latest").write_text("global_step4")
+    pretrain(other, data_dir, whole, "--max-steps", 8, "--resume", "--sparsity-reset")
+    tag = whole / "checkpoints" / "global_step8"
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from dist_sparse.inspect import logical_masks
+    weights = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
+    masks = logical_masks(tag)
+    assert len(masks) == 12
+    for name, mask in masks.items():
+        assert int(mask.sum()) < 0.2 * mask.numel()  # the new 90% masks
+        assert torch.all(weights[name][~mask] == 0), name
