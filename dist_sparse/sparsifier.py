@@ -479,10 +479,10 @@ class Sparsifier:
         """(numel, density) of every target, for FLOP counting."""
         return [(t.numel, self._densities[t.name]) for t in self.targets]
 
-    def load_state_dict(self, state: dict, allow_config_change: bool = False) -> None:
+    def load_state_dict(self, state: dict) -> None:
         if state.get("format") != STATE_FORMAT:
             raise ValueError("the checkpoint's sparsity state has an unknown format")
-        if state["fingerprint"] != config_fingerprint(self.cfg) and not allow_config_change:
+        if state["fingerprint"] != config_fingerprint(self.cfg):
             raise ValueError("the checkpoint was written under a different \"sparsity\" section; resume with the "
                              "same section, or pass --sparsity-reset to keep the weights and start new masks")
         names = {t.name for t in self.targets}

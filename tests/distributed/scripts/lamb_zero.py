@@ -3,7 +3,8 @@
 Each rank trains a small MLP on its half of a fixed global batch through dist_sparse's engine
 setup (our Lamb, one group per tensor, norms summed over DP); rank 0 also trains an unsharded
 copy on the whole batch with the same Lamb and compares every fp32 master weight read through
-``deepspeed.utils.safe_get_full_fp32_param``. Writes a JSON report to argv[2].
+``deepspeed.utils.safe_get_full_fp32_param``, for ZeRO stages 0-3 in one launch. Writes a JSON
+report to argv[1].
 """
 
 import json
