@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from export_checks import export_and_check
-from dslaunch import ROOT, free_port, launch, launch_env
+from dslaunch import ROOT, free_port, launch, launch_env, remove_shm_buffers
 
 pytestmark = pytest.mark.distributed
 
@@ -122,10 +122,12 @@ def test_dp2_x_tp2_trains(data_dir, tmp_path):
 
 def test_two_nodes_over_loopback(data_dir, tmp_path):
     run = tmp_path / "run"
-    env = dict(launch_env(), MASTER_PORT=str(free_port()))
+    port = free_port()
+    env = dict(launch_env(), MASTER_PORT=str(port))
     proc = subprocess.run(["bash", str(ROOT / "launchers" / "local_two_nodes.sh"), str(ROOT / "ds_configs" / "cpu_zero1.json"),
                            str(data_dir), "bert-tiny", str(run), "--max-steps", "6", "--overfit-batch", "--no-progress"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    remove_shm_buffers(port)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     assert "node0 exit 0, node1 exit 0" in proc.stdout
     run_json = json.loads((run / "run.json").read_text())
