@@ -6,9 +6,9 @@ Three engines are built up front from the same initial weights and the same synt
     fixed   method "static" (the first mask never changes), --sparsity (0.9), --distribution (erk)
     rigl    method "rigl", same sparsity and distribution, update interval --rigl-interval (100)
 
-and timed in interleaved rounds (dense, fixed, rigl, dense, fixed, rigl, ...), --steps-per-round
-optimizer steps of each per round, so that whatever else the machine is doing hits the three
-alike. A step is what ``dist_sparse.train.loop`` does: ``sparsifier.before_step``, forward,
+and timed in interleaved rounds (dense fixed rigl, fixed rigl dense, rigl dense fixed, ...: the
+order rotates), --steps-per-round optimizer steps of each per round, so that whatever else the
+machine is doing hits the three alike. A step is what ``dist_sparse.train.loop`` does: ``sparsifier.before_step``, forward,
 ``engine.backward``, ``sparsifier.mask_gradients`` at the accumulation boundary, ``engine.step``,
 then ``sparsifier.step`` (the mask update on RigL's update steps).
 
@@ -33,7 +33,10 @@ Reported, as ratios to the dense step:
 
 Ratios are computed two ways: the ratio of mean step times over the whole run, and the median
 over rounds of the per-round ratio (each round's variants ran back to back, so this one is
-less sensitive to slow drifts in machine load). Step times are those of the slowest rank.
+less sensitive to slow drifts in machine load); the ratio of the fastest steps is printed too.
+Step times are those of the slowest rank. Because a few percent is far below the scatter of step
+times on a shared machine, the direct per-step work of a fixed mask is also timed on its own:
+the gradient hook's masking (ZeRO-1/2, on stand-in gradients) and ``mask_gradients`` (ZeRO-3).
 """
 
 from __future__ import annotations
@@ -60,6 +63,21 @@ VARIANTS = ("dense", "fixed", "rigl")
 # bf16 all-reduce payload of the sparse weights: 2 bytes per element (DESIGN §4's yardstick).
 BF16_BYTES = 2
 DT_TARGET = 100  # the update interval the RigL target is stated at
+
+
+def git_state() -> dict:
+    """Commit and whether dist_sparse/ differs from it: the package may change between runs of a
+    shared checkout, and a figure is only comparable with one measured on the same code."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "dist_sparse"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return {"commit": None, "dist_sparse_modified": None}
+    return {"commit": head or None, "dist_sparse_modified": bool(dirty)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +122,65 @@ def _stats(xs: list[float]) -> dict | None:
         return None
     return {"n": len(xs), "mean": statistics.fmean(xs), "median": statistics.median(xs),
             "min": min(xs), "max": max(xs)}
+
+
+def bootstrap_ratio_ci(num: list[float], den: list[float], reps: int = 2000, seed: int = 0) -> list[float]:
+    """95% bootstrap interval of sum(num) / sum(den), resampling rounds (pairs stay together).
+
+    It shows how far the scatter of a shared machine lets a ratio be trusted; it does not cover
+    slow drifts that hit one variant's rounds more than another's."""
+    import random
+
+    rng = random.Random(seed)
+    n = len(num)
+    if n < 2:
+        return [float("nan"), float("nan")]
+    out = []
+    for _ in range(reps):
+        idx = [rng.randrange(n) for _ in range(n)]
+        out.append(sum(num[i] for i in idx) / sum(den[i] for i in idx))
+    out.sort()
+    return [out[int(0.025 * reps)], out[int(0.975 * reps) - 1]]
+
+
+def isolated_hook_cost(sp, device, reps: int, sync) -> dict | None:
+    """The per-step work of a fixed mask under ZeRO-1/2, timed alone: the gradient hook's
+    ``masked_fill`` on every sparse weight's gradient, here on stand-in gradients of the same
+    shapes and dtype with the run's masks. Step times on a shared machine scatter by far more
+    than the few percent at stake; this figure does not. (ZeRO-3's per-step work is
+    ``mask_gradients``, timed inside the steps instead.)"""
+    import torch
+
+    if sp.zero.partitioned:
+        return None
+    grads = [torch.randn(t.shard_shape, device=device).to(t.param.dtype) for t in sp.targets]
+    masks = [sp.masks[t.name].to(device).view(t.shard_shape) for t in sp.targets]
+    times = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        for g, m in zip(grads, masks):
+            g.masked_fill(~m, 0)  # what Sparsifier._grad_hook returns for every gradient
+        sync()
+        times.append(time.perf_counter() - t0)
+    return _stats(times)
+
+
+def remove_own_shm_buffer() -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer in /dev/shm.
+
+    DeepSpeed 0.19's CPU shared-memory comm op creates one 69 MB segment per rank
+    (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``) and never unlinks it, so every
+    multi-rank CPU run leaves world_size x 69 MB of RAM behind; on the shared development
+    machines these piled up until the OOM killer ended a run. Called after the last collective:
+    unlinking a name leaves the peers' existing mappings intact.
+    """
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{os.environ.get('RANK', '')}")
+    try:
+        os.unlink(name)
+    except OSError:
+        pass  # not there (GPU run, other DeepSpeed version): nothing to clean
 
 
 def run(argv: list[str] | None = None) -> dict | None:
@@ -195,15 +272,17 @@ def run(argv: list[str] | None = None) -> dict | None:
             out = engine(**batch)
             engine.backward(out.loss)
             if sp is not None and engine.is_gradient_accumulation_boundary():
-                # The dense-gradient read of RigL's update step is timed on its own; a sync here
-                # on other steps would only add host stalls that the training loop does not have.
+                # Timed on every step (ZeRO-3 masks its gradient partitions here on every step).
+                # Only RigL's update step (the dense-gradient read) is synchronised around: a
+                # sync on other steps would add host stalls the training loop does not have, so
+                # there, on a GPU, this is host time only.
                 if dense_grad:
                     sync()
-                    tm = time.perf_counter()
+                tm = time.perf_counter()
                 sp.mask_gradients()
                 if dense_grad:
                     sync()
-                    t_mask = time.perf_counter() - tm
+                t_mask = time.perf_counter() - tm
             engine.step()
         sync()
         t1 = time.perf_counter()
@@ -223,13 +302,16 @@ def run(argv: list[str] | None = None) -> dict | None:
         for v in VARIANTS:
             one_step(v)
     sync()
+    hook_cost = isolated_hook_cost(sparsifiers["fixed"], engines["fixed"].device, 20, sync)
     comm.barrier()
 
     load_before = os.getloadavg()[0]
     wall0 = time.perf_counter()
     records = []
     for r in range(args.rounds):
-        for v in VARIANTS:
+        # The order rotates from round to round (dense fixed rigl, fixed rigl dense, ...) so that
+        # no variant always runs first or last in a round, after the same neighbour.
+        for v in VARIANTS[r % 3:] + VARIANTS[:r % 3]:
             for _ in range(args.steps_per_round):
                 rec = one_step(v)
                 rec["round"] = r
@@ -245,6 +327,7 @@ def run(argv: list[str] | None = None) -> dict | None:
     all_records = comm.all_gather_object(records)
     if rank != 0:
         comm.barrier()
+        remove_own_shm_buffer()
         return None
 
     # Steps are synchronous across ranks (gradient reduction, and the sparsifier's collectives),
@@ -288,15 +371,20 @@ def run(argv: list[str] | None = None) -> dict | None:
         "horizon": args.horizon, "sparse_targets": n_targets, "sparse_numel": sparse_numel,
         "sparse_numel_per_rank": sparse_numel_local, "final_density": densities,
         "warmup_steps": args.warmup, "rounds": args.rounds, "steps_per_round": args.steps_per_round,
-        "order": "interleaved rounds: " + " ".join(VARIANTS) + " x rounds",
+        "order": "interleaved rounds, order rotated each round: " + " ".join(VARIANTS) + ", "
+                 + " ".join(VARIANTS[1:] + VARIANTS[:1]) + ", ...",
         "step_time_s": t,
         "ratio_fixed_dense_mean": t["fixed"]["mean"] / dense_mean,
         "ratio_fixed_dense_round_median": statistics.median(f / d for f, d in zip(per_round["fixed"], per_round["dense"])),
+        "ratio_fixed_dense_ci95": bootstrap_ratio_ci(per_round["fixed"], per_round["dense"]),
+        # On a machine shared with other jobs the fastest step is the least disturbed one.
+        "ratio_fixed_dense_min": t["fixed"]["min"] / t["dense"]["min"],
         "rigl_timed_steps": t["rigl"]["n"], "rigl_update_steps_timed": len(upd),
         "ratio_rigl_dense_measured": t["rigl"]["mean"] / dense_mean,
         "rigl_between_step_s": rigl_between, "rigl_update_step_s": rigl_update,
         "ratio_rigl_between_dense_round_median": (statistics.median(rigl_between_round_ratio)
                                                   if rigl_between_round_ratio else None),
+        "ratio_rigl_between_dense_min": rigl_between["min"] / t["dense"]["min"] if rigl_between else None,
     }
     if rigl_between and rigl_update:
         amort = (99 * rigl_between["mean"] + rigl_update["mean"]) / DT_TARGET
@@ -323,6 +411,20 @@ def run(argv: list[str] | None = None) -> dict | None:
         result["ratio_apply_bf16_allreduce"] = max(apply_b) / payload
         result["ratio_zero_step_bytes_bf16_allreduce"] = max(step_b) / payload
         result["churn_per_update"] = [m["changed"] / max(m["active"], 1) for m in upd]
+    if hook_cost is not None:
+        result["isolated_hook_cost_s"] = hook_cost  # rank 0's
+        result["ratio_isolated_hook_cost_dense"] = hook_cost["median"] / t["dense"]["median"]
+    fixed_mg = [m["mask_grad"] for m in merged if m["v"] == "fixed"]
+    result["fixed_mask_gradients_s"] = _stats(fixed_mg)
+    result["ratio_fixed_mask_gradients_dense"] = statistics.median(fixed_mg) / t["dense"]["median"]
+    # A low-noise estimate built only from directly timed parts: the fixed mask's per-step work
+    # plus, once per 100 steps, what an update step adds (dense-gradient read + mask update).
+    direct_fixed = (result.get("ratio_isolated_hook_cost_dense", 0.0) + result["ratio_fixed_mask_gradients_dense"])
+    result["ratio_fixed_dense_direct_estimate"] = 1.0 + direct_fixed
+    if upd:
+        extra = statistics.fmean(m["sp_step"] + m["mask_grad"] for m in upd)
+        result["rigl_update_extra_direct_s"] = extra
+        result["ratio_rigl_dense_dt100_direct_estimate"] = 1.0 + direct_fixed + extra / DT_TARGET / t["dense"]["median"]
     # The initial mask draw of the fixed variant (prepare), for reference: under ZeRO-3 it is a
     # distributed top-k too.
     result["fixed_prepare_sync_bytes"] = sparsifiers["fixed"].history[0]["sync_bytes"]
@@ -332,6 +434,7 @@ def run(argv: list[str] | None = None) -> dict | None:
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "loadavg_1m_before_after": [load_before, load_after], "timed_wall_s": wall,
         "torch": torch.__version__, "deepspeed": deepspeed.__version__, "host": socket.gethostname(),
+        "git": git_state(),
         "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "per_round_s": per_round, "steps": merged,
     })
@@ -341,6 +444,7 @@ def run(argv: list[str] | None = None) -> dict | None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
     comm.barrier()
+    remove_own_shm_buffer()
     return result
 
 
@@ -378,8 +482,24 @@ def format_report(r: dict) -> str:
                          f"{ms(s['max'])} | {s['mean'] / t['dense']['mean']:.3f} | "
                          f"{'-' if rr is None else f'{rr:.3f}'} |")
     lines.append("")
-    lines.append(f"fixed / dense: {r['ratio_fixed_dense_mean']:.3f} (means), {r['ratio_fixed_dense_round_median']:.3f} "
-                 f"(median of rounds): {verdict(r['ratio_fixed_dense_mean'], 1.03)}")
+    lines.append(f"fixed / dense: {r['ratio_fixed_dense_mean']:.3f} (means; 95% bootstrap over rounds "
+                 f"{r['ratio_fixed_dense_ci95'][0]:.3f}-{r['ratio_fixed_dense_ci95'][1]:.3f}), "
+                 f"{r['ratio_fixed_dense_round_median']:.3f} "
+                 f"(median of rounds), {r['ratio_fixed_dense_min']:.3f} (fastest steps): "
+                 f"{verdict(r['ratio_fixed_dense_mean'], 1.03)} on the means")
+    direct = []
+    if "isolated_hook_cost_s" in r:
+        direct.append(f"gradient-hook masking timed alone {ms(r['isolated_hook_cost_s']['median'])} ms "
+                      f"= {r['ratio_isolated_hook_cost_dense']:.4f} x the median dense step")
+    direct.append(f"mask_gradients per step {ms(r['fixed_mask_gradients_s']['median'])} ms "
+                  f"= {r['ratio_fixed_mask_gradients_dense']:.4f} x"
+                  + ("" if r["accelerator"] == "cuda" or r["zero_stage"] == 3 else " (a no-op under ZeRO-1/2)"))
+    lines.append("fixed mask, direct per-step cost (medians): " + "; ".join(direct)
+                 + f" -> fixed / dense estimated from these parts: {r['ratio_fixed_dense_direct_estimate']:.4f}")
+    if r["rigl_between_step_s"]:
+        lines.append(f"RigL between updates / dense: {r['rigl_between_step_s']['mean'] / t['dense']['mean']:.3f} (means), "
+                     f"{r['ratio_rigl_between_dense_round_median']:.3f} (median of rounds), "
+                     f"{r['ratio_rigl_between_dense_min']:.3f} (fastest steps)")
     lines.append(f"RigL amortized / dense, MEASURED at dT={r['rigl_interval']} ({r['rigl_update_steps_timed']} update "
                  f"step(s) in {r['rigl_timed_steps']}): {r['ratio_rigl_dense_measured']:.3f}"
                  + (f": {verdict(r['ratio_rigl_dense_measured'], 1.05)}" if r["rigl_interval"] == DT_TARGET else ""))
@@ -387,7 +507,12 @@ def format_report(r: dict) -> str:
         lines.append(f"RigL amortized / dense, EXTRAPOLATED to dT=100 as (99 x between-step + update step) / 100: "
                      f"{r['ratio_rigl_dense_dt100_extrapolated']:.3f} (means), "
                      f"{r.get('ratio_rigl_dense_dt100_extrapolated_round_median', float('nan')):.3f} "
-                     f"(median-of-rounds between-step ratio): {verdict(r['ratio_rigl_dense_dt100_extrapolated'], 1.05)}")
+                     f"(median-of-rounds between-step ratio): {verdict(r['ratio_rigl_dense_dt100_extrapolated'], 1.05)} "
+                     f"on the means")
+        if "ratio_rigl_dense_dt100_direct_estimate" in r:
+            lines.append(f"RigL amortized / dense at dT=100, ESTIMATED from directly timed parts (fixed-mask work + "
+                         f"(mask update + dense-gradient read = {ms(r['rigl_update_extra_direct_s'])} ms) / 100): "
+                         f"{r['ratio_rigl_dense_dt100_direct_estimate']:.4f}")
     else:
         lines.append("RigL dT=100 extrapolation: n/a (no update step, or no between step, was timed)")
     if "mask_update_latency_s" in r:

@@ -41,6 +41,19 @@ ALL_RUNS = ("dense", "static80", "static90", "set80", "set90", "rigl80", "rigl90
 METHODS = {"static": "static", "set": "set", "rigl": "rigl"}
 
 
+def git_state() -> dict:
+    """Commit and whether dist_sparse/ differs from it: the package may change between runs of a
+    shared checkout, and a figure is only comparable with one measured on the same code."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "dist_sparse"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return {"commit": None, "dist_sparse_modified": None}
+    return {"commit": head or None, "dist_sparse_modified": bool(dirty)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Dense vs static vs SET vs RigL: held-out MLM loss at equal steps.")
     p.add_argument("--model", default="bert-mini", help="model preset")
@@ -103,6 +116,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def remove_shm_buffers(port: int) -> None:
+    """Unlink the /dev/shm all-reduce buffers a finished run left behind.
+
+    DeepSpeed 0.19's CPU shared-memory comm op creates one 69 MB segment per rank
+    (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``) and never unlinks it; seven runs
+    would leave about 1 GB of RAM behind, and on the shared development machines such leftovers
+    piled up until the OOM killer ended runs. Only this run's port is touched.
+    """
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
+        try:
+            path.unlink()
+        except OSError:
+            pass
 
 
 def ensure_data(args, out_dir: Path) -> Path:
@@ -190,22 +218,25 @@ def run_one(name: str, args, base: dict, data: Path, out_dir: Path) -> dict:
     log_path = out_dir / "logs" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     exe = bin_dir() / "deepspeed"
+    port = free_port()
     cmd = [str(exe if exe.exists() else "deepspeed"), "--num_gpus", str(args.num_gpus), "--master_port",
-           str(free_port()), str(ROOT / "launchers" / "pretrain.py"), "--deepspeed_config", str(cfg_path),
+           str(port), str(ROOT / "launchers" / "pretrain.py"), "--deepspeed_config", str(cfg_path),
            "--data", str(data), "--model", args.model, "--output", str(run_dir), "--max-steps", str(args.steps),
            "--no-progress", "--overwrite"]
     if args.seed is not None:
         cmd += ["--seed", str(args.seed)]
     print(f"[{name}] {' '.join(cmd)}  (log: {log_path})", flush=True)
+    code = git_state()  # per run: in a shared checkout the package can change between runs
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), stdout=log, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
+    remove_shm_buffers(port)
     if proc.returncode != 0:
         tail = log_path.read_text()[-3000:]
         raise RuntimeError(f"run {name} failed (exit {proc.returncode}); last lines of {log_path}:\n{tail}")
     res = summarize(name, run_dir, args.steps, wall)
-    res.update(method=method, sparsity=sparsity or 0.0, config=str(cfg_path), command=" ".join(cmd))
+    res.update(method=method, sparsity=sparsity or 0.0, config=str(cfg_path), command=" ".join(cmd), git=code)
     if not args.keep_checkpoints:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # bert-mini x 7 runs adds up
     print(f"[{name}] eval MLM loss {res['eval_mlm_loss']:.4f}, {res['train_tflops']:.2f} training TFLOPs, "
@@ -262,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             "num_ranks": args.num_gpus, "base_config": args.deepspeed_config, "data": str(data),
             "dense_tflops": dense_tflops, "results": results, "table": table,
             "torch": torch.__version__, "deepspeed": deepspeed.__version__, "host": socket.gethostname(),
+            "git": git_state(),
             "started_utc": started.isoformat(timespec="seconds"),
             "finished_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }, indent=2) + "\n")

@@ -92,6 +92,7 @@ class Sparsifier:
         self._dense_grad_step = False
         self._grad_scores: dict[str, torch.Tensor] = {}
         self._grid_bytes = 0
+        self._bytes_mark = 0
         self._densities: dict[str, float] = {t.name: 1.0 for t in targets}
         self._device_masks: dict[str, torch.Tensor] = {}
         self.history: list[dict] = []
@@ -385,7 +386,8 @@ class Sparsifier:
 
     # ----------------------------------------------------------------- install
     def _install(self, new: dict[str, torch.Tensor], stats: UpdateStats, old: dict | None = None) -> None:
-        before = self.zero.bytes_applied
+        # Since the last install: includes RigL's dense-gradient read in mask_gradients.
+        before = self._bytes_mark
         for t in self.targets:
             mask = new[t.name].to(torch.bool).cpu()
             assert tuple(mask.shape) == self._mask_shape(t), (t.name, mask.shape, self._mask_shape(t))
@@ -396,6 +398,7 @@ class Sparsifier:
             else:
                 self.zero.apply_mask(t.param, mask.to(t.param.device), moments=self._optimizer_has_state)
         stats.apply_bytes = self.zero.bytes_applied - before
+        self._bytes_mark = self.zero.bytes_applied
         self._account(stats, old)
         if self.cfg.verify:
             stats.sync_bytes += self.verify()
