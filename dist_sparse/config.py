@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # Sections of the DeepSpeed JSON that dist_sparse owns. Later capabilities add theirs here.
-OWN_SECTIONS = ("training", "sparsity")
+OWN_SECTIONS = ("training", "sparsity", "structured_pruning")
 
 
 class _Section(BaseModel):
@@ -147,6 +147,67 @@ class SparsityConfig(_Section):
         return self
 
 
+class StructuredPruningConfig(_Section):
+    """The ``"structured_pruning"`` section: EarlyBERT (Chen et al., ACL 2021) on our BERT.
+
+    Learnable slimming coefficients scale every attention head and FFN neuron, pushed towards
+    zero by an L1 penalty. Every ``check_interval`` steps the heads and neurons to keep are read
+    off the coefficients; once the keep-set stops moving (normalised Hamming distance between
+    consecutive checks below ``epsilon`` for ``window`` checks in a row) the early-bird ticket is
+    drawn, the model is physically shrunk to it and training continues on the smaller model.
+    """
+
+    method: Literal["earlybert"] = "earlybert"
+    """The structured pruning method (EarlyBERT: slimming coefficients + early-bird ticket)."""
+
+    head_ratio: float = Field(default=0.33, ge=0.0, lt=1.0)
+    """Fraction of the attention heads removed (EarlyBERT's pre-training setting: a third)."""
+
+    ffn_ratio: float = Field(default=0.4, ge=0.0, lt=1.0)
+    """Fraction of the FFN neurons removed (EarlyBERT: 40%)."""
+
+    scope: Literal["layer", "global"] = "layer"
+    """layer: every layer loses the same fraction; global: coefficients compete across layers
+    (each layer keeps at least the minimum, and a multiple of the tensor-parallel degree)."""
+
+    l1: float = Field(default=1e-4, ge=0.0)
+    """Weight of the L1 penalty on the slimming coefficients (EarlyBERT used 1e-4)."""
+
+    check_interval: int = Field(default=10, ge=1)
+    """Steps between two readings of the keep-set."""
+
+    window: int = Field(default=5, ge=1)
+    """Consecutive distances that must all be below ``epsilon`` to draw the ticket."""
+
+    epsilon: float = Field(default=0.1, gt=0.0, le=1.0)
+    """Threshold on the normalised Hamming distance between consecutive keep-sets."""
+
+    max_search_steps: int = Field(default=1000, ge=1)
+    """The search ends at this step anyway (the ticket is drawn from the current
+    coefficients, with a warning)."""
+
+    min_heads: int = Field(default=1, ge=1)
+    """Fewest heads a layer keeps (raised to the tensor-parallel degree if that is larger)."""
+
+    min_neurons: int = Field(default=1, ge=1)
+    """Fewest FFN neurons a layer keeps (rounded up like every FFN width, see ``ffn_multiple``)."""
+
+    ffn_multiple: int = Field(default=8, ge=1)
+    """Kept FFN widths are multiples of this times the tensor-parallel degree (8 keeps bf16
+    matrix shapes friendly to tensor cores; 1 keeps the exact ratio on tiny models)."""
+
+    verify_tolerance: float | None = Field(default=None, gt=0.0)
+    """At the shrink, the small model's outputs on a fixed batch are compared with the masked
+    model's: the largest difference relative to the largest logit must be below this (default
+    1e-4 for fp32 engines, 3e-2 for bf16/fp16) or the run stops."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.head_ratio == 0.0 and self.ffn_ratio == 0.0:
+            raise ValueError("head_ratio and ffn_ratio are both 0: nothing would be pruned")
+        return self
+
+
 class RunConfig(BaseModel):
     """A DeepSpeed config split into DeepSpeed's part and ours."""
 
@@ -155,6 +216,7 @@ class RunConfig(BaseModel):
     deepspeed: dict[str, Any]
     training: TrainingConfig
     sparsity: SparsityConfig | None = None
+    structured_pruning: StructuredPruningConfig | None = None
 
     @property
     def zero_stage(self) -> int:
@@ -193,8 +255,13 @@ def parse_run_config(raw: dict[str, Any], source: str = "<dict>") -> RunConfig:
         raise ValueError(f"{source}: a DeepSpeed config must be a JSON object")
     ds = {k: v for k, v in raw.items() if k not in OWN_SECTIONS}
     sparsity = parse_section(raw, "sparsity", SparsityConfig, source) if "sparsity" in raw else None
+    structured = (parse_section(raw, "structured_pruning", StructuredPruningConfig, source)
+                  if "structured_pruning" in raw else None)
+    if sparsity is not None and structured is not None:
+        raise ValueError(f'{source}: "sparsity" and "structured_pruning" cannot be combined yet (the physical '
+                         "shrink would have to carry the masks over); use one of them per run")
     return RunConfig(deepspeed=ds, training=parse_section(raw, "training", TrainingConfig, source),
-                     sparsity=sparsity)
+                     sparsity=sparsity, structured_pruning=structured)
 
 
 def load_run_config(path: str | Path) -> RunConfig:

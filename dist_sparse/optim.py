@@ -17,7 +17,8 @@ from typing import Callable, Iterable
 
 import torch
 
-NO_DECAY_SUFFIXES = ("bias", "LayerNorm.weight", "LayerNorm.bias")
+# Slimming coefficients (structured pruning) have their own L1 penalty: no weight decay on top.
+NO_DECAY_SUFFIXES = ("bias", "LayerNorm.weight", "LayerNorm.bias", "slimming_coef")
 
 
 class Lamb(torch.optim.Optimizer):
@@ -40,6 +41,20 @@ class Lamb(torch.optim.Optimizer):
                         bias_correction=bias_correction, max_coeff=max_coeff, min_coeff=min_coeff)
         super().__init__(params, defaults)
         self.norm_reducer = norm_reducer
+
+    @torch.no_grad()
+    def init_state(self, step: int) -> None:
+        """Create zero moments for every parameter as if ``step`` steps had been taken.
+
+        Used when training continues on a new engine (the physical shrink of structured pruning):
+        the state must exist before the carried-over moments can be written through DeepSpeed's
+        fragment API, and the step count must continue so bias correction stays where it was.
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p] = {"step": int(step),
+                                 "exp_avg": torch.zeros_like(p, dtype=torch.float32),
+                                 "exp_avg_sq": torch.zeros_like(p, dtype=torch.float32)}
 
     @torch.no_grad()
     def step(self, closure=None):

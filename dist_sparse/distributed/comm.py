@@ -63,6 +63,17 @@ def all_reduce_min_max(tensor: torch.Tensor, group=None) -> tuple[torch.Tensor, 
     return lo, hi
 
 
+def all_gather_cat(tensor: torch.Tensor, group=None, dim: int = 0) -> torch.Tensor:
+    """Concatenate equally shaped tensors of every rank of ``group`` along ``dim``, in rank order
+    (how AutoTP lays out shards). Returns ``tensor`` itself in a group of one."""
+    n = world_size(group)
+    if not dist.is_initialized() or n == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(n)]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
 def all_gather_object(obj, group=None) -> list:
     if not dist.is_initialized():
         return [obj]

@@ -38,6 +38,29 @@ class LocalSlice:
     stop: int
 
 
+def link_optimizer_state(zero_optimizer, stage: int) -> None:
+    """Make the fragment API see the optimizer state of every parameter (ZeRO-1/2).
+
+    ZeRO-1/2 link each parameter's fragment to its optimizer state lazily, right after the
+    optimizer step of the *first* param group, and never again (deepspeed 0.19.8,
+    ``stage_1_and_2._optimizer_step``). With one param group per tensor (our layer-wise LAMB)
+    only the first tensor gets linked and ``safe_get_full_optimizer_state`` fails for all others.
+    The trainer calls this after an engine's first optimizer step and after loading a checkpoint;
+    the shrink after creating state outside a step (``Lamb.init_state``). DeepSpeed has no public
+    call for it, so this re-runs its own linking routine. ZeRO-3 reads the state directly.
+    """
+    if stage not in (1, 2):
+        return
+    link = getattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is None or not hasattr(zero_optimizer, "_hp_optimizer_states_linked"):
+        raise RuntimeError("this DeepSpeed version's ZeRO-1/2 optimizer has no optimizer-state linking "
+                           "routine; dist_sparse needs deepspeed 0.19.x")
+    if not zero_optimizer.optimizer.state:
+        return  # no state before the first step: nothing to link yet
+    zero_optimizer._hp_optimizer_states_linked = False
+    link()
+
+
 @dataclass
 class ZeroAccess:
     stage: int
@@ -147,3 +170,29 @@ class ZeroAccess:
             bits = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.zeros(0, dtype=torch.uint8)
             out[s:e] = unpack_mask(bits, (e - s,))
         return out.view(shard_shape)
+
+    # -- structured pruning: whole-tensor reads and writes, and the L1 subgradient ---------------
+
+    def full_fp32(self, param) -> torch.Tensor:
+        """The fp32 master value of ``param`` (its whole TP shard), identical on every DP rank.
+        A collective over the DP group at every stage: all ranks call it in the same order."""
+        return safe_get_full_fp32_param(param).detach().float()
+
+    def full_state(self, param, key: str) -> torch.Tensor:
+        """An optimizer moment of ``param`` (whole TP shard); a collective, as ``full_fp32``."""
+        return safe_get_full_optimizer_state(param, key).detach().float()
+
+    def set_full_state(self, param, value: torch.Tensor, key: str) -> None:
+        """Each rank copies its own fragment of ``value`` into the optimizer state of ``param``."""
+        safe_set_full_optimizer_state(param, value, key)
+
+    def add_l1_to_local_grad(self, param, weight: float) -> None:
+        """ZeRO-3: add ``weight * sign(value)`` to this rank's reduced gradient partition.
+
+        The padding of the last partition is zero, so its sign adds nothing there."""
+        grad = safe_get_local_grad(param)
+        if grad is None:
+            raise RuntimeError("ZeRO-3 holds no gradient for a slimming coefficient (was it used in forward?)")
+        sign = torch.sign(safe_get_local_fp32_param(param)).view_as(grad).to(grad.dtype)
+        safe_set_local_grad(param, grad + weight * sign)
+

@@ -109,6 +109,9 @@ class DistSparseBertSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, inner)
         self.dropout_p = float(config.attention_probs_dropout_prob)
         self.scaling = self.head_dim**-0.5
+        # EarlyBERT's slimming coefficients, one per head this rank holds; absent (None, not in
+        # the state dict) unless structured pruning attaches them (dist_sparse.structured).
+        self.register_parameter("slimming_coef", None)
 
     def forward(self, hidden_states: torch.Tensor, attention_bias: torch.Tensor | None = None) -> torch.Tensor:
         batch, seq = hidden_states.shape[:2]
@@ -135,6 +138,8 @@ class DistSparseBertSelfAttention(nn.Module):
             dropout_p=self.dropout_p if self.training else 0.0,
             scale=self.scaling,
         )
+        if self.slimming_coef is not None:  # (batch, heads, seq, head_dim) scaled per head
+            context = context * self.slimming_coef.to(context.dtype).view(1, -1, 1, 1)
         return context.transpose(1, 2).reshape(batch, seq, -1)
 
 
@@ -167,9 +172,14 @@ class DistSparseBertIntermediate(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_of(layer_idx))
         self.intermediate_act_fn = _activation(config)
+        # One slimming coefficient per FFN neuron this rank holds (see the attention's).
+        self.register_parameter("slimming_coef", None)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.intermediate_act_fn(self.dense(hidden_states))
+        out = self.intermediate_act_fn(self.dense(hidden_states))
+        if self.slimming_coef is not None:
+            out = out * self.slimming_coef.to(out.dtype)
+        return out
 
 
 class DistSparseBertOutput(nn.Module):

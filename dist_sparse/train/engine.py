@@ -64,7 +64,9 @@ def build_optimizer(model: torch.nn.Module, run_cfg: RunConfig, ds: dict) -> tor
 
 
 def build_engine(model: torch.nn.Module, run_cfg: RunConfig,
-                 lr_lambda: Callable[[int], float]):
+                 lr_lambda: Callable[[int], float], start_step: int = 0):
+    """The DeepSpeed engine of ``model``. ``start_step``: optimizer steps already taken, for an
+    engine that takes over a run (after a physical shrink) so the LR schedule continues."""
     import deepspeed
 
     ds = copy.deepcopy(run_cfg.deepspeed)
@@ -75,7 +77,11 @@ def build_engine(model: torch.nn.Module, run_cfg: RunConfig,
     scheduler = None
     if "scheduler" not in ds:
         def scheduler(optimizer):
-            return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+            if start_step:
+                # torch's documented way to start a scheduler mid-run: last_epoch plus initial_lr.
+                for group in optimizer.param_groups:
+                    group.setdefault("initial_lr", group["lr"])
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda, last_epoch=start_step - 1)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client_opt, model_parameters=model_parameters,
                                            lr_scheduler=scheduler, config=ds)
     return engine

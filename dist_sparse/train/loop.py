@@ -23,6 +23,7 @@ import torch
 from dist_sparse.config import (RunConfig, data_parallel_size, load_run_config, lr_multiplier,
                                 resolve_batch_sizes)
 from dist_sparse.distributed import comm
+from dist_sparse.distributed.zero import link_optimizer_state
 from dist_sparse.train import run_dir as rd
 from dist_sparse.train.args import build_parser
 from dist_sparse.train.engine import build_engine
@@ -33,6 +34,7 @@ log = logging.getLogger("dist_sparse.train")
 
 CHECKPOINT_FORMAT = 1
 SPARSITY_FILE_PREFIX = "sparsity_rank"
+STRUCTURE_FILE = "structure.json"
 # Name a checkpoint tag here to make every rank die after writing it but before `latest` moves.
 CRASH_IN_SAVE_ENV = "DIST_SPARSE_TEST_CRASH_IN_SAVE"
 
@@ -78,6 +80,26 @@ def run(argv: list[str] | None = None) -> int:
                                 pad_token_id=meta["special_ids"]["[PAD]"])
     run = Path(args.output)
     resume_tag = rd.check_run_dir(run, args.resume, args.overwrite)
+    # A checkpoint names its own model shape (a structured run may have shrunk it) and the state of
+    # the structured search; both are needed before the model is built.
+    structure = None
+    if resume_tag is not None:
+        structure = read_structure(rd.checkpoint_dir(run) / resume_tag)
+        if structure is not None:
+            from dist_sparse.model.config import DistSparseBertConfig
+            model_config = DistSparseBertConfig.from_dict(structure["model_config"])
+    sp_cfg = run_cfg.structured_pruning
+    structured_state = structure.get("structured") if structure else None
+    if structured_state is not None and structured_state["phase"] == "search" and sp_cfg is None:
+        raise ValueError("--resume: the checkpoint is in the middle of a structured-pruning search but the config "
+                         "has no \"structured_pruning\" section; add it back to continue the search")
+    if sp_cfg is not None:
+        from dist_sparse.structured.pruner import validate as validate_structured
+        if structured_state is not None and structured_state.get("config") not in (None, sp_cfg.model_dump()):
+            raise ValueError("--resume: the \"structured_pruning\" section differs from the one the run was "
+                             "started with; it decides the ticket, so it cannot change mid-run")
+        if structured_state is None or structured_state["phase"] == "search":
+            validate_structured(sp_cfg, model_config, run_cfg.tp_size, run_cfg)
     # The launcher sets WORLD_SIZE, so the batch arithmetic is checked before any process group.
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dp_size = data_parallel_size(world, run_cfg.tp_size)
@@ -103,10 +125,27 @@ def run(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(seed)
     model = build_model(model_config)
-    engine = build_engine(model, run_cfg,
-                          lr_lambda=lambda s: lr_multiplier(s, run_cfg.training, max_steps))
+    searching = sp_cfg is not None and (structured_state is None or structured_state["phase"] == "search")
+    if searching:
+        from dist_sparse.structured.pruner import attach_coefficients
+        attach_coefficients(model, run_cfg.tp_size)
+
+    def lr_lambda(s: int) -> float:
+        return lr_multiplier(s, run_cfg.training, max_steps)
+
+    engine = build_engine(model, run_cfg, lr_lambda=lr_lambda)
+    del model  # the engine owns it; a shrink must be able to release it
     groups = comm.parallel_groups(run_cfg.tp_size)
     sparsifier = build_sparsifier(engine, run_cfg, groups, max_steps)
+    pruner = None
+    if sp_cfg is not None:
+        from dist_sparse.distributed.zero import ZeroAccess
+        from dist_sparse.structured.pruner import StructuredPruner
+        pruner = StructuredPruner(sp_cfg, model_config.num_hidden_layers, groups,
+                                  ZeroAccess(run_cfg.zero_stage, groups.dp_group, groups.dp_rank, groups.dp_size))
+        if structured_state is not None:
+            pruner.load_state_dict(structured_state)
+        pruner.bind(engine.module, grad_acc)
     dense_fwd = dense_flops_per_token(model_config, meta["seq_len"])
     tokens_per_step = global_batch * meta["seq_len"]
 
@@ -124,6 +163,7 @@ def run(argv: list[str] | None = None) -> int:
 
     if resume_tag is not None:
         progress = _load_checkpoint(engine, ckpt_dir, resume_tag, loader, args, meta, groups, max_steps)
+        link_optimizer_state(engine.optimizer, run_cfg.zero_stage)
         _resume_sparsity(sparsifier, ckpt_dir / resume_tag, args.sparsity_reset)
         if is_rank0:
             rd.truncate_metrics(run / "metrics.jsonl", progress.step)
@@ -142,12 +182,17 @@ def run(argv: list[str] | None = None) -> int:
 
     def save(step: int) -> None:
         tag = f"global_step{step}"
+        structured = None if pruner is None else {**pruner.state_dict(), "config": sp_cfg.model_dump()}
         client_state = {"format": CHECKPOINT_FORMAT, "progress": progress.__dict__, "loader": loader.state_dict(),
                         "seed": seed, "max_steps": max_steps, "model": args.model,
                         "model_config": model_config.to_dict(), "data_meta": meta,
                         "dp_size": groups.dp_size, "tp_size": groups.tp_size,
-                        "sparsity": None if sparsifier is None else config_fingerprint(sparsifier.cfg)}
+                        "sparsity": None if sparsifier is None else config_fingerprint(sparsifier.cfg),
+                        "structured": structured}
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        if is_rank0:
+            rd.write_json_atomic(ckpt_dir / tag / STRUCTURE_FILE,
+                                 {"model_config": model_config.to_dict(), "structured": structured})
         torch.save(_rng_state(), ckpt_dir / tag / f"rng_state_rank{comm.rank()}.pt")
         if sparsifier is not None:
             torch.save(sparsifier.state_dict(), ckpt_dir / tag / f"{SPARSITY_FILE_PREFIX}{comm.rank()}.pt")
@@ -160,6 +205,7 @@ def run(argv: list[str] | None = None) -> int:
             log.info("saved checkpoint %s", ckpt_dir / tag)
         comm.barrier()
 
+    state_linked = False  # see zero.link_optimizer_state: once after an engine's first step
     first_batch = next(iter(ResumableBatchIterator(len(train_ds), micro_bs, groups.dp_rank, groups.dp_size, seed)))
     while progress.step < max_steps:
         t0 = time.perf_counter()
@@ -177,9 +223,15 @@ def run(argv: list[str] | None = None) -> int:
             batch = {k: v.to(engine.device) for k, v in batch.items()}
             out = engine(**batch)
             engine.backward(out.loss)
-            if sparsifier is not None and engine.is_gradient_accumulation_boundary():
-                sparsifier.mask_gradients()
+            if engine.is_gradient_accumulation_boundary():
+                if sparsifier is not None:
+                    sparsifier.mask_gradients()
+                if pruner is not None:
+                    pruner.before_optimizer_step()
             engine.step()
+            if not state_linked and engine.is_gradient_accumulation_boundary():
+                link_optimizer_state(engine.optimizer, run_cfg.zero_stage)
+                state_linked = True
             local[0] += out.loss.detach().double()
             local[1] += 1
             local[2] += batch["attention_mask"].sum().double()
@@ -193,6 +245,15 @@ def run(argv: list[str] | None = None) -> int:
         loss = float(local[0] / local[1])
         if update is not None:
             metrics.scalars("sparsity", progress.step, sparsity_scalars(sparsifier, update, dense_fwd, tokens_per_step))
+        if pruner is not None and pruner.is_check_step(progress.step):
+            obs, scalars = pruner.check(progress.step)
+            metrics.scalars("structured", progress.step, scalars)
+            if obs.drawn:
+                engine, model_config = _shrink(engine, model_config, pruner, run_cfg, groups, progress.step,
+                                               global_batch, lr_lambda, collator, eval_ds, micro_bs, seed,
+                                               metrics, is_rank0, meta["seq_len"])
+                dense_fwd = dense_flops_per_token(model_config, meta["seq_len"])
+                state_linked = False
         if progress.step % run_cfg.training.log_interval == 0 or progress.step == max_steps:
             grad_norm = engine.get_global_grad_norm()
             metrics.scalars("train", progress.step, {
@@ -220,6 +281,44 @@ def run(argv: list[str] | None = None) -> int:
         print(f"  tensorboard: {(run / 'tensorboard').resolve()}  (tensorboard --logdir {run / 'tensorboard'})")
     comm.barrier()
     return 0
+
+
+def _shrink(engine, model_config, pruner, run_cfg, groups, step, global_batch, lr_lambda, collator, eval_ds,
+            micro_bs, seed, metrics, is_rank0, seq_len):
+    """Draw the consequences of a ticket: the physical shrink, its checks and what it logs."""
+    from dist_sparse.model.presets import dense_flops_per_token
+    from dist_sparse.structured.shrink import shrink_engine
+
+    # The same batch on every rank (not the rank's own stride), masked with a fixed seed.
+    gen = torch.Generator().manual_seed(step_seed(seed, 0, 0, 0, stream=3))
+    verify_batch = collator([eval_ds[i % len(eval_ds)] for i in range(micro_bs)], gen)
+    before = dense_flops_per_token(model_config, seq_len, training=True)
+    engine, small_config, report = shrink_engine(
+        engine, model_config, pruner.ticket, run_cfg=run_cfg, groups=groups, zero=pruner.zero, step=step,
+        global_batch=global_batch, lr_lambda=lr_lambda, verify_batch=verify_batch,
+        tolerance=pruner.cfg.verify_tolerance)
+    pruner.mark_shrunk()
+    after = dense_flops_per_token(small_config, seq_len, training=True)
+    metrics.scalars("structured", step, {
+        "ticket_step": float(step), "shrink/relative_diff": report.relative_diff,
+        "shrink/tp_imbalance": report.tp_imbalance, "params": float(report.params_after),
+        "train_flops_per_token": after, "flop_ratio": after / before})
+    if is_rank0:
+        log.info("structured pruning: ticket drawn at step %d%s; heads per layer %s, FFN widths %s; parameters "
+                 "%d -> %d, training FLOPs per token x%.3f; outputs match the masked model to %.2g (relative); "
+                 "TP shard imbalance %.3f", step, " (forced: max_search_steps)" if pruner.forced else "",
+                 small_config.layer_num_heads, small_config.layer_intermediate_sizes, report.params_before,
+                 report.params_after, after / before, report.relative_diff, report.tp_imbalance)
+    if report.tp_imbalance > 1.10:
+        raise RuntimeError(f"tensor-parallel shards are unbalanced after the shrink ({report.tp_imbalance:.3f}x)")
+    return engine, small_config
+
+
+def read_structure(tag_dir: Path) -> dict | None:
+    """The model shape and structured-pruning state a checkpoint was written with (None for
+    checkpoints of older versions, whose model is the preset)."""
+    path = tag_dir / STRUCTURE_FILE
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 @torch.no_grad()

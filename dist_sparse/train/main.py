@@ -13,5 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         # Every rank hits the same check; one line per rank is readable and names the rank.
         import os
+        if os.environ.get("DIST_SPARSE_TRACEBACK"):
+            raise  # the whole traceback, for reports of errors raised inside libraries
         print(f"error (rank {os.environ.get('RANK', '0')}): {err}", file=sys.stderr, flush=True)
         return 2

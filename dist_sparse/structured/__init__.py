@@ -1,0 +1,1 @@
+"""Structured pruning of heads and FFN neurons (EarlyBERT): decisions, coefficients, physical shrink."""
