@@ -42,19 +42,15 @@ class Lamb(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.norm_reducer = norm_reducer
 
-    @torch.no_grad()
-    def init_state(self, step: int) -> None:
-        """Create zero moments for every parameter as if ``step`` steps had been taken.
+    def set_step_count(self, step: int) -> None:
+        """Set every parameter's step count (bias correction) to ``step``.
 
         Used when training continues on a new engine (the physical shrink of structured pruning):
-        the state must exist before the carried-over moments can be written through DeepSpeed's
-        fragment API, and the step count must continue so bias correction stays where it was.
+        its first, priming, step created the state; the run's step count carries on from here.
         """
-        for group in self.param_groups:
-            for p in group["params"]:
-                self.state[p] = {"step": int(step),
-                                 "exp_avg": torch.zeros_like(p, dtype=torch.float32),
-                                 "exp_avg_sq": torch.zeros_like(p, dtype=torch.float32)}
+        for state in self.state.values():
+            if "step" in state:
+                state["step"] = int(step)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -61,6 +61,9 @@ def validate(cfg: StructuredPruningConfig, model_config, tp_size: int, run_cfg) 
     if run_cfg.deepspeed.get("fp16", {}).get("enabled"):
         raise ValueError("structured_pruning does not support fp16 (dynamic loss scaling would scale the L1 "
                          "subgradient differently from the loss gradient); use bf16")
+    if "scheduler" in run_cfg.deepspeed:
+        raise ValueError('structured_pruning continues the learning-rate schedule on the shrunk model\'s new engine, '
+                         'which works with the "training" section\'s schedule only: remove the DeepSpeed "scheduler"')
     opt = str(run_cfg.deepspeed.get("optimizer", {}).get("type", "")).lower()
     if opt != "lamb":
         raise ValueError("structured_pruning carries optimizer state across the shrink for LAMB only; set "

@@ -8,8 +8,9 @@
    into the consumers' columns (weights with c, Adam moments with 1/c and 1/c^2: the gradient of
    the folded weight is the old one divided by c), and keep only the ticket's rows and columns.
 3. Release the old engine and build a new one on the small model: AutoTP and ZeRO re-shard it,
-   the LR schedule continues at the current step, our LAMB gets state for that step, and the
-   carried moments are written through the fragment API.
+   a priming step at learning rate 0 creates the optimizer state, the LR schedule and LAMB's
+   step count continue at the current step, and the carried moments are written through the
+   fragment API.
 4. Verify: the new engine's outputs on a fixed batch must equal the masked model's (computed
    from the gathered fp32 weights) within tolerance; and the TP shards must be balanced.
 """
@@ -180,12 +181,27 @@ def shrink_engine(engine, config, ticket: Ticket, *, run_cfg, groups: ParallelGr
     small_config = shrunk_model_config(config, ticket)
     model = DistSparseBertForPreTraining(small_config)
     _load(model, small_w)
-    new = build_engine(model, run_cfg, lr_lambda=lr_lambda, start_step=step)
-    new.global_steps, new.global_samples = step, step * global_batch
+    # The optimizer state must exist before carried moments can be written through the fragment
+    # API, and ZeRO creates it only in a step (ZeRO-3 keeps it on flat partitions it alone knows).
+    # So the new engine takes one priming step with a zero loss at learning rate 0, which leaves
+    # every weight exactly as loaded (LAMB: p += 0 * update), and its schedule starts one step
+    # early so that after the priming step it stands exactly at ``step``.
+    priming = [True]
+
+    def lr_fn(s: int) -> float:
+        return 0.0 if priming[0] else lr_lambda(s)
+
+    new = build_engine(model, run_cfg, lr_lambda=lr_fn, start_step=step - 1)
     optimizer = new.client_optimizer
     if not isinstance(optimizer, Lamb):
         raise RuntimeError("the shrink carries optimizer state into dist_sparse's Lamb only")
-    optimizer.init_state(step)
+    new.train()
+    out = new(**{k: v.to(device) for k, v in verify_batch.items()})
+    new.backward(out.loss * 0.0)
+    priming[0] = False
+    new.step()
+    new.global_steps, new.global_samples = step, step * global_batch
+    optimizer.set_step_count(step)
     link_optimizer_state(new.optimizer, run_cfg.zero_stage)
     full_shapes = logical_shapes(small_config, False)
     for name, p in new.module.named_parameters():

@@ -1,0 +1,176 @@
+"""EarlyBERT on gloo: layouts decide the same, the whole run (search, ticket, shrink, continue)
+on DP2 x TP2, and resume before and after the shrink."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dslaunch import ROOT, launch, run_script
+
+from dist_sparse.config import StructuredPruningConfig
+from dist_sparse.structured.pruner import PrunePlan
+
+pytestmark = pytest.mark.distributed
+PRETRAIN = ROOT / "launchers" / "pretrain.py"
+
+
+def load_planted():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("structured_check", Path(__file__).parent / "scripts" /
+                                                  "structured_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("layouts", [[(2, 1), (2, 2), (3, 1)]])
+def test_tp1_tp2_and_zero3_decide_the_same_as_the_unsharded_reference(layouts, tmp_path):
+    """Planted coefficients with ties: DP2 (ZeRO-2), DP1 x TP2 (ZeRO-2) and DP2 (ZeRO-3) draw the
+    same ticket, on every rank, for scope layer and global, and it is the unsharded decision."""
+    mod = load_planted()
+    results = []
+    for stage, tp in layouts:
+        out = tmp_path / f"z{stage}_tp{tp}.json"
+        run_script("structured_check.py", out, stage, tp)
+        results.append(json.loads(out.read_text()))
+    for r in results:
+        assert all(view == r["tickets"] for view in r["all_ranks"]), "ranks disagree on the ticket"
+    tp2 = next(r for r in results if r["tp"] == 2)
+    assert tp2["local_head_coef"] == [mod.HEADS // 2]  # each TP rank holds only its block
+    for scope in ("layer", "global"):
+        cfg = StructuredPruningConfig(scope=scope, head_ratio=0.5, ffn_ratio=0.4, max_search_steps=1)
+        for r in results:
+            # Counts round to multiples of the TP degree, so each layout is compared with the
+            # unsharded decision under its own rounding.
+            heads, neurons = PrunePlan(cfg, r["tp"]).decide(
+                [mod.planted(i, mod.HEADS).abs() for i in range(mod.LAYERS)],
+                [mod.planted(i, mod.FFN).abs() for i in range(mod.LAYERS)])
+            want = {"heads": [m.nonzero().flatten().tolist() for m in heads],
+                    "neurons": [m.nonzero().flatten().tolist() for m in neurons]}
+            assert r["tickets"][scope] == want, f"scope {scope}: layout tp={r['tp']} differs from the reference"
+    # Per-layer scope at these ratios rounds alike at TP 1 and 2 (heads 2 of 4; FFN 76.8 -> 80 in
+    # multiples of 8 and of 16), so there all layouts must draw the very same ticket.
+    assert results[0]["tickets"]["layer"] == results[1]["tickets"]["layer"] == results[2]["tickets"]["layer"]
+    assert [len(n) for n in results[0]["tickets"]["layer"]["neurons"]] == [80, 80, 80]
+
+
+def write_config(tmp_path: Path, base: str, stage: int, **structured) -> Path:
+    cfg = json.loads((ROOT / "ds_configs" / base).read_text())
+    cfg["zero_optimization"] = {"stage": stage}
+    cfg["structured_pruning"].update(structured)
+    path = tmp_path / f"cfg_{stage}.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def pretrain(config: Path, data: Path, run: Path, *extra, nproc: int = 2, **kw):
+    return launch([PRETRAIN, "--deepspeed_config", config, "--data", data, "--model", "bert-mini",
+                   "--output", run, "--no-progress", *extra], nproc=nproc, timeout=900, **kw)
+
+
+def metrics(run: Path, split: str) -> list[dict]:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [m for m in lines if m["split"] == split]
+
+
+def check_early_bird_rule(structured: list[dict], window: int, epsilon: float, max_search: int) -> int:
+    """From the logged distances: the ticket step is the first check where the rule holds (or the
+    forced one at max_search_steps), not earlier and not later."""
+    checks = [m for m in structured if "kept_heads" in m]
+    ticket = [m for m in structured if "ticket_step" in m]
+    assert len(ticket) == 1, "exactly one ticket"
+    step = int(ticket[0]["ticket_step"])
+    history = []
+    for m in checks:
+        if "distance/heads" in m:
+            history.append(max(m["distance/heads"], m["distance/neurons"]))
+        holds = len(history) >= window and max(history[-window:]) < epsilon
+        if m["step"] < step:
+            assert not holds, f"the rule held at step {m['step']} but the ticket was drawn at {step}"
+        elif m["step"] == step:
+            assert holds or step >= max_search
+    assert checks[-1]["step"] == step  # no check after the ticket
+    return step
+
+
+def test_earlybert_dp2_x_tp2_zero2_search_shrink_and_continue(data_dir, tmp_path):
+    cfg = write_config(tmp_path, "cpu_tp2_zero2_earlybert.json", 2, check_interval=3, window=2, epsilon=0.1,
+                       max_search_steps=12)
+    run = tmp_path / "run"
+    pretrain(cfg, data_dir, run, "--max-steps", 24, "--save-interval", 12, "--overfit-batch", nproc=4)
+    structured = metrics(run, "structured")
+    step = check_early_bird_rule(structured, 2, 0.1, 12)
+    shrink = next(m for m in structured if "ticket_step" in m)
+    assert shrink["shrink/relative_diff"] < 1e-5       # fp32: the shrunk model is the masked model
+    assert shrink["shrink/tp_imbalance"] == 1.0        # both TP shards hold the same FLOPs
+    assert shrink["flop_ratio"] < 0.7
+    losses = [m["loss"] for m in metrics(run, "train")]
+    assert len(losses) == 24
+    after = losses[step:]
+    assert sum(after[-3:]) / 3 < sum(after[:3]) / 3 - 0.3, f"loss did not fall after the shrink: {after}"
+
+    tag = run / "checkpoints" / "global_step24"
+    structure = json.loads((tag / "structure.json").read_text())
+    assert structure["structured"]["phase"] == "shrunk"
+    assert structure["model_config"]["layer_num_heads"] == [2, 2, 2, 2]
+    widths = structure["model_config"]["layer_intermediate_sizes"]
+    assert widths == [608] * 4  # 1024 * 0.6 = 614.4 -> nearest multiple of 8 x TP 2
+    shards = [torch.load(tag / f"mp_rank_0{r}_model_states.pt", map_location="cpu", weights_only=False)["module"]
+              for r in (0, 1)]
+    for key, shape in (("bert.encoder.layer.0.attention.self.query.weight", (64, 256)),
+                       ("bert.encoder.layer.0.intermediate.dense.weight", (304, 256)),
+                       ("bert.encoder.layer.0.output.dense.weight", (256, 304))):
+        assert [tuple(s[key].shape) for s in shards] == [shape, shape], key
+    assert not any(k.endswith("slimming_coef") for k in shards[0])
+    # The shrink happens inside step `step`, before that step's checkpoint: global_step12 is small.
+    at12 = json.loads((run / "checkpoints" / "global_step12" / "structure.json").read_text())
+    assert at12["structured"]["phase"] == "shrunk" and at12["structured"]["ticket_step"] == step
+
+
+def test_resume_before_and_after_the_shrink_reproduces_the_run(data_dir, tmp_path):
+    """ZeRO-3, 2 ranks. A run crashes while saving step 16 (after the shrink), so `latest` is the
+    pre-shrink step 8: resuming repeats the search, draws the same ticket at the same step and
+    gives the same losses. A second resume starts from the post-shrink step 16 and builds the small
+    model from the checkpoint alone."""
+    cfg = write_config(tmp_path, "cpu_zero2_earlybert.json", 3, check_interval=3, window=2, epsilon=0.1,
+                       max_search_steps=12)
+    args = ("--max-steps", 20, "--save-interval", 8)
+    whole = tmp_path / "whole"
+    pretrain(cfg, data_dir, whole, *args)
+    ticket_step = int(next(m for m in metrics(whole, "structured") if "ticket_step" in m)["ticket_step"])
+    assert 8 < ticket_step <= 12
+
+    broken = tmp_path / "broken"
+    os.environ["DIST_SPARSE_TEST_CRASH_IN_SAVE"] = "global_step16"
+    try:
+        proc = pretrain(cfg, data_dir, broken, *args, check=False)
+    finally:
+        del os.environ["DIST_SPARSE_TEST_CRASH_IN_SAVE"]
+    assert proc.returncode != 0
+    assert (broken / "checkpoints" / "latest").read_text() == "global_step8"
+    pretrain(cfg, data_dir, broken, *args, "--resume")
+
+    after = tmp_path / "after"
+    shutil.copytree(whole, after)
+    (after / "checkpoints" / "latest").write_text("global_step16")
+    pretrain(cfg, data_dir, after, *args, "--resume")
+
+    want = [(m["step"], m["loss"]) for m in metrics(whole, "train")]
+    assert [s for s, _ in want] == list(range(1, 21))
+    for run in (broken, after):
+        got = [(m["step"], m["loss"]) for m in metrics(run, "train")]
+        assert [s for s, _ in got] == list(range(1, 21))
+        for (step, a), (_, b) in zip(want, got):
+            assert abs(a - b) <= 1e-6 * abs(a), f"{run.name} step {step}: uninterrupted {a} vs resumed {b}"
+        assert metrics(run, "eval")[-1]["mlm_loss"] == pytest.approx(metrics(whole, "eval")[-1]["mlm_loss"], rel=1e-6)
+    resumed_ticket = [m for m in metrics(broken, "structured") if "ticket_step" in m]
+    assert [int(m["ticket_step"]) for m in resumed_ticket] == [ticket_step]
+    final = [json.loads((r / "checkpoints" / "global_step20" / "structure.json").read_text()) for r in
+             (whole, broken, after)]
+    assert final[0] == final[1] == final[2]
+    assert final[0]["structured"]["phase"] == "shrunk"
