@@ -71,22 +71,52 @@ def test_sync_bytes_do_not_grow_with_the_weights(train_report):
     """Agreeing on a mask update never ships masks or weights. ZeRO-1/2 ranks decide alone and
     only compare fingerprints (two int64 all-reduces per weight); ZeRO-3 ranks bisect thresholds
     over their slices: at most ~70 all-reduces of one int64 per weight and selection, whatever
-    the weight's size."""
+    the weight's size. ZeRO-3 N:M sends one int64 (NaN agreement) and the scores at its slice
+    ends that complete its neighbours' groups, or nothing on an update that prunes nothing."""
     for per_rank in cases(train_report):
-        r = per_rank[0]
-        n_weights = len(r["expected_final_counts"])
-        selections = 2 if r["section"]["method"] in ("set", "rigl") else 1
-        for u in r["updates"][1:]:
-            sent = u["stats"]["sync_bytes"]
-            if r["stage"] < 3:
-                assert sent == 2 * 8 * n_weights, (r["stage"], r["section"], u)
+        for r in per_rank:
+            n_weights = len(r["expected_final_counts"])
+            selections = 2 if r["section"]["method"] in ("set", "rigl") else 1
+            for u in r["updates"][1:]:
+                sent = u["stats"]["sync_bytes"]
+                if r["stage"] < 3:
+                    assert sent == 2 * 8 * n_weights, (r["stage"], r["section"], u)
+                elif r["section"].get("pattern") == "nm":
+                    assert sent in (0, 8 + r["halo_bytes"]), (r["section"], u)
+                else:
+                    assert 0 < sent <= selections * 70 * 8 * n_weights, (r["section"], u)
+    for per_rank in zero3_nm(cases(train_report)):
+        for r in per_rank:
+            # static exchanges the boundaries for its first masks, GMP at every update that prunes
+            if r["section"]["method"] == "static":
+                assert r["initial_sync_bytes"] == 8 + r["halo_bytes"]
             else:
-                assert 0 < sent <= selections * 70 * 8 * n_weights, (r["section"], u)
+                pruning = [u["stats"]["sync_bytes"] for u in r["updates"][1:] if u["stats"]["changed"]]
+                assert pruning and set(pruning) == {8 + r["halo_bytes"]}, r["section"]
+
+
+def zero3_nm(runs):
+    return [per_rank for per_rank in runs if per_rank[0]["stage"] == 3 and per_rank[0]["section"].get("pattern") == "nm"]
+
+
+def test_zero3_nm_cases_really_cut_groups(train_report, frozen_reports):
+    """The N:M sections under ZeRO-3 run on weights whose slice boundaries cut groups, so the
+    boundary exchange is exercised (the invariant and equality tests cannot pass vacuously)."""
+    runs = cases(train_report) + [per_rank for report in frozen_reports for per_rank in cases(report)]
+    nm_runs = zero3_nm(runs)
+    assert len(nm_runs) == 4  # static 2:4 and GMP 1:3 trained, GMP 2:4 and 1:3 frozen
+    for per_rank in nm_runs:
+        cut = set().union(*(r["straddling"] for r in per_rank))
+        assert any("intermediate.dense" in name for name in cut), per_rank[0]["section"]
+        if per_rank[0]["model"] == "nm3":  # every weight has an odd size there
+            assert cut == set(per_rank[0]["expected_final_counts"]), per_rank[0]["section"]
+        assert all(r["halo_bytes"] > 0 for r in per_rank)
 
 
 @pytest.fixture(scope="module")
 def frozen_reports(tmp_path_factory):
-    """The same sections with frozen weights on 2 ranks (ZeRO 1/2/3) and on DP2 x TP2 (ZeRO 2/3)."""
+    """The same sections with frozen weights on 2 ranks (ZeRO 1/2/3) and on DP2 x TP2 (ZeRO 2/3);
+    N:M sections on shapes that cut groups under ZeRO-3 (2 ranks only)."""
     d = tmp_path_factory.mktemp("frozen")
     run_script("sparse_check.py", "frozen", d / "tp1.json", 1)
     run_script("sparse_check.py", "frozen", d / "tp2.json", 2, "2,3", nproc=4)
@@ -95,7 +125,8 @@ def frozen_reports(tmp_path_factory):
 
 def test_decisions_are_the_same_at_every_layout(frozen_reports):
     """Decide globally, slice locally: the logical mask after every update is the same under
-    ZeRO 1, 2 and 3 and at tensor-parallel degree 1 and 2."""
+    ZeRO 1, 2 and 3 and at tensor-parallel degree 1 and 2 (N:M: ZeRO 1, 2 and 3, where ZeRO-3
+    slices cut groups)."""
     by_section = {}
     for report in frozen_reports:
         for per_rank in report["ranks"]:
@@ -103,10 +134,10 @@ def test_decisions_are_the_same_at_every_layout(frozen_reports):
                 assert r["failures"] == [], r["failures"][:5]
                 key = json.dumps(r["section"], sort_keys=True)
                 by_section.setdefault(key, []).append((report["tp"], r["stage"], r["logical"]))
-    assert len(by_section) == 5
+    assert len(by_section) == 7
     for key, runs in by_section.items():
         layouts = {(tp, stage) for tp, stage, _ in runs}
-        assert (1, 1) in layouts and (2, 2) in layouts, key
+        assert (1, 1) in layouts and ((2, 2) in layouts or '"nm"' in key), key
         if '"rigl"' in key:
             # RigL scores are gradients, and a TP=2 backward is not bitwise the TP=1 backward
             # (other reduction order, other dropout draws on half the heads): compare the
