@@ -6,6 +6,7 @@ what every rank recorded.
 """
 
 import json
+import math
 
 import pytest
 
@@ -158,3 +159,57 @@ def test_planted_divergence_is_caught_and_named(tmp_path):
     for r in ranks:
         assert r["clean_bytes"] == 2 * 8 * 12  # min and max of one int64 per weight (12 weights)
         assert r["outcome"].startswith(f"mask of {r['victim']} differs across data-parallel ranks"), r
+
+
+@pytest.fixture(scope="module")
+def balance_report(tmp_path_factory):
+    """DP2 x TP2 (AutoTP on gloo), SET at 70% with different data on each DP rank: balance
+    "shard" under ZeRO-2 and ZeRO-3, "global" under ZeRO-2, on weights whose TP shard 0 is
+    planted 4x larger than shard 1."""
+    out = tmp_path_factory.mktemp("balance") / "balance.json"
+    run_script("sparse_check.py", "balance", out, 2, nproc=4)
+    return json.loads(out.read_text())
+
+
+def kept(density, numel):
+    """The code's count rule (masks.density.active_counts): floor(density * numel + 0.5)."""
+    return math.floor(density * numel + 0.5)
+
+
+def by_balance(report, balance):
+    return [per_rank for per_rank in cases(report) if per_rank[0]["section"]["balance"] == balance]
+
+
+def test_balance_shard_keeps_the_same_count_in_every_tp_shard(balance_report):
+    runs = by_balance(balance_report, "shard")
+    assert sorted(per_rank[0]["stage"] for per_rank in runs) == [2, 3]
+    for per_rank in runs:
+        assert sorted((r["dp_rank"], r["tp_rank"]) for r in per_rank) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+        for r in per_rank:
+            assert r["failures"] == [], (r["stage"], r["failures"][:5])
+            density = 1 - r["section"]["sparsity"]
+            want = {name: [kept(density, rows * cols)] * 2 for name, (rows, cols) in r["shard_shapes"].items()}
+            assert len(r["shard_counts"]) >= 4  # the first masks and at least three updates
+            for step, counts in zip((u["step"] for u in r["updates"]), r["shard_counts"]):
+                assert counts == want, (r["stage"], step)
+        # The same masks on both DP ranks of each TP rank, with different data on each; and
+        # they did change at the updates.
+        for tp_rank in (0, 1):
+            first, second = [r for r in per_rank if r["tp_rank"] == tp_rank]
+            assert first["fingerprints"] == second["fingerprints"], (first["stage"], tp_rank)
+            assert len({json.dumps(fp, sort_keys=True) for fp in first["fingerprints"]}) > 1
+
+
+def test_balance_global_counts_differ_between_shards_on_the_same_weights(balance_report):
+    """The contrast that makes the test above mean something: on the same planted weights the
+    global decision keeps the whole weight's count, most of it in TP shard 0."""
+    [per_rank] = by_balance(balance_report, "global")
+    for r in per_rank:
+        assert r["failures"] == [], r["failures"][:5]
+        density = 1 - r["section"]["sparsity"]
+        for step, counts in zip((u["step"] for u in r["updates"]), r["shard_counts"]):
+            for name, (c0, c1) in counts.items():
+                rows, cols = r["shard_shapes"][name]
+                assert c0 + c1 == kept(density, 2 * rows * cols), (name, step)
+        for name, (c0, c1) in r["shard_counts"][0].items():  # the first (magnitude) masks
+            assert c0 > c1 and c0 != kept(density, math.prod(r["shard_shapes"][name])), name

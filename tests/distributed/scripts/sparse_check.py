@@ -2,6 +2,7 @@
 
     sparse_check.py train  OUT.json   # lr > 0, different data on every rank: invariants after every step
     sparse_check.py frozen OUT.json [TP [STAGES]]  # lr = 0: logical masks of every update, to compare layouts
+    sparse_check.py balance OUT.json 2  # DP2 x TP2: balance "shard" against "global" on planted weights
 
 For every case (ZeRO stage x method x pattern) the script trains a small BERT through
 dist_sparse's engine set-up with the sparsifier and checks, on every rank and after every step:
@@ -88,10 +89,37 @@ FROZEN_NM = [
 ]
 
 
+# balance: "shard" keeps round(density * shard numel) in every TP shard; "global" decides over
+# the whole weight. On weights whose TP shard 0 is planted 4x larger, a global magnitude top-k
+# keeps more of shard 0, so the two modes must differ there.
+BALANCE_SECTION = {"method": "set", "sparsity": 0.7, "init": "magnitude", "update_interval": 2,
+                   "end_fraction": 1.0, "drop_schedule": "constant"}
+BALANCE_CASES = [(2, {**BALANCE_SECTION, "balance": "shard"}), (3, {**BALANCE_SECTION, "balance": "shard"}),
+                 (2, {**BALANCE_SECTION, "balance": "global"})]
+
+
+def plant_heavier_first_shard(model) -> None:
+    """Scale by 4 the half of every encoder Linear weight that TP rank 0 will hold: the first rows
+    of column-parallel layers (query/key/value, intermediate), the first columns of row-parallel
+    ones (attention.output.dense, output.dense)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.startswith("bert.encoder.layer.") or p.dim() != 2:
+                continue
+            if name.endswith("output.dense.weight"):
+                p[:, : p.shape[1] // 2] *= 4
+            else:
+                p[: p.shape[0] // 2] *= 4
+
+
 def make_model(model: str = "default"):
     torch.manual_seed(0)
-    cfg = build_config("bert-tiny", vocab_size=VOCAB, max_position_embeddings=SEQ, **MODELS[model])
-    return build_model(cfg)
+    cfg = build_config("bert-tiny", vocab_size=VOCAB, max_position_embeddings=SEQ,
+                       **MODELS["default" if model == "planted" else model])
+    built = build_model(cfg)
+    if model == "planted":
+        plant_heavier_first_shard(built)
+    return built
 
 
 def batch(step: int, dp_rank: int):
@@ -153,7 +181,7 @@ def run_case(stage: int, section: dict, frozen: bool, tp: int, model: str = "def
     shapes = {t.name: t.full_shape for t in targets}
     dens = (erk_densities if cfg.distribution == "erk" else uniform_densities)(shapes, 1 - cfg.sparsity)
     expected_final = active_counts(shapes, dens)
-    failures, updates, fingerprints, logical = [], [], [], []
+    failures, updates, fingerprints, logical, shard_counts = [], [], [], [], []
 
     changed = [0]
 
@@ -190,6 +218,9 @@ def run_case(stage: int, section: dict, frozen: bool, tp: int, model: str = "def
                     failures.append(f"step {step} {t.name}: N:M violated")
         if stats is not None or step == 0:
             counts = {t.name: int(logical_mask(sp, t, groups).sum()) for t in targets}
+            if groups.tp_size > 1:  # active weights of every TP shard, in TP rank order
+                shard_counts.append({t.name: comm.all_gather_object(int(shard_masks[t.name].sum()), groups.tp_group)
+                                     for t in targets})
             fingerprints.append({t.name: mask_fingerprint(shard_masks[t.name]) for t in targets})
             logical.append({t.name: mask_fingerprint(logical_mask(sp, t, groups)) for t in targets})
             updates.append({"step": step, "counts": counts,
@@ -211,7 +242,8 @@ def run_case(stage: int, section: dict, frozen: bool, tp: int, model: str = "def
     return {"stage": stage, "section": section, "tp": tp, "model": model, "failures": failures, "updates": updates,
             "expected_final_counts": expected_final, "fingerprints": fingerprints, "logical": logical,
             "changed_seen": changed[0], "straddling": straddling, "halo_bytes": halo_bytes,
-            "initial_sync_bytes": sp.history[0]["sync_bytes"],
+            "initial_sync_bytes": sp.history[0]["sync_bytes"], "shard_counts": shard_counts,
+            "shard_shapes": {t.name: list(t.shard_shape) for t in targets},
             "rank": comm.rank(), "dp_rank": groups.dp_rank, "tp_rank": groups.tp_rank}
 
 
@@ -254,7 +286,9 @@ def main():
     stages = tuple(int(x) for x in args[3].split(",")) if len(args) > 3 else (1, 2, 3)
     comm.init()
     frozen = mode == "frozen"
-    if frozen:
+    if mode == "balance":
+        cases = [(stage, sec, "planted") for stage, sec in BALANCE_CASES]
+    elif frozen:
         cases = [(stage, sec, "default") for sec in FROZEN_SECTIONS for stage in stages]
         if tp == 1:
             cases += [(stage, sec, model) for sec, model in FROZEN_NM for stage in stages]
