@@ -47,8 +47,9 @@ log = logging.getLogger("dist_sparse.sparsity")
 STATE_FORMAT = 1
 
 
-def _nans(scores: torch.Tensor) -> int:
-    return int(torch.isnan(scores).sum())
+def _nans(scores: torch.Tensor) -> torch.Tensor:
+    """NaN count as a device scalar: the selection reads it together with its other counts."""
+    return torch.isnan(scores).sum()
 
 
 class MaskDivergenceError(RuntimeError):
@@ -326,7 +327,7 @@ class Sparsifier:
         """N:M masks keeping the ``keep`` largest scores of every group of ``m`` along the input dim.
 
         Each group is decided on its own, so a rank holding whole groups needs nobody. Under
-        ZeRO-1/2 a rank holds whole shards (``m`` divides the shard's rows). A ZeRO-3 flat slice
+        ZeRO-1/2 a rank holds whole shards (``m`` divides a shard's row). A ZeRO-3 flat slice
         can cut one group at each end; the fewer than ``m`` scores per end and weight that
         complete them come from the neighbouring slices, and the masks are then bit for bit those
         of ZeRO-1/2 on the same weights.
