@@ -13,6 +13,8 @@ pruned gradients are zeroed in its reduced gradient partition (``mask_gradients`
 between backward and the optimizer step), so no rank needs the whole mask and mask bits never
 cross the network. Each mask bit then lives on exactly one rank, so there is nothing to compare;
 the exact active count per weight, summed over the ranks, is what ``verify`` checks there.
+N:M groups cut by a slice boundary are completed with the few scores of the neighbouring
+slices (``_nm``).
 
 The methods differ only in their score rules (``dist_sparse.algorithms``): static masks never
 change; GMP shrinks the active set by magnitude on a cubic schedule; SET drops the smallest
@@ -35,7 +37,7 @@ from dist_sparse.distributed.comm import ParallelGroups
 from dist_sparse.distributed.zero import ZeroAccess
 from dist_sparse.masks.checksum import mask_fingerprint, pack_mask, unpack_mask
 from dist_sparse.masks.density import active_counts, erk_densities, uniform_densities
-from dist_sparse.masks.patterns import expand_block_mask, nm_mask
+from dist_sparse.masks.patterns import expand_block_mask, nm_halo, nm_mask, nm_slice_mask
 from dist_sparse.schedules import drop_fraction, gmp_sparsity, is_update_step
 from dist_sparse.sparsity.select import LOCAL, Part, SelectStats, distributed_topk, sortable_keys
 from dist_sparse.sparsity.targets import Target
@@ -45,8 +47,9 @@ log = logging.getLogger("dist_sparse.sparsity")
 STATE_FORMAT = 1
 
 
-def _nans(scores: torch.Tensor) -> int:
-    return int(torch.isnan(scores).sum())
+def _nans(scores: torch.Tensor) -> torch.Tensor:
+    """NaN count as a device scalar: the selection reads it together with its other counts."""
+    return torch.isnan(scores).sum()
 
 
 class MaskDivergenceError(RuntimeError):
@@ -131,8 +134,15 @@ class Sparsifier:
         if cfg.pattern == "nm" and abs((1 - cfg.n / cfg.m) - cfg.sparsity) > 1e-9:
             raise ValueError(f"sparsity.sparsity must be 1 - n/m = {1 - cfg.n / cfg.m:g} for N:M {cfg.n}:{cfg.m}")
         if self.zero.partitioned and cfg.pattern == "nm":
-            raise ValueError("sparsity.pattern \"nm\" is not available with ZeRO stage 3 yet (ZeRO-3 slices "
-                             "weights flat, which can split N:M groups between ranks); use ZeRO stage 1 or 2")
+            # ZeRO-3 slices are completed from the two neighbouring slices only (``_nm``), so a
+            # group may touch at most two ranks: every partition must hold at least m - 1 elements.
+            for t in self.targets:
+                part = -(-t.shard_numel // self.zero.dp_size)
+                if part < cfg.m - 1:
+                    raise ValueError(f"sparsity N:M {cfg.n}:{cfg.m} under ZeRO stage 3: {t.name} is split into "
+                                     f"partitions of {part} elements over {self.zero.dp_size} data-parallel ranks, "
+                                     f"fewer than m - 1 = {cfg.m - 1}; leave it dense (sparsity.exclude) or use "
+                                     "ZeRO stage 1 or 2")
 
     def prepare(self, draw: bool = True, optimizer_has_state: bool = False) -> None:
         """Install the gradient hooks and, with ``draw``, draw the first masks and zero what they
@@ -313,10 +323,42 @@ class Sparsifier:
     def _units_of(self, t: Target, count: int) -> int:
         return count // (self.cfg.block_size ** 2) if self.cfg.pattern == "block" else count
 
+    def _nm(self, scores: dict[str, torch.Tensor], keep: int, stats: UpdateStats) -> dict[str, torch.Tensor]:
+        """N:M masks keeping the ``keep`` largest scores of every group of ``m`` along the input dim.
+
+        Each group is decided on its own, so a rank holding whole groups needs nobody. Under
+        ZeRO-1/2 a rank holds whole shards (``m`` divides a shard's row). A ZeRO-3 flat slice
+        can cut one group at each end; the fewer than ``m`` scores per end and weight that
+        complete them come from the neighbouring slices, and the masks are then bit for bit those
+        of ZeRO-1/2 on the same weights.
+        """
+        m = self.cfg.m
+        group = self._holders_group()
+        if group is not LOCAL:
+            # Every rank learns of a NaN on any rank before anyone raises, so no rank waits alone.
+            nans = torch.stack([torch.isnan(scores[t.name]).sum() for t in self.targets]).sum().view(1).cpu()
+            comm.all_reduce_sum_(nans, group)
+            stats.sync_bytes += nans.numel() * nans.element_size()
+            if int(nans):
+                raise ValueError(f"mask scores contain NaN ({int(nans)} values): diverged weights?")
+        if not self.zero.partitioned:
+            return {t.name: nm_mask(scores[t.name], keep, m) for t in self.targets}
+        halos = [nm_halo(self._slices[t.name].start, self._slices[t.name].stop, m) for t in self.targets]
+        flat = [scores[t.name].flatten() for t in self.targets]
+        # One message to each neighbour carries the boundary scores of all weights, in target order.
+        to_prev = torch.cat([x[:h.to_prev] for x, h in zip(flat, halos)]).float().cpu()
+        to_next = torch.cat([x[x.numel() - h.to_next:] for x, h in zip(flat, halos)]).float().cpu()
+        from_prev, from_next = comm.exchange_with_neighbours(
+            to_prev, to_next, sum(h.from_prev for h in halos), sum(h.from_next for h in halos), self.groups.dp_group)
+        stats.sync_bytes += (to_prev.numel() + to_next.numel()) * to_prev.element_size()
+        befores = from_prev.split([h.from_prev for h in halos])
+        afters = from_next.split([h.from_next for h in halos])
+        return {t.name: nm_slice_mask(x, self._slices[t.name].start, keep, m, b, a)
+                for t, x, b, a in zip(self.targets, flat, befores, afters)}
+
     def _initial_masks(self, stats: UpdateStats) -> dict[str, torch.Tensor]:
         if self.cfg.pattern == "nm":
-            mags = self._read()
-            return {t.name: nm_mask(mags[t.name], self.cfg.n, self.cfg.m) for t in self.targets}
+            return self._nm(self._read(), self.cfg.n, stats)
         if self.cfg.init == "magnitude":
             scores = self._read()
         else:
@@ -359,8 +401,9 @@ class Sparsifier:
                     new = old
                 else:
                     # Only weights still active may stay: score the pruned ones below every active one.
-                    new = {t.name: nm_mask(torch.where(old[t.name], mags[t.name], -1.0), keep, self.cfg.m)
-                           for t in self.targets}
+                    scores = {t.name: torch.where(old[t.name].to(mags[t.name].device), mags[t.name], -1.0)
+                              for t in self.targets}
+                    new = self._nm(scores, keep, stats)
             else:
                 frac = s_t / self.cfg.sparsity if self.cfg.sparsity > 0 else 0.0
                 ks = {t.name: self._units_of(t, self._count(t, 1.0 - (1.0 - self.final_density[t.name]) * frac))

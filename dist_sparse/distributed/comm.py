@@ -74,6 +74,38 @@ def all_gather_cat(tensor: torch.Tensor, group=None, dim: int = 0) -> torch.Tens
     return torch.cat(parts, dim=dim)
 
 
+def exchange_with_neighbours(to_prev: torch.Tensor, to_next: torch.Tensor, n_from_prev: int, n_from_next: int,
+                             group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Point-to-point with the ranks before and after this one in ``group`` (group ranks r-1, r+1).
+
+    Sends ``to_prev`` to r-1 and ``to_next`` to r+1, and receives ``n_from_prev`` elements from
+    r-1 and ``n_from_next`` from r+1 (what they send the other way; sizes are agreed by the
+    caller's arithmetic, not exchanged). Empty transfers are skipped, so a rank that needs
+    nothing from a neighbour sends no message. Returns (from_prev, from_next).
+    """
+    from_prev = torch.empty(n_from_prev, dtype=to_prev.dtype, device=to_prev.device)
+    from_next = torch.empty(n_from_next, dtype=to_prev.dtype, device=to_prev.device)
+    if not dist.is_initialized() or world_size(group) == 1:
+        assert not (to_prev.numel() or to_next.numel() or n_from_prev or n_from_next), "no neighbours to talk to"
+        return from_prev, from_next
+    me, size = rank(group), world_size(group)
+
+    def peer(group_rank: int) -> int:
+        return group_rank if group is None else dist.get_global_rank(group, group_rank)
+
+    ops = []
+    # Receives land in the fresh tensors above; sends read contiguous copies where needed.
+    for tensor, other, op in ((to_prev.contiguous(), me - 1, dist.isend), (to_next.contiguous(), me + 1, dist.isend),
+                              (from_prev, me - 1, dist.irecv), (from_next, me + 1, dist.irecv)):
+        if tensor.numel() == 0:
+            continue
+        assert 0 <= other < size, f"rank {me} of {size} has no group rank {other} to exchange with"
+        ops.append(op(tensor, peer(other), group=group))
+    for op in ops:
+        op.wait()
+    return from_prev, from_next
+
+
 def all_gather_object(obj, group=None) -> list:
     if not dist.is_initialized():
         return [obj]

@@ -8,8 +8,11 @@ from dist_sparse.masks.patterns import (
     block_scores,
     check_block_aligned,
     check_nm,
+    NmHalo,
     expand_block_mask,
+    nm_halo,
     nm_mask,
+    nm_slice_mask,
 )
 from dist_sparse.masks.topk import (
     EMPTY_THRESHOLD,
@@ -25,6 +28,7 @@ from dist_sparse.masks.topk import (
 
 __all__ = [
     "EMPTY_THRESHOLD",
+    "NmHalo",
     "active_counts",
     "block_scores",
     "check_block_aligned",
@@ -35,7 +39,9 @@ __all__ = [
     "kth_value_threshold",
     "mask_fingerprint",
     "merge_topk_candidates",
+    "nm_halo",
     "nm_mask",
+    "nm_slice_mask",
     "pack_mask",
     "random_scores",
     "select_by_threshold",

@@ -10,6 +10,7 @@ score first, ties to the lower index.
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 
@@ -82,6 +83,54 @@ def nm_mask(scores_2d: torch.Tensor, n: int, m: int) -> torch.Tensor:
     # Each group of m is a row of the reshaped view; row-major order keeps a group's elements
     # contiguous and in column order, so "lower index in the row" is "lower column".
     return topk_rows_mask(x.reshape(-1, m), n).reshape(scores_2d.shape)
+
+
+@dataclass(frozen=True)
+class NmHalo:
+    """How many elements a flat slice ``[start, stop)`` exchanges with the neighbouring slices
+    to complete the N:M groups that the slice boundaries cut.
+
+    Groups are the aligned runs ``[g*m, (g+1)*m)`` of the flattened 2-D weight (``m`` divides a
+    row, so a group never crosses a row). The slices of consecutive ranks tile the weight, so
+    what one rank needs from its neighbour is exactly what the neighbour computes it must send;
+    no sizes are exchanged. Assumes every slice except the last non-empty one holds at least
+    ``m - 1`` elements, so a group touches at most two slices.
+    """
+
+    from_prev: int  # the first group starts this many elements before ``start``
+    from_next: int  # the last group ends this many elements after ``stop``
+    to_prev: int    # our first elements that complete the previous slice's last group
+    to_next: int    # our last elements that complete the next slice's first group
+
+
+def nm_halo(start: int, stop: int, m: int) -> NmHalo:
+    """The boundary elements of the flat slice ``[start, stop)`` for groups of ``m``."""
+    if stop <= start:  # an empty (trailing) slice takes part in no group
+        return NmHalo(0, 0, 0, 0)
+    # The previous slice ends at our start and the next one starts at our stop, so its needs
+    # are ours mirrored.
+    return NmHalo(from_prev=start % m, from_next=(-stop) % m, to_prev=(-start) % m, to_next=stop % m)
+
+
+def nm_slice_mask(scores_flat: torch.Tensor, start: int, n: int, m: int,
+                  before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """The N:M mask of the flat slice starting at ``start`` of a weight, bit for bit the
+    slice of ``nm_mask`` of the whole weight.
+
+    ``before`` / ``after``: the scores of the ``nm_halo`` ``from_prev`` / ``from_next``
+    elements just outside the slice (received from the neighbouring slices). With them every
+    group the slice touches is whole, and each group is decided on its own.
+    """
+    n, m = operator.index(n), operator.index(m)
+    halo = nm_halo(start, start + scores_flat.numel(), m)
+    if before.numel() != halo.from_prev or after.numel() != halo.from_next:
+        raise ValueError(f"slice at {start} of {scores_flat.numel()} elements needs {halo.from_prev} scores "
+                         f"before and {halo.from_next} after, got {before.numel()} and {after.numel()}")
+    if scores_flat.numel() == 0:
+        return torch.zeros(0, dtype=torch.bool, device=scores_flat.device)
+    whole = torch.cat([before.to(scores_flat), scores_flat.flatten(), after.to(scores_flat)])
+    mask = nm_mask(whole.view(-1, m), n, m).flatten()
+    return mask[halo.from_prev: halo.from_prev + scores_flat.numel()]
 
 
 def check_nm(mask: torch.Tensor, n: int, m: int, exact: bool = True) -> bool:

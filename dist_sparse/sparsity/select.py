@@ -6,8 +6,13 @@ shards (AutoTP), or flat ZeRO-3 partitions of those shards. Gathering the scores
 whole tensor per weight; instead every holder counts how many of its elements lie above a
 candidate threshold, the counts are summed over the holders, and the threshold is bisected:
 first over the 32-bit order-preserving key of the float score, then, for elements tied at the
-k-th key, over their global flat index (lower index wins, as in ``masks.topk``). All layers are
-bisected together, so one update costs about 66 all-reduces of one int64 per layer.
+k-th key, over their global flat index (lower index wins, as in ``masks.topk``).
+
+All tensors of one call are bisected together: a round counts every tensor (one reduction
+kernel each, no host read), reads the count vector to the host once and all-reduces it once.
+An update therefore costs about 32 + 1 + log2(largest numel) rounds (about 55 for BERT-large),
+whatever the number of layers. A rank that holds whole tensors (``LOCAL``) does not bisect: it
+selects the same elements directly from the k-th largest key.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ class Part:
     eligible: torch.Tensor
     global_index: Callable[[torch.Tensor], torch.Tensor]
     numel_global: int
-    nan_count: int = 0
+    nan_count: int | torch.Tensor = 0  # a device scalar is read with the other counts, in one go
 
     def __post_init__(self):
         self.eligible = self.eligible.to(self.keys.device)
@@ -57,12 +62,20 @@ class Part:
 
 @dataclass
 class SelectStats:
-    allreduces: int = 0
-    bytes: int = 0
+    allreduces: int = 0   # collectives sent (none for LOCAL or a group of one)
+    bytes: int = 0        # their payload
+    rounds: int = 0       # bisection rounds (each one count vector for all tensors)
+    # Device-to-host reads: one per round and one for the checks; plus, once per call, a few per
+    # tensor (finding the elements tied at the k-th key, or LOCAL's direct selection).
+    host_reads: int = 0
 
 
-def _sum_counts(counts: list[int] | torch.Tensor, group, stats: SelectStats) -> torch.Tensor:
-    t = torch.as_tensor(counts, dtype=torch.int64).clone()
+def _counts(per_part: list[torch.Tensor], group, stats: SelectStats) -> torch.Tensor:
+    """Stack the per-tensor counts (device scalars), read them to the host once and sum them
+    over ``group``: one int64 per tensor, one all-reduce for all tensors."""
+    t = torch.stack(per_part).to(torch.int64).cpu()
+    stats.host_reads += 1
+    # Bookkeeping collectives run on CPU tensors (gloo next to NCCL, see comm.init).
     if group is not LOCAL and comm.world_size(group) > 1:
         comm.all_reduce_sum_(t, group)
         stats.allreduces += 1
@@ -70,42 +83,81 @@ def _sum_counts(counts: list[int] | torch.Tensor, group, stats: SelectStats) -> 
     return t
 
 
+def _check(parts: list[Part], ks: torch.Tensor, group, stats: SelectStats) -> None:
+    """Raise, on every rank of the group alike, on NaN scores or a k beyond the eligible count."""
+    n = len(parts)
+    device = parts[0].keys.device
+    nan_counts = [torch.as_tensor(p.nan_count, dtype=torch.int64, device=device) for p in parts]
+    head = _counts(nan_counts + [p.eligible.sum() for p in parts], group, stats)
+    # Every rank learns of a NaN on any rank before anyone raises, so no rank waits alone.
+    nans, eligible_total = head[:n], head[n:]
+    if bool((nans > 0).any()):
+        raise ValueError(f"mask scores contain NaN ({int(nans.sum())} values): diverged weights or gradients?")
+    if bool((ks > eligible_total).any()) or bool((ks < 0).any()):
+        bad = int(torch.nonzero((ks > eligible_total) | (ks < 0))[0])
+        raise ValueError(f"cannot select {int(ks[bad])} of {int(eligible_total[bad])} eligible elements")
+
+
+def _select(p: Part, kth: int, tied_pos: torch.Tensor, tied_idx: torch.Tensor, bound: int) -> torch.Tensor:
+    """Eligible keys above the k-th, plus the tied ones whose global index is at most ``bound``."""
+    m = p.eligible & (p.keys > kth)
+    m[tied_pos[tied_idx <= bound]] = True
+    return m
+
+
+def _local_topk(p: Part, k: int) -> torch.Tensor:
+    """The k largest eligible keys of a whole tensor, ties to the lower global index: exactly
+    what the bisection finds (the k-th largest key; then the lowest indices among its ties)."""
+    if k == 0:
+        return torch.zeros_like(p.eligible)
+    keys = torch.where(p.eligible, p.keys, KEY_MIN - 1)  # ineligible elements below every key
+    # kthvalue counts from the smallest: the k-th largest is the (numel - k + 1)-th smallest. Its
+    # value is unique whichever tied element the kernel returns.
+    kth = int(torch.kthvalue(keys, keys.numel() - k + 1).values)
+    need = k - int((keys > kth).sum())
+    tied_pos = torch.nonzero(keys == kth).flatten()
+    tied_idx = p.global_index(tied_pos)
+    bound = int(tied_idx.sort().values[need - 1])
+    return _select(p, kth, tied_pos, tied_idx, bound)
+
+
 def distributed_topk(parts: list[Part], ks: list[int], group, stats: SelectStats | None = None) -> list[torch.Tensor]:
     """Boolean masks over each part's local elements: the global top-``k`` of every tensor.
 
     Every rank of ``group`` must call this with parts of the same tensors in the same order and
-    the same ``ks``. ``k`` may not exceed the number of eligible elements over the group.
+    the same ``ks``. ``k`` may not exceed the number of eligible elements over the group. All
+    parts lie on one device.
     """
     stats = stats if stats is not None else SelectStats()
     n = len(parts)
     if n == 0:
         return []
+    assert len({p.keys.device for p in parts}) == 1, "parts of one selection must share a device"
     ks_t = torch.as_tensor(ks, dtype=torch.int64)
-    # Every rank learns of a NaN on any rank before anyone raises, so no rank waits alone.
-    nans = _sum_counts([p.nan_count for p in parts], group, stats)
-    if bool((nans > 0).any()):
-        raise ValueError(f"mask scores contain NaN ({int(nans.sum())} values): diverged weights or gradients?")
-    eligible_total = _sum_counts([int(p.eligible.sum()) for p in parts], group, stats)
-    if bool((ks_t > eligible_total).any()) or bool((ks_t < 0).any()):
-        bad = int(torch.nonzero((ks_t > eligible_total) | (ks_t < 0))[0])
-        raise ValueError(f"cannot select {ks[bad]} of {int(eligible_total[bad])} eligible elements")
+    _check(parts, ks_t, group, stats)
+    if group is LOCAL:
+        stats.host_reads += 4 * n  # k-th key, count above it, tied positions, index bound
+        return [_local_topk(p, k) for p, k in zip(parts, ks)]
 
     # Phase 1: the largest key v with count(key >= v) >= k (the k-th largest key).
     lo = torch.full((n,), KEY_MIN, dtype=torch.int64)
     hi = torch.full((n,), KEY_MAX, dtype=torch.int64)
-    while bool((lo < hi).any()):
+    while bool((lo < hi).any()):  # lo, hi live on the host: no device read to decide
         mid = (lo + hi + 1) // 2
-        counts = _sum_counts([int((p.eligible & (p.keys >= int(m))).sum()) for p, m in zip(parts, mid)], group, stats)
+        counts = _counts([(p.eligible & (p.keys >= v)).sum() for p, v in zip(parts, mid.tolist())], group, stats)
+        stats.rounds += 1
         ok = counts >= ks_t
         lo = torch.where(ok, mid, lo)
         hi = torch.where(ok, hi, mid - 1)
-    kth = lo
-    above = _sum_counts([int((p.eligible & (p.keys > int(v))).sum()) for p, v in zip(parts, kth)], group, stats)
+    kth = lo.tolist()
+    above = _counts([(p.eligible & (p.keys > v)).sum() for p, v in zip(parts, kth)], group, stats)
+    stats.rounds += 1
     need = ks_t - above  # how many of the elements tied at the k-th key are taken, lowest index first
 
     # Phase 2: among elements tied at the k-th key, the smallest index bound t with
-    # count(index <= t) >= need.
-    tied_pos = [torch.nonzero(p.eligible & (p.keys == int(v))).flatten() for p, v in zip(parts, kth)]
+    # count(index <= t) >= need. The tied elements are few; finding them is one read per tensor.
+    tied_pos = [torch.nonzero(p.eligible & (p.keys == v)).flatten() for p, v in zip(parts, kth)]
+    stats.host_reads += n  # nonzero sizes its output on the host
     tied_idx = [p.global_index(pos) for p, pos in zip(parts, tied_pos)]
     lo = torch.full((n,), -1, dtype=torch.int64)
     hi = torch.as_tensor([p.numel_global - 1 for p in parts], dtype=torch.int64)
@@ -113,18 +165,11 @@ def distributed_topk(parts: list[Part], ks: list[int], group, stats: SelectStats
     hi = torch.where(need > 0, hi, lo)
     while bool((lo < hi).any()):
         mid = (lo + hi) // 2
-        counts = _sum_counts([int((idx <= int(m)).sum()) for idx, m in zip(tied_idx, mid)], group, stats)
+        counts = _counts([(idx <= v).sum() for idx, v in zip(tied_idx, mid.tolist())], group, stats)
+        stats.rounds += 1
         ok = counts >= need
         hi = torch.where(ok, mid, hi)
         lo = torch.where(ok, lo, mid + 1)
-    bound = hi
-
-    masks = []
-    for p, v, b, pos, idx, k in zip(parts, kth, bound, tied_pos, tied_idx, ks):
-        if k == 0:
-            masks.append(torch.zeros_like(p.eligible))
-            continue
-        m = p.eligible & (p.keys > int(v))
-        m[pos[idx <= int(b)]] = True
-        masks.append(m)
-    return masks
+    bound = hi.tolist()
+    return [_select(p, v, pos, idx, b) if k else torch.zeros_like(p.eligible)
+            for p, v, b, pos, idx, k in zip(parts, kth, bound, tied_pos, tied_idx, ks)]

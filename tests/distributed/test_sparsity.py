@@ -6,6 +6,7 @@ what every rank recorded.
 """
 
 import json
+import math
 
 import pytest
 
@@ -71,22 +72,52 @@ def test_sync_bytes_do_not_grow_with_the_weights(train_report):
     """Agreeing on a mask update never ships masks or weights. ZeRO-1/2 ranks decide alone and
     only compare fingerprints (two int64 all-reduces per weight); ZeRO-3 ranks bisect thresholds
     over their slices: at most ~70 all-reduces of one int64 per weight and selection, whatever
-    the weight's size."""
+    the weight's size. ZeRO-3 N:M sends one int64 (NaN agreement) and the scores at its slice
+    ends that complete its neighbours' groups, or nothing on an update that prunes nothing."""
     for per_rank in cases(train_report):
-        r = per_rank[0]
-        n_weights = len(r["expected_final_counts"])
-        selections = 2 if r["section"]["method"] in ("set", "rigl") else 1
-        for u in r["updates"][1:]:
-            sent = u["stats"]["sync_bytes"]
-            if r["stage"] < 3:
-                assert sent == 2 * 8 * n_weights, (r["stage"], r["section"], u)
+        for r in per_rank:
+            n_weights = len(r["expected_final_counts"])
+            selections = 2 if r["section"]["method"] in ("set", "rigl") else 1
+            for u in r["updates"][1:]:
+                sent = u["stats"]["sync_bytes"]
+                if r["stage"] < 3:
+                    assert sent == 2 * 8 * n_weights, (r["stage"], r["section"], u)
+                elif r["section"].get("pattern") == "nm":
+                    assert sent in (0, 8 + r["halo_bytes"]), (r["section"], u)
+                else:
+                    assert 0 < sent <= selections * 70 * 8 * n_weights, (r["section"], u)
+    for per_rank in zero3_nm(cases(train_report)):
+        for r in per_rank:
+            # static exchanges the boundaries for its first masks, GMP at every update that prunes
+            if r["section"]["method"] == "static":
+                assert r["initial_sync_bytes"] == 8 + r["halo_bytes"]
             else:
-                assert 0 < sent <= selections * 70 * 8 * n_weights, (r["section"], u)
+                pruning = [u["stats"]["sync_bytes"] for u in r["updates"][1:] if u["stats"]["changed"]]
+                assert pruning and set(pruning) == {8 + r["halo_bytes"]}, r["section"]
+
+
+def zero3_nm(runs):
+    return [per_rank for per_rank in runs if per_rank[0]["stage"] == 3 and per_rank[0]["section"].get("pattern") == "nm"]
+
+
+def test_zero3_nm_cases_really_cut_groups(train_report, frozen_reports):
+    """The N:M sections under ZeRO-3 run on weights whose slice boundaries cut groups, so the
+    boundary exchange is exercised (the invariant and equality tests cannot pass vacuously)."""
+    runs = cases(train_report) + [per_rank for report in frozen_reports for per_rank in cases(report)]
+    nm_runs = zero3_nm(runs)
+    assert len(nm_runs) == 4  # static 2:4 and GMP 1:3 trained, GMP 2:4 and 1:3 frozen
+    for per_rank in nm_runs:
+        cut = set().union(*(r["straddling"] for r in per_rank))
+        assert any("intermediate.dense" in name for name in cut), per_rank[0]["section"]
+        if per_rank[0]["model"] == "nm3":  # every weight has an odd size there
+            assert cut == set(per_rank[0]["expected_final_counts"]), per_rank[0]["section"]
+        assert all(r["halo_bytes"] > 0 for r in per_rank)
 
 
 @pytest.fixture(scope="module")
 def frozen_reports(tmp_path_factory):
-    """The same sections with frozen weights on 2 ranks (ZeRO 1/2/3) and on DP2 x TP2 (ZeRO 2/3)."""
+    """The same sections with frozen weights on 2 ranks (ZeRO 1/2/3) and on DP2 x TP2 (ZeRO 2/3);
+    N:M sections on shapes that cut groups under ZeRO-3 (2 ranks only)."""
     d = tmp_path_factory.mktemp("frozen")
     run_script("sparse_check.py", "frozen", d / "tp1.json", 1)
     run_script("sparse_check.py", "frozen", d / "tp2.json", 2, "2,3", nproc=4)
@@ -95,7 +126,8 @@ def frozen_reports(tmp_path_factory):
 
 def test_decisions_are_the_same_at_every_layout(frozen_reports):
     """Decide globally, slice locally: the logical mask after every update is the same under
-    ZeRO 1, 2 and 3 and at tensor-parallel degree 1 and 2."""
+    ZeRO 1, 2 and 3 and at tensor-parallel degree 1 and 2 (N:M: ZeRO 1, 2 and 3, where ZeRO-3
+    slices cut groups)."""
     by_section = {}
     for report in frozen_reports:
         for per_rank in report["ranks"]:
@@ -103,10 +135,10 @@ def test_decisions_are_the_same_at_every_layout(frozen_reports):
                 assert r["failures"] == [], r["failures"][:5]
                 key = json.dumps(r["section"], sort_keys=True)
                 by_section.setdefault(key, []).append((report["tp"], r["stage"], r["logical"]))
-    assert len(by_section) == 5
+    assert len(by_section) == 7
     for key, runs in by_section.items():
         layouts = {(tp, stage) for tp, stage, _ in runs}
-        assert (1, 1) in layouts and (2, 2) in layouts, key
+        assert (1, 1) in layouts and ((2, 2) in layouts or '"nm"' in key), key
         if '"rigl"' in key:
             # RigL scores are gradients, and a TP=2 backward is not bitwise the TP=1 backward
             # (other reduction order, other dropout draws on half the heads): compare the
@@ -127,3 +159,57 @@ def test_planted_divergence_is_caught_and_named(tmp_path):
     for r in ranks:
         assert r["clean_bytes"] == 2 * 8 * 12  # min and max of one int64 per weight (12 weights)
         assert r["outcome"].startswith(f"mask of {r['victim']} differs across data-parallel ranks"), r
+
+
+@pytest.fixture(scope="module")
+def balance_report(tmp_path_factory):
+    """DP2 x TP2 (AutoTP on gloo), SET at 70% with different data on each DP rank: balance
+    "shard" under ZeRO-2 and ZeRO-3, "global" under ZeRO-2, on weights whose TP shard 0 is
+    planted 4x larger than shard 1."""
+    out = tmp_path_factory.mktemp("balance") / "balance.json"
+    run_script("sparse_check.py", "balance", out, 2, nproc=4)
+    return json.loads(out.read_text())
+
+
+def kept(density, numel):
+    """The code's count rule (masks.density.active_counts): floor(density * numel + 0.5)."""
+    return math.floor(density * numel + 0.5)
+
+
+def by_balance(report, balance):
+    return [per_rank for per_rank in cases(report) if per_rank[0]["section"]["balance"] == balance]
+
+
+def test_balance_shard_keeps_the_same_count_in_every_tp_shard(balance_report):
+    runs = by_balance(balance_report, "shard")
+    assert sorted(per_rank[0]["stage"] for per_rank in runs) == [2, 3]
+    for per_rank in runs:
+        assert sorted((r["dp_rank"], r["tp_rank"]) for r in per_rank) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+        for r in per_rank:
+            assert r["failures"] == [], (r["stage"], r["failures"][:5])
+            density = 1 - r["section"]["sparsity"]
+            want = {name: [kept(density, rows * cols)] * 2 for name, (rows, cols) in r["shard_shapes"].items()}
+            assert len(r["shard_counts"]) >= 4  # the first masks and at least three updates
+            for step, counts in zip((u["step"] for u in r["updates"]), r["shard_counts"]):
+                assert counts == want, (r["stage"], step)
+        # The same masks on both DP ranks of each TP rank, with different data on each; and
+        # they did change at the updates.
+        for tp_rank in (0, 1):
+            first, second = [r for r in per_rank if r["tp_rank"] == tp_rank]
+            assert first["fingerprints"] == second["fingerprints"], (first["stage"], tp_rank)
+            assert len({json.dumps(fp, sort_keys=True) for fp in first["fingerprints"]}) > 1
+
+
+def test_balance_global_counts_differ_between_shards_on_the_same_weights(balance_report):
+    """The contrast that makes the test above mean something: on the same planted weights the
+    global decision keeps the whole weight's count, most of it in TP shard 0."""
+    [per_rank] = by_balance(balance_report, "global")
+    for r in per_rank:
+        assert r["failures"] == [], r["failures"][:5]
+        density = 1 - r["section"]["sparsity"]
+        for step, counts in zip((u["step"] for u in r["updates"]), r["shard_counts"]):
+            for name, (c0, c1) in counts.items():
+                rows, cols = r["shard_shapes"][name]
+                assert c0 + c1 == kept(density, 2 * rows * cols), (name, step)
+        for name, (c0, c1) in r["shard_counts"][0].items():  # the first (magnitude) masks
+            assert c0 > c1 and c0 != kept(density, math.prod(r["shard_shapes"][name])), name

@@ -9,6 +9,7 @@ import torch
 
 from dist_sparse.masks import (
     EMPTY_THRESHOLD,
+    NmHalo,
     active_counts,
     block_scores,
     check_block_aligned,
@@ -19,7 +20,9 @@ from dist_sparse.masks import (
     kth_value_threshold,
     mask_fingerprint,
     merge_topk_candidates,
+    nm_halo,
     nm_mask,
+    nm_slice_mask,
     pack_mask,
     random_scores,
     select_by_threshold,
@@ -332,6 +335,48 @@ def test_nm_errors():
         nm_mask(scores, 3, 3)
     with pytest.raises(ValueError, match=r"n=0"):
         nm_mask(scores, 0, 2)
+
+
+def zero3_slices(numel, ranks):
+    """ZeRO-3's flat partitions: ceil(numel / ranks) elements each, the last ones short or empty."""
+    part = -(-numel // ranks)
+    return [(min(r * part, numel), min(r * part + part, numel)) for r in range(ranks)]
+
+
+@pytest.mark.parametrize("shape,n,m", [((75, 36), 2, 4), ((33, 45), 1, 3), ((7, 24), 3, 8), ((5, 12), 2, 4)])
+def test_nm_slice_masks_put_together_equal_the_whole_weight(shape, n, m):
+    """Every rank decides its slice from its own scores and the halo its neighbours send; the
+    slices put together are bit for bit ``nm_mask`` of the whole weight, also where groups
+    straddle two slices and where the last slice is short or empty."""
+    scores = tied_scores(shape, 3, sum(shape))  # few distinct values: ties inside straddling groups
+    flat = scores.flatten()
+    want = nm_mask(scores, n, m).flatten()
+    straddled = 0
+    for ranks in (1, 2, 3, 4, 7):
+        slices = zero3_slices(flat.numel(), ranks)
+        if slices[0][1] < m - 1:
+            continue  # the sparsifier refuses partitions this small
+        halos = [nm_halo(a, b, m) for a, b in slices]
+        got = []
+        for r, ((a, b), h) in enumerate(zip(slices, halos)):
+            # What the neighbours send: their own slice ends, sized by their own halo.
+            prev_a, prev_b = slices[r - 1] if r else (0, 0)
+            next_a, next_b = slices[r + 1] if r + 1 < ranks else (b, b)
+            before = flat[prev_b - halos[r - 1].to_next: prev_b] if r else flat[:0]
+            after = flat[next_a: next_a + halos[r + 1].to_prev] if r + 1 < ranks else flat[:0]
+            assert before.numel() == h.from_prev and after.numel() == h.from_next, (ranks, r)
+            straddled += h.from_prev > 0
+            got.append(nm_slice_mask(flat[a:b], a, n, m, before, after))
+        assert torch.equal(torch.cat(got), want), ranks
+    assert straddled > 0  # the shapes were chosen so that some slice boundary cuts a group
+
+
+def test_nm_halo_and_its_errors():
+    assert nm_halo(6, 15, 4) == NmHalo(from_prev=2, from_next=1, to_prev=2, to_next=3)  # [4, 8), [12, 16) cut
+    assert nm_halo(8, 16, 4) == NmHalo(0, 0, 0, 0)
+    assert nm_halo(16, 16, 4) == NmHalo(0, 0, 0, 0)  # an empty trailing slice
+    with pytest.raises(ValueError, match="needs 2 scores before and 1 after, got 0 and 1"):
+        nm_slice_mask(torch.ones(9), 6, 2, 4, torch.ones(0), torch.ones(1))
 
 
 # ---------------------------------------------------------------- densities

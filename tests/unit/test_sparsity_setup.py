@@ -54,9 +54,14 @@ def test_nm_sparsity_must_match():
         sparsifier(method="static", sparsity=0.7, pattern="nm", n=2, m=4)
 
 
-def test_nm_refused_under_zero3():
-    with pytest.raises(ValueError, match=r"not available with ZeRO stage 3"):
-        sparsifier(stage=3, method="static", sparsity=0.5, pattern="nm", n=2, m=4)
+def test_nm_under_zero3_refuses_partitions_smaller_than_a_group():
+    """ZeRO-3 N:M completes cut groups from the two neighbouring slices only."""
+    cfg = SparsityConfig(method="static", sparsity=0.5, pattern="nm", n=2, m=4)
+    targets = select_targets(tiny(), cfg)
+    # 64 x 64 = 4096 weights: 2048 ranks leave 2 per partition, less than m - 1 = 3.
+    with pytest.raises(ValueError, match=r"attention.output.dense.weight is split into partitions of 2 elements over 2048"):
+        Sparsifier(cfg, targets, ZeroAccess(3, None, 0, 2048), GROUPS, max_steps=10)
+    Sparsifier(cfg, targets, ZeroAccess(3, None, 0, 1024), GROUPS, max_steps=10)  # 4 per partition: fine
 
 
 def test_sparsity_range_and_unknown_keys_in_the_json():

@@ -2,12 +2,13 @@
 
     sparse_check.py train  OUT.json   # lr > 0, different data on every rank: invariants after every step
     sparse_check.py frozen OUT.json [TP [STAGES]]  # lr = 0: logical masks of every update, to compare layouts
+    sparse_check.py balance OUT.json 2  # DP2 x TP2: balance "shard" against "global" on planted weights
 
 For every case (ZeRO stage x method x pattern) the script trains a small BERT through
 dist_sparse's engine set-up with the sparsifier and checks, on every rank and after every step:
 exact zeros of pruned weights in the module weight, the fp32 master and both optimizer moments
 (read through deepspeed.utils' public API), exact active counts per layer, regrown weights at
-zero right after an update, block alignment and N:M groups. Mask fingerprints of all ranks are
+zero right after an update, block alignment and N:M groups (every group, on the whole logical mask). Mask fingerprints of all ranks are
 gathered so the test can assert they are equal. Rank 0 writes the report.
 """
 
@@ -21,7 +22,7 @@ from dist_sparse.distributed import comm
 from dist_sparse.distributed.zero import MOMENT_KEYS, ZeroAccess
 from dist_sparse.masks.checksum import mask_fingerprint
 from dist_sparse.masks.density import active_counts, erk_densities, uniform_densities
-from dist_sparse.masks.patterns import check_block_aligned, check_nm
+from dist_sparse.masks.patterns import check_block_aligned, check_nm, nm_halo
 from dist_sparse.model.presets import build_config, build_model
 from dist_sparse.sparsifier import Sparsifier
 from dist_sparse.sparsity.targets import select_targets
@@ -29,6 +30,20 @@ from dist_sparse.train.engine import build_engine
 
 STEPS = 9
 SEQ, VOCAB, MICRO = 16, 64, 4
+
+# Model sizes. "default" splits evenly everywhere. Under ZeRO-3 on 2 ranks a weight of R x C is
+# cut at R*C/2, which cuts an N:M group only when R*C/2 is not a multiple of m: "nm4" (FFN of
+# 75 rows x 36 inputs, cut at 1350 = 4*337 + 2) and "nm3" (every weight has an odd size, so the
+# last partition is also short) make the boundaries straddle groups. Neither splits under TP=2.
+MODELS = {
+    "default": {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128},
+    "nm4": {"hidden_size": 36, "num_attention_heads": 4, "intermediate_size": 75},
+    "nm3": {"hidden_size": 33, "num_attention_heads": 3, "intermediate_size": 45},
+}
+# 75 FFN neurons are not a multiple of 4, so the FFN output weights (75 inputs) stay dense in 2:4
+# sections on "nm4"; '?' keeps the glob off attention.output.dense (fnmatch's '*' crosses dots).
+NM4_SECTION = {"pattern": "nm", "n": 2, "m": 4, "sparsity": 0.5, "exclude": ["bert.encoder.layer.?.output.dense.weight"]}
+NM3_SECTION = {"pattern": "nm", "n": 1, "m": 3, "sparsity": 2 / 3}
 
 CASES = [
     # (zero stage, sparsity section)
@@ -51,6 +66,9 @@ CASES = [
     (3, {"method": "gmp", "sparsity": 0.8, "update_interval": 2, "end_fraction": 0.8}),
     (2, {"method": "gmp", "sparsity": 0.5, "pattern": "nm", "n": 2, "m": 4, "update_interval": 2,
          "end_fraction": 0.8}),
+    # N:M under ZeRO-3 where slice boundaries cut groups (see MODELS)
+    (3, {"method": "static", **NM4_SECTION}, "nm4"),
+    (3, {"method": "gmp", **NM3_SECTION, "update_interval": 2, "end_fraction": 0.8}, "nm3"),
 ]
 
 
@@ -64,13 +82,44 @@ FROZEN_SECTIONS = [
     {"method": "gmp", "sparsity": 0.8, "update_interval": 2, "end_fraction": 0.8},
     {"method": "rigl", "sparsity": 0.75, "update_interval": 2, "end_fraction": 1.0, "drop_schedule": "constant"},
 ]
+# N:M sections on models whose ZeRO-3 slices cut groups; TP=1 only (the models do not split in two).
+FROZEN_NM = [
+    ({"method": "gmp", **NM4_SECTION, "update_interval": 2, "end_fraction": 0.8}, "nm4"),
+    ({"method": "gmp", **NM3_SECTION, "update_interval": 2, "end_fraction": 0.8}, "nm3"),
+]
 
 
-def make_model():
+# balance: "shard" keeps round(density * shard numel) in every TP shard; "global" decides over
+# the whole weight. On weights whose TP shard 0 is planted 4x larger, a global magnitude top-k
+# keeps more of shard 0, so the two modes must differ there.
+BALANCE_SECTION = {"method": "set", "sparsity": 0.7, "init": "magnitude", "update_interval": 2,
+                   "end_fraction": 1.0, "drop_schedule": "constant"}
+BALANCE_CASES = [(2, {**BALANCE_SECTION, "balance": "shard"}), (3, {**BALANCE_SECTION, "balance": "shard"}),
+                 (2, {**BALANCE_SECTION, "balance": "global"})]
+
+
+def plant_heavier_first_shard(model) -> None:
+    """Scale by 4 the half of every encoder Linear weight that TP rank 0 will hold: the first rows
+    of column-parallel layers (query/key/value, intermediate), the first columns of row-parallel
+    ones (attention.output.dense, output.dense)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.startswith("bert.encoder.layer.") or p.dim() != 2:
+                continue
+            if name.endswith("output.dense.weight"):
+                p[:, : p.shape[1] // 2] *= 4
+            else:
+                p[: p.shape[0] // 2] *= 4
+
+
+def make_model(model: str = "default"):
     torch.manual_seed(0)
-    cfg = build_config("bert-tiny", vocab_size=VOCAB, max_position_embeddings=SEQ, hidden_size=64,
-                       num_attention_heads=4, intermediate_size=128)
-    return build_model(cfg)
+    cfg = build_config("bert-tiny", vocab_size=VOCAB, max_position_embeddings=SEQ,
+                       **MODELS["default" if model == "planted" else model])
+    built = build_model(cfg)
+    if model == "planted":
+        plant_heavier_first_shard(built)
+    return built
 
 
 def batch(step: int, dp_rank: int):
@@ -102,23 +151,37 @@ def logical_mask(sp, t, groups):
     return torch.cat(parts, dim=t.shard_dim)
 
 
-def run_case(stage: int, section: dict, frozen: bool, tp: int) -> dict:
+def nm_group_counts(mask: torch.Tensor, m: int) -> set[int]:
+    """The distinct numbers of kept weights over all groups of m along the input dim."""
+    return set(mask.reshape(-1, m).sum(dim=-1).tolist())
+
+
+def run_case(stage: int, section: dict, frozen: bool, tp: int, model: str = "default") -> dict:
     cfg = SparsityConfig(**section)
     ds = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
           "optimizer": {"type": "AdamW", "params": {"lr": 0.0 if frozen else 5e-3, "weight_decay": 0.01}},
           "zero_optimization": {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})}}
     if tp > 1:
         ds["tensor_parallel"] = {"autotp_size": tp}
-    engine = build_engine(make_model(), parse_run_config(ds), lr_lambda=lambda s: 1.0)
+    engine = build_engine(make_model(model), parse_run_config(ds), lr_lambda=lambda s: 1.0)
     groups = comm.parallel_groups(tp)
     zero = ZeroAccess(stage, groups.dp_group, groups.dp_rank, groups.dp_size)
     targets = select_targets(engine.module, cfg, groups.tp_rank, groups.tp_size)
     sp = Sparsifier(cfg, targets, zero, groups, max_steps=STEPS)
     sp.prepare()
+    # Where this rank's ZeRO-3 slice cuts N:M groups, and the bytes of one boundary exchange.
+    straddling, halo_bytes = [], 0
+    if stage == 3 and cfg.pattern == "nm":
+        for t in targets:
+            part = zero.local_slice(t.param, t.shard_numel)
+            h = nm_halo(part.start, part.stop, cfg.m)
+            if h.from_prev or h.from_next:
+                straddling.append(t.name)
+            halo_bytes += 4 * (h.to_prev + h.to_next)  # float32 scores
     shapes = {t.name: t.full_shape for t in targets}
     dens = (erk_densities if cfg.distribution == "erk" else uniform_densities)(shapes, 1 - cfg.sparsity)
     expected_final = active_counts(shapes, dens)
-    failures, updates, fingerprints, logical = [], [], [], []
+    failures, updates, fingerprints, logical, shard_counts = [], [], [], [], []
 
     changed = [0]
 
@@ -143,10 +206,21 @@ def run_case(stage: int, section: dict, frozen: bool, tp: int) -> dict:
                     failures.append(f"step {step} {t.name}: regrown weight does not start at zero")
             if cfg.pattern == "block" and not check_block_aligned(mask, cfg.block_size):
                 failures.append(f"step {step} {t.name}: mask not block aligned")
-            if cfg.pattern == "nm" and step == STEPS and not check_nm(mask, cfg.n, cfg.m):
-                failures.append(f"step {step} {t.name}: N:M violated")
+            if cfg.pattern == "nm":
+                # Exactly on the whole logical mask: every group keeps the same count at every
+                # step (m while GMP is dense, then fewer), n from the start for static and at the
+                # end for GMP.
+                whole = logical_mask(sp, t, groups)
+                kept = nm_group_counts(whole, cfg.m)
+                if len(kept) != 1:
+                    failures.append(f"step {step} {t.name}: N:M groups keep {sorted(kept)} weights")
+                if (step == STEPS or cfg.method == "static") and not check_nm(whole, cfg.n, cfg.m):
+                    failures.append(f"step {step} {t.name}: N:M violated")
         if stats is not None or step == 0:
             counts = {t.name: int(logical_mask(sp, t, groups).sum()) for t in targets}
+            if groups.tp_size > 1:  # active weights of every TP shard, in TP rank order
+                shard_counts.append({t.name: comm.all_gather_object(int(shard_masks[t.name].sum()), groups.tp_group)
+                                     for t in targets})
             fingerprints.append({t.name: mask_fingerprint(shard_masks[t.name]) for t in targets})
             logical.append({t.name: mask_fingerprint(logical_mask(sp, t, groups)) for t in targets})
             updates.append({"step": step, "counts": counts,
@@ -165,9 +239,11 @@ def run_case(stage: int, section: dict, frozen: bool, tp: int) -> dict:
         stats = sp.step(step)
         check(step, old if stats is not None else None, stats)
     sp.remove_hooks()
-    return {"stage": stage, "section": section, "tp": tp, "failures": failures, "updates": updates,
+    return {"stage": stage, "section": section, "tp": tp, "model": model, "failures": failures, "updates": updates,
             "expected_final_counts": expected_final, "fingerprints": fingerprints, "logical": logical,
-            "changed_seen": changed[0],
+            "changed_seen": changed[0], "straddling": straddling, "halo_bytes": halo_bytes,
+            "initial_sync_bytes": sp.history[0]["sync_bytes"], "shard_counts": shard_counts,
+            "shard_shapes": {t.name: list(t.shard_shape) for t in targets},
             "rank": comm.rank(), "dp_rank": groups.dp_rank, "tp_rank": groups.tp_rank}
 
 
@@ -210,8 +286,15 @@ def main():
     stages = tuple(int(x) for x in args[3].split(",")) if len(args) > 3 else (1, 2, 3)
     comm.init()
     frozen = mode == "frozen"
-    cases = CASES if not frozen else [(stage, sec) for sec in FROZEN_SECTIONS for stage in stages]
-    reports = [run_case(stage, dict(section), frozen, tp) for stage, section in cases]
+    if mode == "balance":
+        cases = [(stage, sec, "planted") for stage, sec in BALANCE_CASES]
+    elif frozen:
+        cases = [(stage, sec, "default") for sec in FROZEN_SECTIONS for stage in stages]
+        if tp == 1:
+            cases += [(stage, sec, model) for sec, model in FROZEN_NM for stage in stages]
+    else:
+        cases = [(c + ("default",))[:3] for c in CASES]
+    reports = [run_case(stage, dict(section), frozen, tp, model) for stage, section, model in cases]
     everyone = comm.all_gather_object(reports)
     if comm.rank() == 0:
         with open(out_path, "w") as f:

@@ -1,0 +1,192 @@
+"""Count-only top-k (dist_sparse.sparsity.select): the direct LOCAL selection, the batched
+bisection over one holder, and over slices held by several ranks (threads standing in for
+processes), all bit for bit the per-tensor reference ``masks.topk.topk_among``."""
+
+import threading
+
+import pytest
+import torch
+
+from dist_sparse.distributed import comm
+from dist_sparse.masks.topk import topk_among
+from dist_sparse.sparsity.select import LOCAL, Part, SelectStats, distributed_topk, sortable_keys
+
+SHAPES = [(37, 11), (8, 64), (5, 5), (64, 48), (1, 7), (30, 30)]
+
+
+def tied_problem(shape, seed):
+    """Scores with few distinct values (many ties, both signs, -0.0 and +0.0) and an eligibility mask."""
+    g = torch.Generator().manual_seed(seed)
+    scores = (torch.randint(-3, 4, shape, generator=g).float() * 0.5)
+    scores[torch.rand(shape, generator=g) < 0.1] = -0.0
+    eligible = torch.rand(shape, generator=g) < 0.7
+    return scores, eligible
+
+
+def reference(scores, eligible, k):
+    return topk_among(scores, eligible, k)
+
+
+def ks_for(eligible, seed):
+    g = torch.Generator().manual_seed(seed)
+    total = int(eligible.sum())
+    return [0, total, int(torch.randint(0, total + 1, (1,), generator=g))]
+
+
+def whole_parts(problems, index_of=None):
+    parts = []
+    for i, (scores, eligible) in enumerate(problems):
+        gidx = index_of[i] if index_of else (lambda pos: pos)
+        parts.append(Part(sortable_keys(scores).flatten(), eligible.flatten(), gidx, scores.numel()))
+    return parts
+
+
+@pytest.mark.parametrize("group", [LOCAL, None], ids=["local", "bisection"])
+@pytest.mark.parametrize("pick", range(3))
+def test_selection_of_many_tensors_equals_the_per_tensor_reference(group, pick):
+    """LOCAL selects directly; group None (one holder, no process group) runs the batched
+    bisection. Both give exactly topk_among of every tensor, ties to the lower flat index."""
+    problems = [tied_problem(shape, seed) for seed, shape in enumerate(SHAPES)]
+    ks = [ks_for(e, seed)[pick] for seed, (_, e) in enumerate(problems)]
+    stats = SelectStats()
+    got = distributed_topk(whole_parts(problems), ks, group=group, stats=stats)
+    for (scores, eligible), k, mask in zip(problems, ks, got):
+        assert torch.equal(mask.view(scores.shape), reference(scores, eligible, k))
+    assert stats.allreduces == 0  # nobody to talk to either way
+    if group is LOCAL:
+        assert stats.rounds == 0  # no bisection at all
+
+
+def test_local_selection_breaks_ties_by_global_index_not_local_position():
+    """The tie rule is the logical index: with a local order that is not the global one (a
+    reversed mapping) the direct selection still agrees with the bisection."""
+    scores, eligible = tied_problem((23, 9), 7)
+    n = scores.numel()
+    reverse = [lambda pos: n - 1 - pos]
+    for k in ks_for(eligible, 3):
+        local = distributed_topk(whole_parts([(scores, eligible)], reverse), [k], group=LOCAL)[0]
+        bisected = distributed_topk(whole_parts([(scores, eligible)], reverse), [k], group=None)[0]
+        assert torch.equal(local, bisected) and int(local.sum()) == k
+        # in the reversed order, the reference picks the last of the ties
+        flipped = reference(scores.flatten().flip(0), eligible.flatten().flip(0), k).flip(0)
+        assert torch.equal(local, flipped)
+
+
+class ThreadGroup:
+    """A process group of threads for one-process tests: all_reduce sums the ranks' tensors."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.barrier = threading.Barrier(size, timeout=60)
+        self.slots = [None] * size
+        self.me = threading.local()
+
+    def all_reduce_sum_(self, tensor):
+        self.slots[self.me.rank] = tensor.clone()
+        self.barrier.wait()
+        total = torch.stack(self.slots).sum(dim=0)
+        self.barrier.wait()  # everyone has read the slots before any rank writes the next round
+        tensor.copy_(total)
+        return tensor
+
+    def run(self, fn):
+        """fn(rank) on every rank at once; returns the results in rank order."""
+        results, errors = [None] * self.size, []
+
+        def body(rank):
+            self.me.rank = rank
+            try:
+                results[rank] = fn(rank)
+            except BaseException as err:  # noqa: BLE001 - re-raised below on the main thread
+                errors.append(err)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=body, args=(r,)) for r in range(self.size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return results
+
+
+@pytest.fixture
+def thread_comm(monkeypatch):
+    monkeypatch.setattr(comm, "world_size", lambda group=None: group.size if isinstance(group, ThreadGroup) else 1)
+    monkeypatch.setattr(comm, "all_reduce_sum_", lambda tensor, group=None: group.all_reduce_sum_(tensor))
+
+
+def zero3_slices(numel, ranks):
+    part = -(-numel // ranks)
+    return [(min(r * part, numel), min(r * part + part, numel)) for r in range(ranks)]
+
+
+def sliced_selection(problems, ks, ranks):
+    """Every tensor cut into ZeRO-3-like flat slices, one per rank; returns (whole masks, stats per rank)."""
+    group = ThreadGroup(ranks)
+
+    def on_rank(rank):
+        parts = []
+        for scores, eligible in problems:
+            start, stop = zero3_slices(scores.numel(), ranks)[rank]
+            parts.append(Part(sortable_keys(scores).flatten()[start:stop], eligible.flatten()[start:stop],
+                              lambda pos, start=start: pos + start, scores.numel()))
+        stats = SelectStats()
+        return distributed_topk(parts, ks, group=group, stats=stats), stats
+
+    out = group.run(on_rank)
+    masks = [torch.cat([masks[i] for masks, _ in out]) for i in range(len(problems))]
+    return masks, [stats for _, stats in out]
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_sliced_selection_over_ranks_equals_the_per_tensor_reference(thread_comm, ranks):
+    problems = [tied_problem(shape, seed) for seed, shape in enumerate(SHAPES)]
+    for pick in range(3):
+        ks = [ks_for(e, seed)[pick] for seed, (_, e) in enumerate(problems)]
+        masks, stats = sliced_selection(problems, ks, ranks)
+        for (scores, eligible), k, mask in zip(problems, ks, masks):
+            assert torch.equal(mask.view(scores.shape), reference(scores, eligible, k))
+        # one all-reduce per round and one for the checks, the same on every rank
+        assert all(s == stats[0] for s in stats)
+        assert stats[0].allreduces == stats[0].rounds + 1
+
+
+def test_rounds_and_collectives_do_not_grow_with_the_number_of_tensors(thread_comm):
+    """All tensors of a call share every round: one all-reduce (of one int64 per tensor) and one
+    host read per round, whether there is one tensor or twelve of the same size."""
+    def run(count):
+        problems = [tied_problem((40, 25), seed) for seed in range(count)]
+        ks = [int(e.sum()) // 3 for _, e in problems]
+        masks, stats = sliced_selection(problems, ks, 2)
+        for (scores, eligible), k, mask in zip(problems, ks, masks):
+            assert torch.equal(mask.view(scores.shape), reference(scores, eligible, k))
+        return stats[0]
+
+    one, twelve = run(1), run(12)
+    assert twelve.rounds == one.rounds and twelve.allreduces == one.allreduces
+    assert one.rounds <= 32 + 1 + 10  # key bisection, the count above, index bisection over 1000
+    assert twelve.bytes == 12 * one.bytes  # the vector grows, not the number of messages
+    for stats, count in ((one, 1), (twelve, 12)):
+        # one read per round and one for the checks; finding the tied elements reads once per tensor
+        assert stats.host_reads == stats.rounds + 1 + count
+
+
+def test_a_nan_on_one_rank_stops_every_rank(thread_comm):
+    scores, eligible = tied_problem((10, 10), 1)
+    group = ThreadGroup(2)
+
+    def on_rank(rank):
+        keys_scores = scores.flatten()[rank * 50:(rank + 1) * 50].clone()
+        if rank == 1:
+            keys_scores[3] = float("nan")
+        part = Part(sortable_keys(keys_scores), eligible.flatten()[rank * 50:(rank + 1) * 50],
+                    lambda pos: pos + rank * 50, 100, nan_count=int(torch.isnan(keys_scores).sum()))
+        try:
+            distributed_topk([part], [5], group=group)
+        except ValueError as err:
+            return str(err)
+        return "no error"
+
+    assert all(msg.startswith("mask scores contain NaN (1 values)") for msg in group.run(on_rank))
