@@ -16,10 +16,11 @@ export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 DEMO ?= demo
 DEMO_RANKS ?= 2
 DEMO_STEPS ?= 60
+DEMO_MODEL ?= bert-tiny
 # `make demo DEMO_CONFIG=ds_configs/cpu_zero2_sparse_set.json` trains sparse (SET, 80%, ERK).
 DEMO_CONFIG ?= ds_configs/cpu_zero2.json
 
-.PHONY: setup demo demo-sparse test test-fast clean-demo
+.PHONY: setup demo demo-sparse demo-structured test test-fast clean-demo
 
 setup: $(STAMP)
 
@@ -36,7 +37,7 @@ demo: $(STAMP)
 	@test -f $(DEMO)/data/meta.json || $(VENV)/bin/dist-sparse prepare-data --default-corpus \
 	    --output $(DEMO)/data --vocab-size 8000 --seq-len 128
 	PATH=$(abspath $(VENV))/bin:$$PATH deepspeed --num_gpus $(DEMO_RANKS) launchers/pretrain.py \
-	    --deepspeed_config $(DEMO_CONFIG) --data $(DEMO)/data --model bert-tiny \
+	    --deepspeed_config $(DEMO_CONFIG) --data $(DEMO)/data --model $(DEMO_MODEL) \
 	    --output $(DEMO)/run --max-steps $(DEMO_STEPS) --eval-interval 20 --save-interval 20 --overwrite
 	$(VENV)/bin/dist-sparse export $(DEMO)/run $(DEMO)/hf --overwrite
 	@echo "demo done: TensorBoard logs in $(DEMO)/run/tensorboard, checkpoints in $(DEMO)/run/checkpoints,"
@@ -45,6 +46,11 @@ demo: $(STAMP)
 demo-sparse:
 	$(MAKE) demo DEMO_CONFIG=ds_configs/cpu_zero2_sparse_set.json DEMO=demo-sparse
 	$(VENV)/bin/dist-sparse inspect demo-sparse/run
+
+# EarlyBERT on bert-mini: search, ticket, physical shrink and training on the smaller model.
+demo-structured:
+	$(MAKE) demo DEMO_CONFIG=ds_configs/cpu_zero2_earlybert.json DEMO=demo-structured DEMO_MODEL=bert-mini
+	$(VENV)/bin/dist-sparse inspect demo-structured/run
 
 test: $(STAMP)
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q tests

@@ -7,6 +7,7 @@ under ZeRO-3 each rank holds a slice. Works on any machine; no process group nee
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -106,7 +107,51 @@ def format_report(tag_dir: Path, info: dict) -> str:
     return "\n".join(lines)
 
 
+def _seq_len(tag_dir: Path) -> int:
+    run_json = tag_dir.parent.parent / "run.json"
+    if run_json.exists():
+        return int(json.loads(run_json.read_text())["data_meta"]["seq_len"])
+    return 128
+
+
+def format_structure(tag_dir: Path) -> str | None:
+    """Kept heads and FFN widths per layer and the training FLOPs before/after the shrink, for a
+    checkpoint of a structured-pruning run (None for other checkpoints)."""
+    from dist_sparse.model.config import DistSparseBertConfig
+    from dist_sparse.model.presets import dense_flops_per_token
+    from dist_sparse.train.loop import read_structure
+
+    structure = read_structure(tag_dir)
+    if structure is None or structure.get("structured") is None:
+        return None
+    st = structure["structured"]
+    config = DistSparseBertConfig.from_dict(structure["model_config"])
+    full = DistSparseBertConfig.from_dict({**structure["model_config"], "layer_num_heads": None,
+                                           "layer_intermediate_sizes": None})
+    seq = _seq_len(tag_dir)
+    lines = [f"structured pruning ({st.get('config', {}).get('method', 'earlybert')}): phase {st['phase']}"]
+    det = st["detector"]
+    if st["phase"] == "search":
+        lines.append(f"searching; last distances between keep-sets {[round(d, 4) for d in det['distances']]}")
+    else:
+        lines.append(f"ticket drawn at step {st['ticket_step']}" + (" (forced by max_search_steps)" if st["forced"] else ""))
+    lines.append(f"{'layer':>5}  {'heads':>9}  {'FFN width':>11}")
+    for i in range(config.num_hidden_layers):
+        lines.append(f"{i:>5}  {config.heads_of(i):>4} / {full.heads_of(i):<3}  "
+                     f"{config.intermediate_of(i):>5} / {full.intermediate_of(i):<5}")
+    before = dense_flops_per_token(full, seq, training=True)
+    after = dense_flops_per_token(config, seq, training=True)
+    lines.append(f"training FLOPs per token at seq {seq}: {before / 1e6:.2f} M unpruned, {after / 1e6:.2f} M now "
+                 f"(x{after / before:.3f})")
+    return "\n".join(lines)
+
+
 def run_inspect(args) -> int:
     tag_dir = resolve_checkpoint(args.path)
-    print(format_report(tag_dir, collect(tag_dir)))
+    structure = format_structure(tag_dir)
+    info = collect(tag_dir)
+    if structure is None or info:
+        print(format_report(tag_dir, info))
+    if structure is not None:
+        print(structure if not info else "\n" + structure)
     return 0

@@ -112,7 +112,7 @@ def test_earlybert_dp2_x_tp2_zero2_search_shrink_and_continue(data_dir, tmp_path
     losses = [m["loss"] for m in metrics(run, "train")]
     assert len(losses) == 24
     after = losses[step:]
-    assert sum(after[-3:]) / 3 < sum(after[:3]) / 3 - 0.3, f"loss did not fall after the shrink: {after}"
+    assert sum(after[-3:]) / 3 < sum(after[:3]) / 3 - 0.1, f"loss did not fall after the shrink: {after}"
 
     tag = run / "checkpoints" / "global_step24"
     structure = json.loads((tag / "structure.json").read_text())
@@ -127,6 +127,11 @@ def test_earlybert_dp2_x_tp2_zero2_search_shrink_and_continue(data_dir, tmp_path
                        ("bert.encoder.layer.0.output.dense.weight", (256, 304))):
         assert [tuple(s[key].shape) for s in shards] == [shape, shape], key
     assert not any(k.endswith("slimming_coef") for k in shards[0])
+    from dslaunch import BIN, launch_env
+    import subprocess
+    report = subprocess.run([str(BIN / "dist-sparse"), "inspect", str(run)], capture_output=True, text=True,
+                            env=launch_env(), check=True).stdout
+    assert "phase shrunk" in report and report.count("2 / 4") == 4 and report.count("608 / 1024") == 4
     # The shrink happens inside step `step`, before that step's checkpoint: global_step12 is small.
     at12 = json.loads((run / "checkpoints" / "global_step12" / "structure.json").read_text())
     assert at12["structured"]["phase"] == "shrunk" and at12["structured"]["ticket_step"] == step
