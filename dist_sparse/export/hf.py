@@ -367,16 +367,12 @@ def export(checkpoint: str | Path, out_dir: str | Path, fmt: str = "dense", over
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
         if fmt == "compact":
-            from dist_sparse.export.remote_code import AUTO_MAP, write_remote_code
+            from dist_sparse.export.remote_code import save_compact
 
-            write_remote_code(tmp)
-            # auto_map is what makes AutoConfig / AutoModel* find the files written beside it.
-            cfg_json = json.loads((tmp / "config.json").read_text())
-            cfg_json["auto_map"] = AUTO_MAP
-            cfg_json["architectures"] = ["DistSparseBertForPreTraining"]
-            (tmp / "config.json").write_text(json.dumps(cfg_json, indent=2, sort_keys=True) + "\n")
+            save_compact(model, tmp)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
         AutoTokenizer.from_pretrained(tok_dir).save_pretrained(tmp)
         (tmp / "sparsity.json").write_text(json.dumps(report, indent=2) + "\n")
         max_diff = verify_folder(tmp, reference, fmt, tok_dir)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import json
 from pathlib import Path
 
 CONFIG_MODULE = "configuration_dist_sparse_bert"
@@ -161,5 +162,18 @@ def write_remote_code(folder: Path) -> list[str]:
     return sorted(files)
 
 
+def save_compact(model, folder: Path) -> None:
+    """``model`` (a ``DistSparseBertForPreTraining``) as a folder that loads without dist_sparse:
+    weights and config.json, the two code files, and the ``auto_map`` that makes AutoConfig and
+    AutoModel* find them."""
+    model.save_pretrained(folder, safe_serialization=True)
+    write_remote_code(folder)
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["auto_map"] = AUTO_MAP
+    cfg["architectures"] = ["DistSparseBertForPreTraining"]
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 __all__ = ["AUTO_MAP", "CONFIG_MODULE", "MODELING_MODULE", "configuration_source", "modeling_source",
-           "write_remote_code"]
+           "save_compact", "write_remote_code"]
