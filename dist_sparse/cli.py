@@ -26,8 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="a checkpoint as a Hugging Face folder that stock transformers loads")
     p.add_argument("checkpoint", help="RUN, RUN/checkpoints, or RUN/checkpoints/<tag>")
     p.add_argument("out_dir", help="folder to write (refused if it exists, unless --overwrite)")
-    p.add_argument("--format", choices=["dense", "compact"], default="dense")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--format", choices=["dense", "compact"], default="dense",
+                   help="dense: stock BertForPreTraining, removed heads/neurons as zeros (default); compact: "
+                        "per-layer sizes physically smaller, loaded with trust_remote_code=True")
+    p.add_argument("--tag", help="checkpoint tag to export, e.g. global_step20 (default: the one 'latest' names)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--tokenizer", help="tokenizer folder (default: the run's DATA/tokenizer)")
     p.set_defaults(func=lambda args: __import__("dist_sparse.export.hf", fromlist=["run_export"]).run_export(args))
     return parser

@@ -1,14 +1,24 @@
-"""Export a checkpoint to a Hugging Face folder that stock transformers loads, verified.
+"""Export a checkpoint to a Hugging Face folder, verified in a fresh process.
 
-dense format: a plain ``BertForPreTraining`` folder (config.json, model.safetensors, tokenizer
-files, README.md model card, sparsity.json). Pruned weights are exact zeros, so the exported
-function is exactly the trained one.
+Formats:
 
-The checkpoint is consolidated with DeepSpeed's own tooling (``zero_to_fp32``), so any ZeRO stage
-and any data-parallel size works without the world size it was trained with. Every export
-re-loads the written folder in a fresh process with plain transformers, runs a forward pass on
-sample text, compares with the training model and refuses (leaving nothing behind) above the
-tolerance. The folder is written next to OUT_DIR and renamed onto it only when verified.
+* ``dense`` (default): a stock ``BertForPreTraining`` folder that plain transformers loads with no
+  missing or unexpected keys. Pruned weights are exact zeros; heads and FFN neurons removed by
+  structured pruning are zero rows/columns at their original positions, so the function is
+  exactly the trained one.
+* ``compact``: the trained per-layer head counts and FFN widths, physically smaller, with the
+  model's configuration and modeling code written into the folder (standalone: it does not import
+  dist_sparse); loaded with ``trust_remote_code=True``.
+
+Both carry the tokenizer, a README model card and ``sparsity.json`` (per-layer density, pattern,
+kept heads and FFN widths with their original indices).
+
+Any ZeRO stage, any DP x TP layout, without the training world size (:mod:`.checkpoint`).
+Every export loads the written folder in a fresh process with plain transformers, runs a
+forward pass on sample text, compares with the trained model (the checkpoint's own model with
+its slimming coefficients, if any, before any folding or padding) and fails above the
+tolerance. The folder is written beside OUT_DIR and renamed onto it only once verified, so a
+failure or an interruption leaves nothing half-written.
 """
 
 from __future__ import annotations
@@ -23,22 +33,18 @@ from pathlib import Path
 
 import torch
 
-from dist_sparse.inspect import collect, resolve_checkpoint
+from dist_sparse.export.checkpoint import TIED_KEYS, CheckpointInfo, consolidate, locate, read_info
+from dist_sparse.export.structured import TrainedStructure, compact_state_dict, dense_state_dict
 
+FORMATS = ("dense", "compact")
+# Largest |logit difference| accepted between the exported and the trained model, absolute, fp32.
+# Folding a coefficient rounds once per weight (~1e-7 relative); logits of these models are O(10).
 TOLERANCE = 1e-4
 SAMPLE_TEXT = ["The State of the Union is strong, and the people of this nation are at work.",
                "Congress shall have the power to lay and collect taxes."]
-
-
-def _client_state(tag_dir: Path) -> dict:
-    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
-        path = tag_dir / name
-        if path.exists():
-            state = torch.load(path, map_location="cpu", weights_only=False)
-            if "model_config" not in state:
-                raise ValueError(f"{tag_dir} is a DeepSpeed checkpoint but not one written by dist_sparse")
-            return state
-    raise ValueError(f"{tag_dir}: no model states file (mp_rank_00_model_states.pt): missing shard files?")
+# What a masked-LM model has no place for when it loads a pre-training folder.
+PRETRAINING_ONLY_KEYS = {"bert.pooler.dense.weight", "bert.pooler.dense.bias",
+                         "cls.seq_relationship.weight", "cls.seq_relationship.bias"}
 
 
 def _tokenizer_dir(tag_dir: Path, tokenizer: str | None) -> Path:
@@ -54,152 +60,337 @@ def _tokenizer_dir(tag_dir: Path, tokenizer: str | None) -> Path:
     return path
 
 
-def load_trained_model(tag_dir: Path):
-    """The trained model in fp32, consolidated from any ZeRO stage, and dist_sparse's client state."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} exists and is not a directory; pick another OUT_DIR")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ValueError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
 
-    from dist_sparse.model import DistSparseBertConfig, DistSparseBertForPreTraining
 
-    state = _client_state(tag_dir)
-    if state.get("tp_size", 1) > 1:
-        raise ValueError("exporting a tensor-parallel checkpoint is not supported yet: train with autotp_size 1 "
-                         "or convert it to a universal checkpoint first")
-    try:
-        weights = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    except (FileNotFoundError, ValueError) as err:
-        raise ValueError(f"cannot consolidate {tag_dir}: {err}") from None
-    config = DistSparseBertConfig.from_dict(state["model_config"])
+def _check_not_inside(out_dir: Path, protected: dict[str, Path]) -> None:
+    """--overwrite replaces OUT_DIR whole: never let that delete the checkpoint or the tokenizer."""
+    out = out_dir.resolve()
+    for what, path in protected.items():
+        p = path.resolve()
+        if p == out or out in p.parents:
+            raise ValueError(f"OUT_DIR {out_dir} contains the {what} ({path}); replacing it would delete that: "
+                             "pick another OUT_DIR")
+        if p in out.parents:
+            raise ValueError(f"OUT_DIR {out_dir} is inside the {what} ({path}); pick a folder outside it")
+
+
+def trained_model(weights: dict[str, torch.Tensor], config):
+    """The model exactly as trained: our BERT at the trained sizes, with the slimming coefficients
+    as parameters when the checkpoint has them (so the reference involves no folding or padding)."""
+    from torch import nn
+
+    from dist_sparse.model import DistSparseBertForPreTraining
+    from dist_sparse.structure import HEAD_COEF, NEURON_COEF, layer_key
+
     model = DistSparseBertForPreTraining(config)
+    for i, layer in enumerate(model.bert.encoder.layer):
+        for module, suffix in ((layer.attention.self, HEAD_COEF), (layer.intermediate, NEURON_COEF)):
+            key = layer_key(i, suffix)
+            if key in weights:
+                module.slimming_coef = nn.Parameter(torch.empty_like(weights[key]))
+    _load_exactly(model, weights)
+    return model.eval()
+
+
+def _load_exactly(model, weights: dict) -> None:
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if k != "cls.predictions.decoder.weight"]  # tied to the embeddings
+    missing = [k for k in missing if k not in TIED_KEYS]
     if missing or unexpected:
-        raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(f"the weights do not fit {type(model).__name__}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
     model.tie_weights()
-    return model.eval(), state
 
 
-def _model_card(state: dict, sparsity: dict, fmt: str) -> str:
-    cfg = state["model_config"]
-    lines = [f"# {state['model']} pre-trained with dist_sparse", "",
-             f"Exported ({fmt}) from a DeepSpeed checkpoint at step {state['progress']['step']} of "
-             f"{state['max_steps']}, data-parallel size {state['dp_size']}, sequence length "
-             f"{state['data_meta']['seq_len']}, vocabulary {cfg['vocab_size']} (sentencepiece "
-             f"{state['data_meta'].get('tokenizer_type', '')}).", ""]
-    if sparsity:
-        c = sparsity["config"]
-        total = sum(e["full_shape"][0] * e["full_shape"][1] for e in sparsity["layers"].values())
-        active = sum(e["active"] for e in sparsity["layers"].values())
-        lines += [f"Sparse training: method {c['method']}, target sparsity {c['sparsity']}, pattern {c['pattern']}, "
-                  f"distribution {c['distribution']}. The sparse weights hold {active} non-zeros of {total} "
-                  f"(density {active / total:.4f}); pruned weights are stored as exact zeros. Per-layer figures "
-                  "are in sparsity.json.", ""]
+def _export_model(weights: dict, structure: TrainedStructure, fmt: str):
+    """The model object to save_pretrained, and the config it was built with."""
+    if fmt == "dense":
+        from transformers import BertForPreTraining
+
+        sd, cfg = dense_state_dict(weights, structure)
+        model = BertForPreTraining(cfg.to_hf_bert_config())
     else:
-        lines += ["Dense training (no sparsity).", ""]
-    lines += ["Load with stock transformers:", "", "```python",
-              "from transformers import AutoModelForMaskedLM, AutoTokenizer",
-              "model = AutoModelForMaskedLM.from_pretrained(PATH)",
-              "tokenizer = AutoTokenizer.from_pretrained(PATH)", "```", ""]
-    return "\n".join(lines)
+        from dist_sparse.model import DistSparseBertForPreTraining
+
+        sd, cfg = compact_state_dict(weights, structure)
+        model = DistSparseBertForPreTraining(cfg)
+    _load_exactly(model, sd)
+    return model.eval(), cfg
 
 
-def _sparsity_json(info: dict, model) -> dict:
+# ---------------------------------------------------------------------------------------------
+# sparsity.json and the model card
+
+
+def _sparse_info(tag_dir: Path) -> dict:
+    from dist_sparse.inspect import collect
+
+    return collect(tag_dir)
+
+
+def sparsity_report(info: CheckpointInfo, structure: TrainedStructure, masks: dict, exported, fmt: str) -> dict:
+    """Everything sparsity.json says: per layer the kept heads / FFN neurons (original indices)
+    and the density of the sparse weights, per weight the trained masks' counts, and what the
+    exported tensors actually hold."""
+    cfg = structure.config
+    try:
+        kept = structure.kept_units()
+    except ValueError:
+        kept = None
     layers = {}
-    for i in range(model.config.num_hidden_layers):
-        layers[f"layer.{i}"] = {"heads": model.config.heads_of(i), "ffn": model.config.intermediate_of(i)}
-    out = {"layers": layers}
-    if info:
-        out.update(method=info["config"]["method"], sparsity=info["config"]["sparsity"],
-                   pattern=info["config"]["pattern"], distribution=info["config"]["distribution"],
-                   weights={n: {"shape": list(e["full_shape"]), "active": e["active"],
-                                "density": e["active"] / (e["full_shape"][0] * e["full_shape"][1])}
-                            for n, e in sorted(info["layers"].items())})
+    for i in range(cfg.num_hidden_layers):
+        entry = {"heads": cfg.heads_of(i), "num_attention_heads": cfg.num_attention_heads,
+                 "ffn": cfg.intermediate_of(i), "intermediate_size": cfg.intermediate_size,
+                 "kept_heads": None if kept is None else kept[i]["heads"],
+                 "kept_ffn_neurons": None if kept is None else kept[i]["neurons"]}
+        if masks:
+            mine = [e for n, e in masks["layers"].items() if n.startswith(f"bert.encoder.layer.{i}.")]
+            total = sum(e["full_shape"][0] * e["full_shape"][1] for e in mine)
+            active = sum(e["active"] for e in mine)
+            entry["density"] = active / total if total else None
+        layers[f"layer.{i}"] = entry
+    out = {"format": fmt,
+           "checkpoint": {"tag": info.tag_dir.name, "step": info.step, "zero_stage": info.zero_stage,
+                          "dp_size": info.dp_size, "tp_size": info.tp_size},
+           "layers": layers, "structured": None, "method": None}
+    if structure.structured:
+        s = structure.structured
+        out["structured"] = {"method": (s.get("config") or {}).get("method", "earlybert"), "phase": s.get("phase"),
+                             "ticket_step": s.get("ticket_step"), "forced": s.get("forced"),
+                             "config": s.get("config")}
+    if masks:
+        c = masks["config"]
+        out.update(method=c["method"], sparsity=c["sparsity"], pattern=c["pattern"], distribution=c["distribution"])
+        if c["pattern"] == "block":
+            out["block_size"] = c.get("block_size")
+        if c["pattern"] == "nm":
+            out["n"], out["m"] = c.get("n"), c.get("m")
+        out["weights"] = {n: {"shape": list(e["full_shape"]), "active": e["active"],
+                              "density": e["active"] / (e["full_shape"][0] * e["full_shape"][1])}
+                          for n, e in sorted(masks["layers"].items())}
+    # What the exported file holds, measured on it: a dense export of a shrunk model has the
+    # removed units as extra zeros, so its densities are lower than the trained masks'.
+    params = dict(exported.named_parameters())
+    out["exported_nonzero"] = {
+        n: {"shape": list(p.shape), "nonzero": int((p != 0).sum()), "density": float((p != 0).float().mean())}
+        for n, p in sorted(params.items()) if n.startswith("bert.encoder.layer.") and p.dim() == 2}
     return out
 
 
+def _numel(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_card(info: CheckpointInfo, report: dict, fmt: str, trained_params: int, exported_params: int,
+               max_diff: float, tolerance: float) -> str:
+    state = info.client_state
+    cfg = info.model_config
+    meta = state.get("data_meta", {})
+    lines = [f"# {state.get('model', 'BERT')} pre-trained with dist_sparse", "",
+             f"Exported ({fmt}) from DeepSpeed checkpoint `{info.tag_dir.name}` at step {info.step} of "
+             f"{state.get('max_steps', '?')}: ZeRO-{info.zero_stage}, data-parallel {info.dp_size} x tensor-parallel "
+             f"{info.tp_size}, sequence length {meta.get('seq_len', '?')}, vocabulary {cfg.get('vocab_size')} "
+             f"(sentencepiece {meta.get('tokenizer_type', '')}).", ""]
+    if report.get("method"):
+        weights = report["weights"]
+        total = sum(w["shape"][0] * w["shape"][1] for w in weights.values())
+        active = sum(w["active"] for w in weights.values())
+        lines += [f"Sparse training: method {report['method']}, target sparsity {report['sparsity']}, pattern "
+                  f"{report['pattern']}, distribution {report['distribution']}. The sparse weights hold {active} "
+                  f"non-zeros of {total} (density {active / total:.4f}); pruned weights are stored as exact zeros. "
+                  "Per-layer and per-weight figures are in sparsity.json.", ""]
+    else:
+        lines += ["No unstructured sparsity (dense weights).", ""]
+    s = report.get("structured")
+    if s and s["phase"] == "shrunk":
+        how = "forced at the end of the search" if s.get("forced") else "early-bird criterion met"
+        lines += [f"Structured pruning ({s['method']}): the ticket was drawn at step {s.get('ticket_step')} ({how}) and "
+                  f"the model physically shrunk; training continued on the smaller model. Parameters: "
+                  f"{trained_params:,} trained" + (f", {exported_params:,} in this dense export (removed heads and "
+                                                   "FFN neurons stored as zero rows/columns)" if fmt == "dense"
+                                                   else " (this compact export has the same)") + ".", "",
+                  "| layer | heads kept (original indices) | FFN width kept |", "|---|---|---|"]
+        for name, e in report["layers"].items():
+            heads = ", ".join(map(str, e["kept_heads"])) if e["kept_heads"] is not None else "?"
+            lines.append(f"| {name} | {e['heads']} of {e['num_attention_heads']} ({heads}) | "
+                         f"{e['ffn']} of {e['intermediate_size']} |")
+        lines += ["", "The kept FFN neuron indices are in sparsity.json.", ""]
+    elif s:
+        lines += [f"Structured pruning ({s['method']}) was still searching at this step: the slimming coefficients "
+                  "are folded into the weights (same function) and no head or neuron is removed yet.", ""]
+    if fmt == "dense":
+        lines += ["Format: dense-equivalent, a stock `BertForPreTraining` folder. Load with plain transformers:", "",
+                  "```python", "from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline",
+                  "model = AutoModelForMaskedLM.from_pretrained(PATH)",
+                  "tokenizer = AutoTokenizer.from_pretrained(PATH)",
+                  "fill = pipeline(\"fill-mask\", model=PATH)", "```", ""]
+    else:
+        lines += ["Format: compact, per-layer head counts and FFN widths physically smaller. The folder carries its "
+                  "configuration and modeling code (standalone, torch + transformers only):", "",
+                  "```python", "from transformers import AutoModelForMaskedLM, AutoModelForPreTraining, AutoTokenizer",
+                  "model = AutoModelForMaskedLM.from_pretrained(PATH, trust_remote_code=True)",
+                  "tokenizer = AutoTokenizer.from_pretrained(PATH)", "```", ""]
+    lines += [f"Verified on export: reloaded in a fresh process with plain transformers, the logits differ from the "
+              f"trained model's by at most {max_diff:.3g} (tolerance {tolerance:g}).", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# verification in a fresh process
+
 VERIFY_SCRIPT = r"""
 import json, sys, torch
-from transformers import AutoModelForMaskedLM, AutoTokenizer, BertForPreTraining
-folder, texts, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+from transformers import AutoModelForMaskedLM, AutoModelForPreTraining, AutoTokenizer, BertForPreTraining
+folder, texts, out, fmt = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
+remote = fmt == "compact"
 tok = AutoTokenizer.from_pretrained(folder)
 batch = tok(texts, padding=True, return_tensors="pt")
-pre, info = BertForPreTraining.from_pretrained(folder, output_loading_info=True)
-mlm = AutoModelForMaskedLM.from_pretrained(folder)
+if remote:
+    pre, pre_info = AutoModelForPreTraining.from_pretrained(folder, trust_remote_code=True, output_loading_info=True)
+else:
+    pre, pre_info = BertForPreTraining.from_pretrained(folder, output_loading_info=True)
+mlm, mlm_info = AutoModelForMaskedLM.from_pretrained(folder, trust_remote_code=remote, output_loading_info=True)
 with torch.no_grad():
-    a = pre.eval()(**batch).prediction_logits
-    b = mlm.eval()(**batch).logits
+    p = pre.eval()(**batch)
+    m = mlm.eval()(**batch)
 torch.save({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-            "token_type_ids": batch.get("token_type_ids"), "pretraining": a, "masked_lm": b,
-            "missing": info["missing_keys"], "unexpected": info["unexpected_keys"]}, out)
+            "token_type_ids": batch.get("token_type_ids"), "pretraining": p.prediction_logits,
+            "nsp": p.seq_relationship_logits, "masked_lm": m.logits,
+            "pre_info": {k: sorted(map(str, v)) for k, v in pre_info.items() if k != "error_msgs"},
+            "mlm_info": {k: sorted(map(str, v)) for k, v in mlm_info.items() if k != "error_msgs"},
+            "classes": [type(pre).__name__, type(mlm).__name__],
+            "dist_sparse_modules": sorted(n for n in sys.modules if n.split(".")[0] == "dist_sparse")}, out)
 """
 
 
-def verify_folder(folder: Path, model) -> float:
-    """Load ``folder`` with plain transformers in a fresh process; largest |logit difference|."""
+def verify_folder(folder: Path, reference, fmt: str = "dense", tokenizer_dir: Path | None = None) -> float:
+    """Load ``folder`` with plain transformers in a fresh process; the largest |logit difference|
+    (MLM logits of both models, NSP logits) to ``reference`` on the sample text.
+
+    Raises ValueError when the folder does not load, loads with missing/unexpected keys, imports
+    dist_sparse (compact), or tokenizes differently from ``tokenizer_dir``.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.pt"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK"))}
-        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        proc = subprocess.run([sys.executable, "-c", VERIFY_SCRIPT, str(folder), json.dumps(SAMPLE_TEXT), str(out)],
+        # Offline: the folder must load from itself; a remote-code cache in a temporary HF_HOME so
+        # the check is not served by modules another export left behind.
+        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(Path(tmp) / "modules"))
+        proc = subprocess.run([sys.executable, "-c", VERIFY_SCRIPT, str(folder), json.dumps(SAMPLE_TEXT), str(out), fmt],
                               capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise ValueError(f"the exported folder does not load with plain transformers:\n{proc.stderr[-3000:]}")
         got = torch.load(out, weights_only=False)
-    if got["missing"] or got["unexpected"]:
-        raise ValueError(f"transformers reports missing keys {got['missing']} / unexpected {got['unexpected']}")
+    pre, mlm = got["pre_info"], got["mlm_info"]
+    if pre["missing_keys"] or pre["unexpected_keys"] or pre.get("mismatched_keys"):
+        raise ValueError(f"transformers loads the pre-training model with missing keys {pre['missing_keys']}, "
+                         f"unexpected {pre['unexpected_keys']}, mismatched {pre.get('mismatched_keys')}")
+    if mlm["missing_keys"] or set(mlm["unexpected_keys"]) - PRETRAINING_ONLY_KEYS or mlm.get("mismatched_keys"):
+        raise ValueError(f"transformers loads the masked-LM model with missing keys {mlm['missing_keys']}, "
+                         f"unexpected {mlm['unexpected_keys']}, mismatched {mlm.get('mismatched_keys')}")
+    if got["dist_sparse_modules"]:
+        raise ValueError(f"loading the exported folder imported {got['dist_sparse_modules'][:3]}: it is not standalone")
+    if tokenizer_dir is not None:
+        from transformers import AutoTokenizer
+
+        ref = AutoTokenizer.from_pretrained(tokenizer_dir)(SAMPLE_TEXT, padding=True, return_tensors="pt")
+        if not torch.equal(ref["input_ids"], got["input_ids"]):
+            raise ValueError("the exported tokenizer gives different token ids than the run's tokenizer")
     with torch.no_grad():
-        ref = model(input_ids=got["input_ids"], attention_mask=got["attention_mask"],
-                    token_type_ids=got["token_type_ids"]).prediction_logits
+        ref = reference(input_ids=got["input_ids"], attention_mask=got["attention_mask"],
+                        token_type_ids=got["token_type_ids"])
     keep = got["attention_mask"].bool()
-    diff_pre = (got["pretraining"] - ref)[keep].abs().max().item()
-    diff_mlm = (got["masked_lm"] - ref)[keep].abs().max().item()
-    return max(diff_pre, diff_mlm)
+    return max((got["pretraining"] - ref.prediction_logits)[keep].abs().max().item(),
+               (got["masked_lm"] - ref.prediction_logits)[keep].abs().max().item(),
+               (got["nsp"] - ref.seq_relationship_logits).abs().max().item())
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _umask_permissions(folder: Path) -> None:
+    """mkdtemp makes a 0700 folder and safetensors writes 0600 files; an exported model is meant to
+    be shared, so give it the permissions a plain mkdir/open would (the user's umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for f in folder.iterdir():
+        os.chmod(f, 0o666 & ~umask)
+
+
+def _commit(tmp: Path, out_dir: Path) -> None:
+    """Put the verified folder at OUT_DIR. An existing OUT_DIR (--overwrite) is moved aside first and
+    deleted only once the new folder is in place, so there is always a whole folder there."""
+    _umask_permissions(tmp)
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, old / out_dir.name)
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        if old is not None:
+            os.replace(old / out_dir.name, out_dir)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def export(checkpoint: str | Path, out_dir: str | Path, fmt: str = "dense", overwrite: bool = False,
-           tokenizer: str | None = None, tolerance: float = TOLERANCE) -> dict:
-    if fmt != "dense":
-        raise ValueError(f"--format {fmt!r} is not available yet; use --format dense")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ValueError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
-    tag_dir = resolve_checkpoint(checkpoint)
-    tok_dir = _tokenizer_dir(tag_dir, tokenizer)
-    model, state = load_trained_model(tag_dir)
-    if not model.config.is_uniform():
-        raise ValueError("this checkpoint has per-layer head counts or FFN widths; the dense format needs uniform "
-                         "sizes (the compact format for shrunk models is not available yet)")
-    info = collect(tag_dir)
+           tokenizer: str | None = None, tolerance: float = TOLERANCE, tag: str | None = None) -> dict:
+    """Export one checkpoint; see the module docstring. Returns a summary (paths, max_diff)."""
+    from transformers import AutoTokenizer
 
-    from transformers import AutoTokenizer, BertForPreTraining
+    from dist_sparse.model import DistSparseBertConfig
+
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, overwrite)
+    tag_dir = locate(checkpoint, tag)
+    tok_dir = _tokenizer_dir(tag_dir, tokenizer)
+    _check_not_inside(out_dir, {"checkpoint": tag_dir, "tokenizer": tok_dir})
+    info = read_info(tag_dir)
+    config = DistSparseBertConfig.from_dict(info.model_config)
+    structure = TrainedStructure(config, info.structured)
+    weights = consolidate(info, config)
+    reference = trained_model(weights, config)
+    model, out_cfg = _export_model(weights, structure, fmt)
+    masks = _sparse_info(tag_dir)
+    report = sparsity_report(info, structure, masks, model, fmt)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        hf = BertForPreTraining(model.config.to_hf_bert_config())
-        missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
-        if [k for k in missing if k != "cls.predictions.decoder.weight"] or unexpected:
-            raise ValueError(f"state dict does not map onto BertForPreTraining: {missing[:5]} {unexpected[:5]}")
-        hf.tie_weights()
-        hf.save_pretrained(tmp, safe_serialization=True)
+        if fmt == "compact":
+            from dist_sparse.export.remote_code import save_compact
+
+            save_compact(model, tmp)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
         AutoTokenizer.from_pretrained(tok_dir).save_pretrained(tmp)
-        (tmp / "README.md").write_text(_model_card(state, info, fmt))
-        (tmp / "sparsity.json").write_text(json.dumps(_sparsity_json(info, model), indent=2) + "\n")
-        max_diff = verify_folder(tmp, model)
+        (tmp / "sparsity.json").write_text(json.dumps(report, indent=2) + "\n")
+        max_diff = verify_folder(tmp, reference, fmt, tok_dir)
         print(f"verified: plain transformers reproduces the trained model's logits to {max_diff:.3g} "
               f"(tolerance {tolerance:g})")
         if not max_diff <= tolerance:
             raise ValueError(f"exported model differs from the trained one by {max_diff:.3g} > {tolerance:g}")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        (tmp / "README.md").write_text(model_card(info, report, fmt, sum(p.numel() for p in reference.parameters()),
+                                                  _numel(model), max_diff, tolerance))
+        _commit(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"out_dir": str(out_dir), "max_diff": max_diff, "checkpoint": str(tag_dir)}
+    return {"out_dir": str(out_dir), "max_diff": max_diff, "checkpoint": str(tag_dir), "format": fmt}
 
 
 def run_export(args) -> int:
     result = export(args.checkpoint, args.out_dir, fmt=args.format, overwrite=args.overwrite,
-                    tokenizer=args.tokenizer)
-    print(f"exported {result['checkpoint']} -> {result['out_dir']}")
+                    tokenizer=args.tokenizer, tag=args.tag)
+    print(f"exported {result['checkpoint']} -> {result['out_dir']} ({result['format']})")
     return 0

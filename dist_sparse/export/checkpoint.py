@@ -1,0 +1,242 @@
+"""Read a dist_sparse checkpoint back as one whole fp32 state dict, on one process.
+
+Locating: RUN, RUN/checkpoints or RUN/checkpoints/<tag>; ``tag`` picks another checkpoint than
+the one ``latest`` names.
+
+Consolidating without the training world size, through DeepSpeed's own tooling:
+
+* ZeRO (stages 1-3) partitions the fp32 master weights over the data-parallel ranks;
+  ``deepspeed.utils.zero_to_fp32`` puts them together. It reads every ``*_optim_states.pt`` of a
+  directory and expects their number to equal the data-parallel size, so under tensor
+  parallelism (one set of files per TP rank: ``..._mp_rank_XX_...``) it is pointed at one TP
+  rank at a time, through a temporary directory of symbolic links to that rank's files.
+* The TP shards are then merged with the layout DeepSpeed recorded (:mod:`.tp_merge`).
+
+DeepSpeed's universal-checkpoint conversion (``ds_to_universal``) also handles AutoTP, but it
+writes a second copy of the whole checkpoint (optimizer moments included) to disk, and it would
+merge the slimming coefficients wrongly (AutoTP's metadata calls them replicated); the pieces
+used here are the same DeepSpeed code paths without either cost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dist_sparse.export.tp_merge import merge_tp_shards
+from dist_sparse.structure import HEAD_COEF, NEURON_COEF, layer_key
+
+STRUCTURE_FILE = "structure.json"          # dist_sparse.train.loop.STRUCTURE_FILE
+SPARSITY_FILE_PREFIX = "sparsity_rank"     # dist_sparse.train.loop.SPARSITY_FILE_PREFIX
+LATEST_FILE = "latest"
+TIED_KEYS = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+_MODEL_STATES = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
+_OPTIM_STATES = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+
+
+def _tags(ckpt_dir: Path) -> list[str]:
+    return sorted((p.name for p in ckpt_dir.iterdir() if p.is_dir() and _is_tag_dir(p)),
+                  key=lambda t: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", t)])
+
+
+def _is_tag_dir(path: Path) -> bool:
+    return any(_MODEL_STATES.match(p.name) for p in path.iterdir()) if path.is_dir() else False
+
+
+def locate(path: str | Path, tag: str | None = None) -> Path:
+    """The checkpoint tag directory that ``path`` (and ``tag``) name, or a ValueError saying why not."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"{path} is a file, not a run directory or a checkpoint directory")
+    if _is_tag_dir(path):
+        if tag is not None and tag != path.name:
+            raise ValueError(f"{path} is itself checkpoint {path.name!r}; --tag {tag} names another one: "
+                             "pass the run directory with --tag, or the tag directory alone")
+        return path
+    ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    tags = _tags(ckpt_dir)
+    latest = ckpt_dir / LATEST_FILE
+    if not tags and not latest.is_file():
+        raise ValueError(f"{path} is not a checkpoint: expected a run directory (with checkpoints/), its "
+                         "checkpoints/ directory (with 'latest'), or one checkpoint directory "
+                         "(with mp_rank_00_model_states.pt or zero_pp_rank_0_mp_rank_00_model_states.pt)")
+    available = ", ".join(tags) if tags else "none"
+    if tag is not None:
+        if not (ckpt_dir / tag).is_dir():
+            raise ValueError(f"no checkpoint {tag!r} in {ckpt_dir} (available: {available})")
+        if not _is_tag_dir(ckpt_dir / tag):
+            raise ValueError(f"{ckpt_dir / tag} holds no model states file: the checkpoint is incomplete or "
+                             f"not a DeepSpeed checkpoint (available: {available})")
+        return ckpt_dir / tag
+    if not latest.is_file():
+        raise ValueError(f"{ckpt_dir} has no 'latest' file naming the last complete checkpoint; pick one with "
+                         f"--tag (available: {available})")
+    name = latest.read_text().strip()
+    if not (ckpt_dir / name).is_dir():
+        raise ValueError(f"{latest} names checkpoint {name!r}, which does not exist in {ckpt_dir}; pick one with "
+                         f"--tag (available: {available})")
+    if not _is_tag_dir(ckpt_dir / name):
+        raise ValueError(f"{ckpt_dir / name} (named by {latest}) holds no model states file; pick another "
+                         f"checkpoint with --tag (available: {available})")
+    return ckpt_dir / name
+
+
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint says about itself, read from rank 0's model states and structure.json."""
+
+    tag_dir: Path
+    client_state: dict
+    zero_stage: int
+    dp_size: int
+    tp_size: int
+    model_config: dict
+    structured: dict | None
+    uc_info: dict | None = None
+    files: dict[int, list[Path]] = field(default_factory=dict)   # TP rank -> its files
+
+    @property
+    def step(self) -> int:
+        return int(self.client_state.get("progress", {}).get("step", 0))
+
+
+def _rank0_model_states(tag_dir: Path) -> Path:
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if (tag_dir / name).is_file():
+            return tag_dir / name
+    raise ValueError(f"{tag_dir}: no model states file of rank 0 (mp_rank_00_model_states.pt or "
+                     "zero_pp_rank_0_mp_rank_00_model_states.pt): the checkpoint is incomplete")
+
+
+def _expected_files(stage: int, dp: int, tp: int) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for t in range(tp):
+        names = [f"zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt" for d in range(dp)]
+        if stage == 3:  # ZeRO-3 partitions the module states too: one file per rank
+            names += [f"zero_pp_rank_{d}_mp_rank_{t:02d}_model_states.pt" for d in range(dp)]
+        else:
+            names.append(f"mp_rank_{t:02d}_model_states.pt")
+        out[t] = names
+    return out
+
+
+def read_info(tag_dir: Path) -> CheckpointInfo:
+    """Client state, layout and file list of a checkpoint; every shard file must be present."""
+    path = _rank0_model_states(tag_dir)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated or foreign file: say which one
+        raise ValueError(f"cannot read {path}: {err}") from None
+    if not isinstance(state, dict) or "module" not in state:
+        raise ValueError(f"{path} is not a DeepSpeed model states file")
+    if "model_config" not in state:
+        raise ValueError(f"{tag_dir} is a DeepSpeed checkpoint but not one written by dist_sparse (no model_config "
+                         "in its client state)")
+    ds_config = state.get("ds_config") or {}
+    stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+    if stage not in (1, 2, 3):
+        raise ValueError(f"{tag_dir} was trained without ZeRO (stage {stage}); export consolidates ZeRO stage 1-3 "
+                         "checkpoints, whose optimizer files hold the fp32 master weights")
+    tp = int(state.get("tp_size", state.get("mp_world_size", 1)))
+    dp = int(state.get("dp_size", state.get("dp_world_size", 1)))
+    if int(state.get("mp_world_size", tp)) != tp:
+        raise ValueError(f"{path}: dist_sparse recorded tensor-parallel size {tp}, DeepSpeed {state['mp_world_size']}")
+
+    expected = _expected_files(stage, dp, tp)
+    missing = [n for names in expected.values() for n in names if not (tag_dir / n).is_file()]
+    if missing:
+        total = sum(len(v) for v in expected.values())
+        raise ValueError(f"checkpoint {tag_dir} is incomplete: {len(missing)} of the {total} shard files of a "
+                         f"ZeRO-{stage} DP {dp} x TP {tp} checkpoint are missing ({', '.join(missing[:4])}"
+                         f"{', ...' if len(missing) > 4 else ''}); was it copied whole? Another checkpoint can be "
+                         "picked with --tag")
+    extra = sorted(p.name for p in tag_dir.iterdir()
+                   if (_MODEL_STATES.match(p.name) or _OPTIM_STATES.match(p.name))
+                   and p.name not in {n for names in expected.values() for n in names})
+    if extra:
+        raise ValueError(f"checkpoint {tag_dir} holds shard files a DP {dp} x TP {tp} run does not write "
+                         f"({', '.join(extra[:4])}): files of another run were copied into it?")
+
+    model_config, structured = state["model_config"], state.get("structured")
+    structure_file = tag_dir / STRUCTURE_FILE
+    if structure_file.is_file():
+        # Written by rank 0 beside DeepSpeed's files; the same content as the client state.
+        structure = json.loads(structure_file.read_text())
+        model_config, structured = structure["model_config"], structure.get("structured")
+    return CheckpointInfo(tag_dir=tag_dir, client_state=state, zero_stage=stage, dp_size=dp, tp_size=tp,
+                          model_config=model_config, structured=structured,
+                          uc_info=state.get("universal_checkpoint_info"),
+                          files={t: [tag_dir / n for n in names] for t, names in expected.items()})
+
+
+def _consolidate_rank(info: CheckpointInfo, tp_rank: int) -> dict[str, torch.Tensor]:
+    """zero_to_fp32 over one TP rank's data-parallel partitions (a view of only its files)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="dist_sparse_export_") as tmp:
+        view = Path(tmp) / info.tag_dir.name
+        view.mkdir()
+        for f in info.files[tp_rank]:
+            (view / f.name).symlink_to(f.resolve())
+        log = io.StringIO()  # zero_to_fp32 narrates every file it reads; keep it for errors only
+        try:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                weights = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=view.name)
+        except (FileNotFoundError, ValueError, KeyError, RuntimeError) as err:
+            raise ValueError(f"cannot consolidate the ZeRO partitions of tensor-parallel rank {tp_rank} of "
+                             f"{info.tag_dir}: {err}\n{log.getvalue()[-2000:]}") from None
+    # Some entries come back as views with requires_grad set; plain tensors are what we merge.
+    return {k: v.detach() for k, v in weights.items()}
+
+
+def logical_shapes(model_config, with_coefficients: bool) -> dict[str, tuple[int, ...]]:
+    """Shape of every state-dict entry of the whole (unsharded) model as trained.
+
+    The model is built on the meta device (no memory). Coefficients: one per head and per FFN
+    neuron of every layer, present while the structured search runs.
+    """
+    from dist_sparse.model import DistSparseBertForPreTraining
+
+    with torch.device("meta"):
+        model = DistSparseBertForPreTraining(model_config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if with_coefficients:
+        for i in range(model_config.num_hidden_layers):
+            shapes[layer_key(i, HEAD_COEF)] = (model_config.heads_of(i),)
+            shapes[layer_key(i, NEURON_COEF)] = (model_config.intermediate_of(i),)
+    return shapes
+
+
+def consolidate(info: CheckpointInfo, model_config, provenance: dict | None = None) -> dict[str, torch.Tensor]:
+    """The whole fp32 state dict of the model as trained (coefficients included while searching).
+
+    ``provenance``, if given, is filled with how each tensor-parallel parameter was merged
+    (see :func:`dist_sparse.export.tp_merge.merge_tp_shards`)."""
+    # The tied aliases (MLM decoder = word embeddings, decoder bias = prediction bias) are not
+    # parameters of their own; DeepSpeed records the aliasing on TP rank 0 only, so zero_to_fp32
+    # adds them to rank 0's dict alone. The model re-ties them on load: drop them everywhere.
+    shards = [{k: v for k, v in _consolidate_rank(info, t).items() if k not in TIED_KEYS}
+              for t in range(info.tp_size)]
+    searching = bool(info.structured) and info.structured.get("phase") == "search"
+    shapes = {k: v for k, v in logical_shapes(model_config, with_coefficients=searching).items()
+              if k not in TIED_KEYS}
+    merged, how = merge_tp_shards(shards, shapes, info.uc_info)
+    if provenance is not None:
+        provenance.update(how)
+    missing = [k for k in shapes if k not in merged]
+    if missing:
+        raise ValueError(f"{info.tag_dir}: the checkpoint lacks parameters its model config has: {missing[:5]}"
+                         + (" (a structured search checkpoint without slimming coefficients?)" if searching else ""))
+    return merged
+
+
+__all__ = ["CheckpointInfo", "consolidate", "locate", "logical_shapes", "read_info"]
