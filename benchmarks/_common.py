@@ -15,6 +15,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import socket
 import statistics
 import subprocess
@@ -26,6 +27,17 @@ from typing import Callable, TypeVar
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+# Peak dense (no 2:4 sparsity) bf16 tensor-core TFLOP/s from NVIDIA's data sheets. Matched as a
+# substring of torch.cuda.get_device_name() in this order, so the more specific H100 variants
+# (PCIe and NVL have lower clocks / fewer SMs than SXM) are tried before the bare "H100".
+PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),   # SXM5 (device name "NVIDIA H100 80GB HBM3")
+    ("H200", 989.0),   # same compute die as H100 SXM, more and faster memory
+    ("A100", 312.0),
+]
 
 MLM_PROBABILITY = 0.15  # BERT's fraction of positions that carry an MLM label
 DATA_POOL = 4           # distinct synthetic batches cycled per rank (enough to avoid one cached batch)
@@ -69,6 +81,13 @@ def setup_device(local_rank: int = 0) -> tuple[bool, Callable[[], None]]:
             torch.cuda.synchronize()
 
     return on_gpu, sync
+
+
+def peak_tflops_for(device_name: str) -> float | None:
+    for key, tflops in PEAK_BF16_TFLOPS:
+        if key.lower() in device_name.lower():
+            return tflops
+    return None
 
 
 def cpu_model() -> str:
@@ -198,6 +217,23 @@ def stats(xs: list[float]) -> dict | None:
         return None
     return {"n": len(xs), "mean": statistics.fmean(xs), "median": statistics.median(xs),
             "min": min(xs), "max": max(xs)}
+
+
+def bootstrap_ratio_ci(num: list[float], den: list[float], reps: int = 2000, seed: int = 0) -> list[float]:
+    """95% bootstrap interval of sum(num) / sum(den), resampling rounds (pairs stay together).
+
+    It shows how far the scatter of a shared machine lets a ratio be trusted; it does not cover
+    slow drifts that hit one variant's rounds more than another's."""
+    rng = random.Random(seed)
+    n = len(num)
+    if n < 2:
+        return [float("nan"), float("nan")]
+    out = []
+    for _ in range(reps):
+        idx = [rng.randrange(n) for _ in range(n)]
+        out.append(sum(num[i] for i in idx) / sum(den[i] for i in idx))
+    out.sort()
+    return [out[int(0.025 * reps)], out[int(0.975 * reps) - 1]]
 
 
 def rotated(variants: tuple[str, ...] | list[str], round_no: int) -> list[str]:

@@ -27,20 +27,9 @@ from pathlib import Path
 # The shared helpers live beside this file; importing them also puts the repository root on
 # sys.path, for a checkout whose package is not installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (DATA_POOL, batch_arithmetic, device_name, loadavg_1m, precision,  # noqa: E402
-                     prepare_deepspeed_dict, remove_own_shm_buffer, run_main, setup_device, single_process_env,
-                     synthetic_batches, timed, utc_now_iso, write_json)
-
-# Peak dense (no 2:4 sparsity) bf16 tensor-core TFLOP/s from NVIDIA's data sheets. Matched as a
-# substring of torch.cuda.get_device_name() in this order, so the more specific H100 variants
-# (PCIe and NVL have lower clocks / fewer SMs than SXM) are tried before the bare "H100".
-PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),   # SXM5 (device name "NVIDIA H100 80GB HBM3")
-    ("H200", 989.0),   # same compute die as H100 SXM, more and faster memory
-    ("A100", 312.0),
-]
+from _common import (DATA_POOL, batch_arithmetic, device_name, loadavg_1m, peak_tflops_for,  # noqa: E402
+                     precision, prepare_deepspeed_dict, remove_own_shm_buffer, run_main, setup_device,
+                     single_process_env, synthetic_batches, timed, utc_now_iso, write_json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,13 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
     # The deepspeed launcher passes --local_rank; LOCAL_RANK in the environment carries the same.
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     return p
-
-
-def peak_tflops_for(device_name: str) -> float | None:
-    for key, tflops in PEAK_BF16_TFLOPS:
-        if key.lower() in device_name.lower():
-            return tflops
-    return None
 
 
 def run(argv: list[str] | None = None) -> dict | None:

@@ -53,7 +53,7 @@ from pathlib import Path
 # The shared helpers live beside this file; importing them also puts the repository root on
 # sys.path, for a checkout whose package is not installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (DATA_POOL, batch_arithmetic, device_name, git_state, loadavg_1m,  # noqa: E402
+from _common import (DATA_POOL, batch_arithmetic, bootstrap_ratio_ci, device_name, git_state, loadavg_1m,  # noqa: E402
                      precision, prepare_deepspeed_dict, remove_own_shm_buffer, rotated, run_main,
                      setup_device, single_process_env, stats, synthetic_batches, timed, utc_now_iso,
                      write_json)
@@ -99,25 +99,6 @@ def sparsity_section(method: str, args) -> dict:
     if method == "rigl":
         sec["update_interval"] = args.rigl_interval
     return sec
-
-
-def bootstrap_ratio_ci(num: list[float], den: list[float], reps: int = 2000, seed: int = 0) -> list[float]:
-    """95% bootstrap interval of sum(num) / sum(den), resampling rounds (pairs stay together).
-
-    It shows how far the scatter of a shared machine lets a ratio be trusted; it does not cover
-    slow drifts that hit one variant's rounds more than another's."""
-    import random
-
-    rng = random.Random(seed)
-    n = len(num)
-    if n < 2:
-        return [float("nan"), float("nan")]
-    out = []
-    for _ in range(reps):
-        idx = [rng.randrange(n) for _ in range(n)]
-        out.append(sum(num[i] for i in idx) / sum(den[i] for i in idx))
-    out.sort()
-    return [out[int(0.025 * reps)], out[int(0.975 * reps) - 1]]
 
 
 def isolated_hook_cost(sp, device, reps: int, sync) -> dict | None:
