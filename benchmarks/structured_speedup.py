@@ -64,6 +64,7 @@ from _common import (DATA_POOL, ROOT, bootstrap_ratio_ci, device_name, git_state
 VARIANTS = ("dense", "shrunk")
 PHASES = ("fwd", "bwd", "opt")
 TARGET_QUOTIENT = 0.85  # DESIGN §9: measured speedup >= 0.85 x FLOP-ideal speedup
+PROFILE_TOP = 14        # operators listed by --profile
 
 # Micro batch per device when --batch is not given: on the 2-core CPU machines chosen so that a
 # dense fp32 step takes roughly 0.3-1 s when the machine is quiet (long enough to time, short
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time forward / backward / optimizer separately (auto: on for CPU, where it is free; "
                         "off on CUDA, where the extra synchronisations would stall the launch queue)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, profile N more steps of each variant with torch.profiler and print the "
+                        "operators with the most self time: where the time that does not shrink goes")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--quick", action="store_true",
                    help="self-check in seconds: bert-tiny, vocab 1000, seq 32, 3 rounds; asserts shapes, FLOP "
@@ -307,6 +311,7 @@ def compare(preset: str, mode: str, args, on_gpu: bool, sync, device) -> dict:
     wall = time.perf_counter() - wall0
     load_after = loadavg_1m()
 
+    profile = profile_ops(step, args.profile, on_gpu) if args.profile else None
     losses = {v: float(last_loss[v]) for v in VARIANTS}  # after timing: .item() syncs
     moved = {v: not torch.equal(first_param[v],
                                 variants[v].model.bert.encoder.layer[0].intermediate.dense.weight.detach().float())
@@ -340,10 +345,26 @@ def compare(preset: str, mode: str, args, on_gpu: bool, sync, device) -> dict:
         "max_memory_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,
         "warmup_steps": args.warmup, "rounds": args.rounds, "steps_per_round": args.steps_per_round,
         "loadavg_1m_before_after": [load_before, load_after], "timed_wall_s": wall,
-        "steps": records,
+        "profile_ms_per_step": profile, "steps": records,
     })
     del variants
     return result
+
+
+def profile_ops(step, n: int, on_gpu: bool) -> dict[str, dict[str, float]]:
+    """Self time per step of every operator, per variant (ms; device time on CUDA). Outside the
+    timed rounds: the profiler's own overhead must not enter the speedup."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out: dict[str, dict[str, float]] = {}
+    for v in VARIANTS:
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
+            for _ in range(n):
+                step(v)
+        for e in prof.key_averages():
+            us = e.self_device_time_total if on_gpu else e.self_cpu_time_total
+            out.setdefault(e.key, {})[v] = us / n / 1000
+    return out
 
 
 def summarize(records: list[dict], args) -> dict:
@@ -413,6 +434,14 @@ def format_report(r: dict) -> str:
                          + ", ".join(f"{ph} {100 * sh[ph]:.0f}%; {sp[ph]:.3f}x" for ph in PHASES)
                          + f" (ideal: fwd/bwd {x['ideal_speedup']:.3f}x by FLOPs, opt {x['ideal_speedup_params']:.3f}x "
                            "by parameters)")
+        if x.get("profile_ms_per_step"):
+            prof = x["profile_ms_per_step"]
+            top = sorted(prof, key=lambda k: -prof[k].get("dense", 0.0))[:PROFILE_TOP]
+            total = {v: sum(o.get(v, 0.0) for o in prof.values()) for v in VARIANTS}
+            lines.append(f"    profile, self ms per step (all operators: dense {total['dense']:.1f}, shrunk "
+                         f"{total['shrunk']:.1f}): "
+                         + "; ".join(f"{k} {prof[k].get('dense', 0.0):.1f} -> {prof[k].get('shrunk', 0.0):.1f}"
+                                     for k in top))
     return "\n".join(lines)
 
 
