@@ -17,34 +17,19 @@ cycled, so the figure is that of the training step alone.
 from __future__ import annotations
 
 import argparse
-import copy
-import datetime
 import json
 import os
-import platform
 import socket
 import statistics
 import sys
-import time
 from pathlib import Path
 
-# `python benchmarks/dense_throughput.py` puts benchmarks/ on sys.path, not the repository root;
-# the package is normally installed editable, this only covers a checkout that is not.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-# Peak dense (no 2:4 sparsity) bf16 tensor-core TFLOP/s from NVIDIA's data sheets. Matched as a
-# substring of torch.cuda.get_device_name() in this order, so the more specific H100 variants
-# (PCIe and NVL have lower clocks / fewer SMs than SXM) are tried before the bare "H100".
-PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),   # SXM5 (device name "NVIDIA H100 80GB HBM3")
-    ("H200", 989.0),   # same compute die as H100 SXM, more and faster memory
-    ("A100", 312.0),
-]
-
-MLM_PROBABILITY = 0.15  # BERT's fraction of positions that carry an MLM label
-DATA_POOL = 4           # distinct synthetic batches cycled per rank (enough to avoid one cached batch)
+# The shared helpers live beside this file; importing them also puts the repository root on
+# sys.path, for a checkout whose package is not installed.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (DATA_POOL, batch_arithmetic, device_name, loadavg_1m, peak_tflops_for,  # noqa: E402
+                     precision, prepare_deepspeed_dict, remove_own_shm_buffer, run_main, setup_device,
+                     single_process_env, synthetic_batches, timed, utc_now_iso, write_json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,102 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _single_process_env() -> None:
-    """Make a plain `python ...` run a world of one: deepspeed.init_distributed otherwise tries MPI
-    discovery. A port picked here rather than 29500, which other jobs on the machine may hold."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return  # started by a launcher
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def peak_tflops_for(device_name: str) -> float | None:
-    for key, tflops in PEAK_BF16_TFLOPS:
-        if key.lower() in device_name.lower():
-            return tflops
-    return None
-
-
-def prepare_deepspeed_dict(raw: dict, micro_batch: int | None) -> dict:
-    ds = copy.deepcopy(raw)
-    if micro_batch is not None:
-        if micro_batch < 1:
-            raise ValueError(f"--micro-batch must be >= 1, got {micro_batch}")
-        # One micro step per optimizer step and no fixed global batch: the global batch then
-        # follows the number of ranks, so the same JSON runs on 1 GPU or 8.
-        ds["train_micro_batch_size_per_gpu"] = micro_batch
-        ds["gradient_accumulation_steps"] = 1
-        ds.pop("train_batch_size", None)
-    return ds
-
-
-def synthetic_batches(n: int, micro_bs: int, seq_len: int, vocab: int, seed: int, device):
-    """Random token ids, 15% of positions labelled (the rest -100), no padding, random NSP labels.
-
-    The NSP label is included because real pre-training batches carry it and the NSP head is
-    counted in dense_flops_per_token; its cost is negligible either way.
-    """
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, vocab, (micro_bs, seq_len), generator=gen)
-        selected = torch.rand(micro_bs, seq_len, generator=gen) < MLM_PROBABILITY
-        labels = torch.where(selected, ids, torch.full_like(ids, -100))
-        batch = {
-            "input_ids": ids,
-            "token_type_ids": torch.zeros_like(ids),
-            # A full mask as the collator always sends one; it makes attention take the additive-
-            # bias SDPA path that real (padded) batches take, not the mask-free flash path.
-            "attention_mask": torch.ones_like(ids),
-            "labels": labels,
-            "next_sentence_label": torch.randint(0, 2, (micro_bs,), generator=gen),
-        }
-        out.append({k: v.to(device) for k, v in batch.items()})
-    return out
-
-
-def _precision(ds: dict) -> str:
-    if ds.get("bf16", {}).get("enabled"):
-        return "bf16"
-    if ds.get("fp16", {}).get("enabled"):
-        return "fp16"
-    return "fp32"
-
-
 def run(argv: list[str] | None = None) -> dict | None:
     args = build_parser().parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         raise ValueError("--steps must be >= 1 and --warmup >= 0")
     if args.seq_len < 1 or args.vocab_size < 2:
         raise ValueError("--seq-len must be >= 1 and --vocab-size >= 2")
-    _single_process_env()
+    single_process_env()
 
     import torch
     import deepspeed
 
-    from dist_sparse.config import data_parallel_size, parse_run_config, resolve_batch_sizes
+    from dist_sparse.config import parse_run_config
     from dist_sparse.distributed import comm
     from dist_sparse.model.presets import build_config, build_model, count_parameters, dense_flops_per_token
     from dist_sparse.train.engine import build_engine
@@ -172,20 +73,11 @@ def run(argv: list[str] | None = None) -> dict | None:
     raw = json.loads(path.read_text())
     run_cfg = parse_run_config(prepare_deepspeed_dict(raw, args.micro_batch), source=str(path))
     # Batch arithmetic is checked before any process group exists, so a bad combination fails fast.
-    world = int(os.environ["WORLD_SIZE"])
-    dp_size = data_parallel_size(world, run_cfg.tp_size)
-    global_batch, micro_bs, grad_acc = resolve_batch_sizes(run_cfg.deepspeed, dp_size)
+    world, _, global_batch, micro_bs, grad_acc = batch_arithmetic(run_cfg)
 
     comm.init()
     rank = comm.rank()
-    on_gpu = torch.cuda.is_available()
-    if on_gpu:
-        torch.cuda.set_device(comm.local_rank())
-
-    def sync() -> None:
-        # CUDA kernels run asynchronously: without this the clock would stop at kernel launch.
-        if on_gpu:
-            torch.cuda.synchronize()
+    on_gpu, sync = setup_device(comm.local_rank())
 
     model_config = build_config(args.model, vocab_size=args.vocab_size,
                                 max_position_embeddings=max(512, args.seq_len))
@@ -220,23 +112,20 @@ def run(argv: list[str] | None = None) -> dict | None:
     comm.barrier()  # all ranks start the clock together
 
     # Load average around the timed window: on a shared machine other jobs' load shows up here.
-    load_before = os.getloadavg()[0]
+    load_before = loadavg_1m()
     step_times = []
     last_loss = None
     for _ in range(args.steps):
-        t0 = time.perf_counter()
-        last_loss = optimizer_step()
-        # Synchronising every step gives the per-step spread; it costs one host-device round
-        # trip per step, negligible beside a training step.
-        sync()
-        step_times.append(time.perf_counter() - t0)
-    load_after = os.getloadavg()[0]
+        # Synchronised around every step: that gives the per-step spread.
+        seconds, last_loss = timed(optimizer_step, sync)
+        step_times.append(seconds)
+    load_after = loadavg_1m()
     last_loss = float(last_loss.detach())  # after timing: .item() would be another sync in the loop
 
     flops_per_token = dense_flops_per_token(model_config, args.seq_len, training=True)
-    device_name = torch.cuda.get_device_name() if on_gpu else _cpu_model()
+    device = device_name(on_gpu)
     # An explicit peak is honoured on CPU too (e.g. a measured GEMM peak); no CPU peak is guessed.
-    peak = args.peak_tflops if args.peak_tflops is not None else (peak_tflops_for(device_name) if on_gpu else None)
+    peak = args.peak_tflops if args.peak_tflops is not None else (peak_tflops_for(device) if on_gpu else None)
 
     elapsed = sum(step_times)
     rank_samples = micro_bs * grad_acc * args.steps  # samples through this rank's DP stream
@@ -257,6 +146,7 @@ def run(argv: list[str] | None = None) -> dict | None:
     all_ranks = comm.all_gather_object(per_rank)
     if rank != 0:
         comm.barrier()
+        remove_own_shm_buffer()
         return None
 
     # Steps are synchronous (gradient all-reduce), so the slowest rank's time is the step time.
@@ -267,7 +157,7 @@ def run(argv: list[str] | None = None) -> dict | None:
     result = {
         "benchmark": "dense_throughput",
         "model": args.model, "params": n_params, "seq_len": args.seq_len, "vocab_size": args.vocab_size,
-        "deepspeed_config": str(path), "zero_stage": run_cfg.zero_stage, "precision": _precision(run_cfg.deepspeed),
+        "deepspeed_config": str(path), "zero_stage": run_cfg.zero_stage, "precision": precision(run_cfg.deepspeed),
         "world_size": world, "dp_size": groups.dp_size, "tp_size": groups.tp_size,
         "micro_batch": micro_bs, "gradient_accumulation": grad_acc, "global_batch": global_batch,
         "warmup_steps": args.warmup, "measured_steps": args.steps,
@@ -277,21 +167,20 @@ def run(argv: list[str] | None = None) -> dict | None:
         "model_tflops": tflops,
         "peak_tflops_per_device": peak,
         "mfu": tflops / (peak * world) if peak else None,
-        "device": device_name, "accelerator": "cuda" if on_gpu else "cpu",
+        "device": device, "accelerator": "cuda" if on_gpu else "cpu",
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "loadavg_1m_before_after": [load_before, load_after],
         "torch": torch.__version__, "deepspeed": deepspeed.__version__,
         "host": socket.gethostname(),
-        "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "time_utc": utc_now_iso(),
         "per_rank": all_ranks,
     }
     print(json.dumps(result, separators=(",", ":")), flush=True)
     print(format_table(result), flush=True)
     if args.json_out:
-        out = Path(args.json_out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json_out, result)
     comm.barrier()
+    remove_own_shm_buffer()
     return result
 
 
@@ -324,12 +213,7 @@ def format_table(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        run(argv)
-    except ValueError as err:
-        print(f"error (rank {os.environ.get('RANK', '0')}): {err}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    return run_main(run, argv)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,6 @@ the gradient hook's masking (ZeRO-1/2, on stand-in gradients) and ``mask_gradien
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import socket
@@ -51,33 +50,18 @@ import sys
 import time
 from pathlib import Path
 
-# `python benchmarks/sparse_overhead.py` (and the deepspeed launcher, which runs the same) puts
-# benchmarks/ on sys.path: the shared helpers of dense_throughput.py import from there. The
-# repository root is added for a checkout whose package is not installed.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The shared helpers live beside this file; importing them also puts the repository root on
+# sys.path, for a checkout whose package is not installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dense_throughput import (DATA_POOL, _cpu_model, _precision, _single_process_env,  # noqa: E402
-                              prepare_deepspeed_dict, synthetic_batches)
+from _common import (DATA_POOL, batch_arithmetic, bootstrap_ratio_ci, device_name, git_state, loadavg_1m,  # noqa: E402
+                     precision, prepare_deepspeed_dict, remove_own_shm_buffer, rotated, run_main,
+                     setup_device, single_process_env, stats, synthetic_batches, timed, utc_now_iso,
+                     write_json)
 
 VARIANTS = ("dense", "fixed", "rigl")
 # bf16 all-reduce payload of the sparse weights: 2 bytes per element (DESIGN §4's yardstick).
 BF16_BYTES = 2
 DT_TARGET = 100  # the update interval the RigL target is stated at
-
-
-def git_state() -> dict:
-    """Commit and whether dist_sparse/ differs from it: the package may change between runs of a
-    shared checkout, and a figure is only comparable with one measured on the same code."""
-    import subprocess
-
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "dist_sparse"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return {"commit": None, "dist_sparse_modified": None}
-    return {"commit": head or None, "dist_sparse_modified": bool(dirty)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,32 +101,6 @@ def sparsity_section(method: str, args) -> dict:
     return sec
 
 
-def _stats(xs: list[float]) -> dict | None:
-    if not xs:
-        return None
-    return {"n": len(xs), "mean": statistics.fmean(xs), "median": statistics.median(xs),
-            "min": min(xs), "max": max(xs)}
-
-
-def bootstrap_ratio_ci(num: list[float], den: list[float], reps: int = 2000, seed: int = 0) -> list[float]:
-    """95% bootstrap interval of sum(num) / sum(den), resampling rounds (pairs stay together).
-
-    It shows how far the scatter of a shared machine lets a ratio be trusted; it does not cover
-    slow drifts that hit one variant's rounds more than another's."""
-    import random
-
-    rng = random.Random(seed)
-    n = len(num)
-    if n < 2:
-        return [float("nan"), float("nan")]
-    out = []
-    for _ in range(reps):
-        idx = [rng.randrange(n) for _ in range(n)]
-        out.append(sum(num[i] for i in idx) / sum(den[i] for i in idx))
-    out.sort()
-    return [out[int(0.025 * reps)], out[int(0.975 * reps) - 1]]
-
-
 def isolated_hook_cost(sp, device, reps: int, sync) -> dict | None:
     """The per-step work of a fixed mask under ZeRO-1/2, timed alone: the gradient hook's
     ``masked_fill`` on every sparse weight's gradient, here on stand-in gradients of the same
@@ -155,32 +113,12 @@ def isolated_hook_cost(sp, device, reps: int, sync) -> dict | None:
         return None
     grads = [torch.randn(t.shard_shape, device=device).to(t.param.dtype) for t in sp.targets]
     masks = [sp.masks[t.name].to(device).view(t.shard_shape) for t in sp.targets]
-    times = []
-    for _ in range(reps):
-        sync()
-        t0 = time.perf_counter()
+
+    def mask_all() -> None:
         for g, m in zip(grads, masks):
             g.masked_fill(~m, 0)  # what Sparsifier._grad_hook returns for every gradient
-        sync()
-        times.append(time.perf_counter() - t0)
-    return _stats(times)
 
-
-def remove_own_shm_buffer() -> None:
-    """Unlink this rank's DeepSpeed CPU all-reduce buffer in /dev/shm.
-
-    DeepSpeed 0.19's CPU shared-memory comm op creates one 69 MB segment per rank
-    (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``) and never unlinks it, so every
-    multi-rank CPU run leaves world_size x 69 MB of RAM behind; on the shared development
-    machines these piled up until the OOM killer ended a run. Called after the last collective:
-    unlinking a name leaves the peers' existing mappings intact.
-    """
-    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{os.environ.get('RANK', '')}")
-    try:
-        os.unlink(name)
-    except OSError:
-        pass  # not there (GPU run, other DeepSpeed version): nothing to clean
+    return stats([timed(mask_all, sync)[0] for _ in range(reps)])
 
 
 def run(argv: list[str] | None = None) -> dict | None:
@@ -194,14 +132,14 @@ def run(argv: list[str] | None = None) -> dict | None:
     last_step = args.warmup + args.rounds * args.steps_per_round
     if last_step >= 0.75 * args.horizon:
         raise ValueError("--horizon too short: RigL stops updating at 75% of it, before the last timed step")
-    _single_process_env()
+    single_process_env()
 
     import torch
     import deepspeed
 
-    from dist_sparse.config import data_parallel_size, parse_run_config, resolve_batch_sizes
+    from dist_sparse.config import parse_run_config
     from dist_sparse.distributed import comm
-    from dist_sparse.model.presets import build_config, build_model, count_parameters, dense_flops_per_token
+    from dist_sparse.model.presets import build_config, build_model, count_parameters
     from dist_sparse.train.engine import build_engine
     from dist_sparse.train.sparse import build_sparsifier
 
@@ -213,20 +151,12 @@ def run(argv: list[str] | None = None) -> dict | None:
     cfgs = {"dense": raw, "fixed": {**raw, "sparsity": sparsity_section("static", args)},
             "rigl": {**raw, "sparsity": sparsity_section("rigl", args)}}
     run_cfgs = {v: parse_run_config(c, source=f"{path} ({v})") for v, c in cfgs.items()}
-    world = int(os.environ["WORLD_SIZE"])
     dense_cfg = run_cfgs["dense"]
-    dp_size = data_parallel_size(world, dense_cfg.tp_size)
-    global_batch, micro_bs, grad_acc = resolve_batch_sizes(dense_cfg.deepspeed, dp_size)
+    world, _, global_batch, micro_bs, grad_acc = batch_arithmetic(dense_cfg)
 
     comm.init()
     rank = comm.rank()
-    on_gpu = torch.cuda.is_available()
-    if on_gpu:
-        torch.cuda.set_device(comm.local_rank())
-
-    def sync() -> None:
-        if on_gpu:
-            torch.cuda.synchronize()
+    on_gpu, sync = setup_device(comm.local_rank())
 
     model_config = build_config(args.model, vocab_size=args.vocab_size,
                                 max_position_embeddings=max(512, args.seq_len))
@@ -286,16 +216,16 @@ def run(argv: list[str] | None = None) -> dict | None:
             engine.step()
         sync()
         t1 = time.perf_counter()
-        stats = sp.step(step) if sp is not None else None
+        update_stats = sp.step(step) if sp is not None else None
         sync()
         t2 = time.perf_counter()
         rec = {"v": v, "step": step, "total": t2 - t0, "sp_step": t2 - t1, "mask_grad": t_mask,
                "update": bool(update)}
-        if stats is not None:
-            rec.update(sync_bytes=stats.sync_bytes, apply_bytes=stats.apply_bytes,
+        if update_stats is not None:
+            rec.update(sync_bytes=update_stats.sync_bytes, apply_bytes=update_stats.apply_bytes,
                        # everything ZeroAccess moved over the step, the dense-gradient read included
                        applied_step_bytes=sp.zero.bytes_applied - applied0,
-                       changed=stats.changed, active=stats.active, total_w=stats.total)
+                       changed=update_stats.changed, active=update_stats.active, total_w=update_stats.total)
         return rec
 
     for _ in range(args.warmup):
@@ -305,19 +235,19 @@ def run(argv: list[str] | None = None) -> dict | None:
     hook_cost = isolated_hook_cost(sparsifiers["fixed"], engines["fixed"].device, 20, sync)
     comm.barrier()
 
-    load_before = os.getloadavg()[0]
+    load_before = loadavg_1m()
     wall0 = time.perf_counter()
     records = []
     for r in range(args.rounds):
         # The order rotates from round to round (dense fixed rigl, fixed rigl dense, ...) so that
         # no variant always runs first or last in a round, after the same neighbour.
-        for v in VARIANTS[r % 3:] + VARIANTS[:r % 3]:
+        for v in rotated(VARIANTS, r):
             for _ in range(args.steps_per_round):
                 rec = one_step(v)
                 rec["round"] = r
                 records.append(rec)
     wall = time.perf_counter() - wall0
-    load_after = os.getloadavg()[0]
+    load_after = loadavg_1m()
     # Density over all sparse weights after the run (a check that the masks held their target).
     densities = {}
     for v in ("fixed", "rigl"):
@@ -346,12 +276,12 @@ def run(argv: list[str] | None = None) -> dict | None:
     def times(v, pred=lambda m: True):
         return [m["total"] for m in merged if m["v"] == v and pred(m)]
 
-    t = {v: _stats(times(v)) for v in VARIANTS}
+    t = {v: stats(times(v)) for v in VARIANTS}
     dense_mean = t["dense"]["mean"]
     per_round = {v: [sum(m["total"] for m in merged if m["v"] == v and m["round"] == r) for r in range(args.rounds)]
                  for v in VARIANTS}
-    rigl_between = _stats(times("rigl", lambda m: not m["update"]))
-    rigl_update = _stats(times("rigl", lambda m: m["update"]))
+    rigl_between = stats(times("rigl", lambda m: not m["update"]))
+    rigl_update = stats(times("rigl", lambda m: m["update"]))
     upd = [m for m in merged if m["v"] == "rigl" and m["update"]]
     # Per-round ratios for RigL's between-update steps only (a round with an update step would
     # mix the two kinds): per-round mean of its non-update steps over the round's dense mean.
@@ -364,7 +294,7 @@ def run(argv: list[str] | None = None) -> dict | None:
     result = {
         "benchmark": "sparse_overhead",
         "model": args.model, "params": n_params, "seq_len": args.seq_len, "vocab_size": args.vocab_size,
-        "deepspeed_config": str(path), "zero_stage": dense_cfg.zero_stage, "precision": _precision(dense_cfg.deepspeed),
+        "deepspeed_config": str(path), "zero_stage": dense_cfg.zero_stage, "precision": precision(dense_cfg.deepspeed),
         "world_size": world, "dp_size": groups.dp_size, "tp_size": groups.tp_size,
         "micro_batch": micro_bs, "gradient_accumulation": grad_acc, "global_batch": global_batch,
         "sparsity": args.sparsity, "distribution": args.distribution, "rigl_interval": args.rigl_interval,
@@ -397,8 +327,8 @@ def run(argv: list[str] | None = None) -> dict | None:
             result["ratio_rigl_dense_dt100_extrapolated_round_median"] = (
                 result["ratio_rigl_between_dense_round_median"] + extra / DT_TARGET / dense_mean)
     if upd:
-        result["mask_update_latency_s"] = _stats([m["sp_step"] for m in upd])
-        result["dense_grad_read_s"] = _stats([m["mask_grad"] for m in upd])
+        result["mask_update_latency_s"] = stats([m["sp_step"] for m in upd])
+        result["dense_grad_read_s"] = stats([m["mask_grad"] for m in upd])
         sync_b = [max(m["sync_bytes_per_rank"]) for m in upd]
         apply_b = [max(m["apply_bytes_per_rank"]) for m in upd]
         step_b = [max(m["applied_step_bytes_per_rank"]) for m in upd]
@@ -415,7 +345,7 @@ def run(argv: list[str] | None = None) -> dict | None:
         result["isolated_hook_cost_s"] = hook_cost  # rank 0's
         result["ratio_isolated_hook_cost_dense"] = hook_cost["median"] / t["dense"]["median"]
     fixed_mg = [m["mask_grad"] for m in merged if m["v"] == "fixed"]
-    result["fixed_mask_gradients_s"] = _stats(fixed_mg)
+    result["fixed_mask_gradients_s"] = stats(fixed_mg)
     result["ratio_fixed_mask_gradients_dense"] = statistics.median(fixed_mg) / t["dense"]["median"]
     # A low-noise estimate built only from directly timed parts: the fixed mask's per-step work
     # plus, once per 100 steps, what an update step adds (dense-gradient read + mask update).
@@ -428,21 +358,18 @@ def run(argv: list[str] | None = None) -> dict | None:
     # The initial mask draw of the fixed variant (prepare), for reference: under ZeRO-3 it is a
     # distributed top-k too.
     result["fixed_prepare_sync_bytes"] = sparsifiers["fixed"].history[0]["sync_bytes"]
-    device_name = torch.cuda.get_device_name() if on_gpu else _cpu_model()
     result.update({
-        "device": device_name, "accelerator": "cuda" if on_gpu else "cpu",
+        "device": device_name(on_gpu), "accelerator": "cuda" if on_gpu else "cpu",
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "loadavg_1m_before_after": [load_before, load_after], "timed_wall_s": wall,
         "torch": torch.__version__, "deepspeed": deepspeed.__version__, "host": socket.gethostname(),
         "git": git_state(),
-        "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "time_utc": utc_now_iso(),
         "per_round_s": per_round, "steps": merged,
     })
     print(format_report(result), flush=True)
     if args.json_out:
-        out = Path(args.json_out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json_out, result)
     comm.barrier()
     remove_own_shm_buffer()
     return result
@@ -530,12 +457,7 @@ def format_report(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        run(argv)
-    except ValueError as err:
-        print(f"error (rank {os.environ.get('RANK', '0')}): {err}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    return run_main(run, argv)
 
 
 if __name__ == "__main__":

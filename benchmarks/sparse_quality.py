@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import os
 import shutil
@@ -34,24 +33,13 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# The shared helpers live beside this file; importing them also puts the repository root on
+# sys.path, for a checkout whose package is not installed.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, free_port, git_state, loadavg_1m, remove_shm_buffers, utc_now, write_json  # noqa: E402
 
 ALL_RUNS = ("dense", "static80", "static90", "set80", "set90", "rigl80", "rigl90")
 METHODS = {"static": "static", "set": "set", "rigl": "rigl"}
-
-
-def git_state() -> dict:
-    """Commit and whether dist_sparse/ differs from it: the package may change between runs of a
-    shared checkout, and a figure is only comparable with one measured on the same code."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "dist_sparse"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return {"commit": None, "dist_sparse_modified": None}
-    return {"commit": head or None, "dist_sparse_modified": bool(dirty)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,27 +98,6 @@ def launch_env() -> dict:
     return dict(os.environ, PATH=f"{bin_dir()}:{os.environ.get('PATH', '')}",
                 OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), TOKENIZERS_PARALLELISM="false",
                 TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions")))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def remove_shm_buffers(port: int) -> None:
-    """Unlink the /dev/shm all-reduce buffers a finished run left behind.
-
-    DeepSpeed 0.19's CPU shared-memory comm op creates one 69 MB segment per rank
-    (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``) and never unlinks it; seven runs
-    would leave about 1 GB of RAM behind, and on the shared development machines such leftovers
-    piled up until the OOM killer ended runs. Only this run's port is touched.
-    """
-    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
-        try:
-            path.unlink()
-        except OSError:
-            pass
 
 
 def ensure_data(args, out_dir: Path) -> Path:
@@ -266,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         base = json.loads(Path(args.deepspeed_config).read_text())
         data = ensure_data(args, out_dir).resolve()
-        started = datetime.datetime.now(datetime.timezone.utc)
-        load_before = os.getloadavg()[0]
+        started = utc_now()
+        load_before = loadavg_1m()
         results = [run_one(name, args, base, data, out_dir) for name in runs]
     except (ValueError, RuntimeError, subprocess.CalledProcessError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
@@ -278,16 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     head = (f"sparse quality: {args.model}, {args.steps} steps, global batch {results[0]['global_batch']}, "
             f"{args.num_gpus} rank(s), base config {args.deepspeed_config}, data {data}, "
             f"SET/RigL dT={args.update_interval}, {args.distribution} densities; "
-            f"1-min load average before/after: {load_before:.2f}/{os.getloadavg()[0]:.2f}")
+            f"1-min load average before/after: {load_before:.2f}/{loadavg_1m():.2f}")
     print(head)
     print(table, flush=True)
     if args.json_out:
         import torch
         import deepspeed
 
-        out = Path(args.json_out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({
+        write_json(args.json_out, {
             "benchmark": "sparse_quality", "model": args.model, "steps": args.steps,
             "update_interval": args.update_interval, "distribution": args.distribution,
             "num_ranks": args.num_gpus, "base_config": args.deepspeed_config, "data": str(data),
@@ -295,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__, "deepspeed": deepspeed.__version__, "host": socket.gethostname(),
             "git": git_state(),
             "started_utc": started.isoformat(timespec="seconds"),
-            "finished_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }, indent=2) + "\n")
+            "finished_utc": utc_now().isoformat(timespec="seconds"),
+        })
     return 0
 
 
