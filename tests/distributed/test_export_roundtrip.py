@@ -149,6 +149,9 @@ def test_structured_dp2_tp2_pre_and_post_shrink(data_dir, tmp_path):
     assert config["layer_num_heads"] == [len(h) for h in ticket["heads"]] == [2, 2, 2, 2]
     assert config["layer_intermediate_sizes"] == [len(n) for n in ticket["neurons"]]
     assert config["auto_map"]["AutoModelForMaskedLM"] == "modeling_dist_sparse_bert.DistSparseBertForMaskedLM"
+    from transformers import pipeline
+    fill = pipeline("fill-mask", model=str(compact), trust_remote_code=True)
+    assert len(fill("The people of the [MASK] States.")) == 5
     for folder in (dense, compact):
         report = json.loads((folder / "sparsity.json").read_text())
         assert [e["kept_heads"] for e in report["layers"].values()] == ticket["heads"]
