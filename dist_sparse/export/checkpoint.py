@@ -66,6 +66,12 @@ def locate(path: str | Path, tag: str | None = None) -> Path:
     tags = _tags(ckpt_dir)
     latest = ckpt_dir / LATEST_FILE
     if not tags and not latest.is_file():
+        siblings = _tags(path.parent) if path.parent != path else []
+        if siblings or (path.parent / LATEST_FILE).is_file():
+            # A tag directory of a checkpoints/ folder, but without DeepSpeed's files: a save that
+            # never finished (``latest`` would not name it) or a partial copy.
+            raise ValueError(f"{path} holds no model states file: the checkpoint is incomplete "
+                             f"(available in {path.parent}: {', '.join(siblings) or 'none'})")
         raise ValueError(f"{path} is not a checkpoint: expected a run directory (with checkpoints/), its "
                          "checkpoints/ directory (with 'latest'), or one checkpoint directory "
                          "(with mp_rank_00_model_states.pt or zero_pp_rank_0_mp_rank_00_model_states.pt)")

@@ -358,6 +358,8 @@ def export(checkpoint: str | Path, out_dir: str | Path, fmt: str = "dense", over
     info = read_info(tag_dir)
     config = DistSparseBertConfig.from_dict(info.model_config)
     structure = TrainedStructure(config, info.structured)
+    if fmt == "dense":
+        structure.kept_units()  # a shrunk model without a usable ticket: refuse before the heavy part
     weights = consolidate(info, config)
     reference = trained_model(weights, config)
     model, out_cfg = _export_model(weights, structure, fmt)

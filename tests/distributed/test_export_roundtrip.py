@@ -1,8 +1,8 @@
 """Export round trips from real multi-process checkpoints: tensor parallel, structured, sparse.
 
-* DP2 x TP2, ZeRO 1/2/3, at step 0 of a model whose whole weights are known: the consolidation
-  must give them back bit for bit (a wrong merge order cannot hide behind a self-consistent
-  verification).
+* DP1 x TP2 and DP2 x TP2, ZeRO 1/2/3, at step 0 of a model whose whole weights are known: the
+  consolidation must give them back bit for bit (a wrong merge order cannot hide behind a
+  self-consistent verification).
 * DP2 x TP2 ZeRO-2 EarlyBERT run: a pre-shrink (search, coefficients) and a post-shrink (small
   model) checkpoint, exported dense and compact.
 * DP1 x TP2 ZeRO-3 RigL run: exact zeros where the masks (put together by `inspect` from its own
@@ -89,16 +89,17 @@ def safetensors_bytes(folder: Path) -> int:
     return (folder / "model.safetensors").stat().st_size
 
 
-def test_dp2_tp2_zero_stages_consolidate_bit_exactly(tmp_path):
+@pytest.mark.parametrize("dp", [1, 2])
+def test_tp2_zero_stages_consolidate_bit_exactly(dp, tmp_path):
     from dist_sparse.export.checkpoint import consolidate, locate, read_info
     from dist_sparse.model import DistSparseBertConfig
 
     out = tmp_path / "layout"
-    run_script("export_tp_layout.py", out, 2, 1, 2, 3, nproc=4)
+    run_script("export_tp_layout.py", out, 2, 1, 2, 3, nproc=2 * dp)
     truth = torch.load(out / "truth.pt")
     for stage in (1, 2, 3):
         info = read_info(locate(out / f"zero{stage}"))
-        assert (info.zero_stage, info.dp_size, info.tp_size) == (stage, 2, 2)
+        assert (info.zero_stage, info.dp_size, info.tp_size) == (stage, dp, 2)
         how: dict = {}
         weights = consolidate(info, DistSparseBertConfig.from_dict(info.model_config), provenance=how)
         assert set(weights) == set(truth) - {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}

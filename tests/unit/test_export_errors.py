@@ -82,6 +82,9 @@ def test_locate_names_what_is_wrong(tmp_path):
     (ckpt / "global_step9").mkdir()  # a directory with no DeepSpeed files in it
     with pytest.raises(ValueError, match="holds no model states file"):
         locate(run, "global_step9")
+    with pytest.raises(ValueError, match=r"global_step9 holds no model states file: the checkpoint is incomplete "
+                                         r"\(available in .*: global_step4, global_step8\)"):
+        locate(ckpt / "global_step9")
 
 
 @pytest.mark.parametrize("stage", [2, 3])
