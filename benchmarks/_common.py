@@ -243,6 +243,20 @@ def rotated(variants: tuple[str, ...] | list[str], round_no: int) -> list[str]:
     return list(variants[k:]) + list(variants[:k])
 
 
+def interleaved(variants, rounds: int, steps_per_round: int, step) -> tuple[list[dict], float, list[float]]:
+    """Run ``step(variant, round)`` for every variant in rotated order, ``steps_per_round`` times
+    each, for ``rounds`` rounds. Returns (records, wall seconds, 1-minute load before/after)."""
+    load_before = loadavg_1m()
+    wall0 = time.perf_counter()
+    records = []
+    for r in range(rounds):
+        for v in rotated(variants, r):
+            for _ in range(steps_per_round):
+                records.append(step(v, r))
+    wall = time.perf_counter() - wall0
+    return records, wall, [load_before, loadavg_1m()]
+
+
 def loadavg_1m() -> float:
     """1-minute load average: on a shared machine other jobs' load shows up here."""
     return os.getloadavg()[0]

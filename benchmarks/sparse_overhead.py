@@ -53,8 +53,8 @@ from pathlib import Path
 # The shared helpers live beside this file; importing them also puts the repository root on
 # sys.path, for a checkout whose package is not installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (DATA_POOL, batch_arithmetic, bootstrap_ratio_ci, device_name, git_state, loadavg_1m,  # noqa: E402
-                     precision, prepare_deepspeed_dict, remove_own_shm_buffer, rotated, run_main,
+from _common import (DATA_POOL, batch_arithmetic, bootstrap_ratio_ci, device_name, git_state,  # noqa: E402
+                     precision, prepare_deepspeed_dict, remove_own_shm_buffer, interleaved, run_main,
                      setup_device, single_process_env, stats, synthetic_batches, timed, utc_now_iso,
                      write_json)
 
@@ -235,19 +235,10 @@ def run(argv: list[str] | None = None) -> dict | None:
     hook_cost = isolated_hook_cost(sparsifiers["fixed"], engines["fixed"].device, 20, sync)
     comm.barrier()
 
-    load_before = loadavg_1m()
-    wall0 = time.perf_counter()
-    records = []
-    for r in range(args.rounds):
-        # The order rotates from round to round (dense fixed rigl, fixed rigl dense, ...) so that
-        # no variant always runs first or last in a round, after the same neighbour.
-        for v in rotated(VARIANTS, r):
-            for _ in range(args.steps_per_round):
-                rec = one_step(v)
-                rec["round"] = r
-                records.append(rec)
-    wall = time.perf_counter() - wall0
-    load_after = loadavg_1m()
+    # The order rotates from round to round (dense fixed rigl, fixed rigl dense, ...) so that no
+    # variant always runs first or last in a round, after the same neighbour.
+    records, wall, (load_before, load_after) = interleaved(
+        VARIANTS, args.rounds, args.steps_per_round, lambda v, r: {**one_step(v), "round": r})
     # Density over all sparse weights after the run (a check that the masks held their target).
     densities = {}
     for v in ("fixed", "rigl"):

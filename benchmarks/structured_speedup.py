@@ -57,8 +57,8 @@ from pathlib import Path
 # The shared helpers live beside this file; importing them also puts the repository root on
 # sys.path, for a checkout whose package is not installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (DATA_POOL, ROOT, bootstrap_ratio_ci, device_name, git_state, loadavg_1m,  # noqa: E402
-                     peak_tflops_for, precision, prepare_deepspeed_dict, remove_shm_buffers, rotated,
+from _common import (DATA_POOL, ROOT, bootstrap_ratio_ci, device_name, git_state,  # noqa: E402
+                     peak_tflops_for, precision, prepare_deepspeed_dict, remove_shm_buffers, interleaved,
                      setup_device, single_process_env, stats, synthetic_batches, utc_now_iso, write_json)
 
 VARIANTS = ("dense", "shrunk")
@@ -299,17 +299,8 @@ def compare(preset: str, mode: str, args, on_gpu: bool, sync, device) -> dict:
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
 
-    load_before = loadavg_1m()
-    wall0 = time.perf_counter()
-    records = []
-    for r in range(args.rounds):
-        for v in rotated(VARIANTS, r):
-            for _ in range(args.steps_per_round):
-                rec = step(v)
-                rec.update(v=v, round=r)
-                records.append(rec)
-    wall = time.perf_counter() - wall0
-    load_after = loadavg_1m()
+    records, wall, (load_before, load_after) = interleaved(
+        VARIANTS, args.rounds, args.steps_per_round, lambda v, r: {**step(v), "v": v, "round": r})
 
     profile = profile_ops(step, args.profile, on_gpu) if args.profile else None
     losses = {v: float(last_loss[v]) for v in VARIANTS}  # after timing: .item() syncs
