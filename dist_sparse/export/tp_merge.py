@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from dist_sparse.distributed.tp_layout import split_dim
 from dist_sparse.structure import is_coefficient
 
 AFFINE_MAP_KEY = "affine_map"          # deepspeed.checkpoint.constants.AFFINE_MAP
@@ -59,19 +60,9 @@ def affine_maps(uc_info: Mapping | None) -> dict[str, dict]:
     return out
 
 
-def _split_dim(name: str, local: torch.Size, full: tuple[int, ...], tp: int) -> int | None:
-    if tuple(local) == tuple(full):
-        return None
-    diff = [d for d in range(len(full)) if d >= len(local) or local[d] != full[d]]
-    if len(local) != len(full) or len(diff) != 1 or local[diff[0]] * tp != full[diff[0]]:
-        raise ValueError(f"{name}: a tensor-parallel shard of shape {tuple(local)} is not an even {tp}-way split "
-                         f"of the shape {tuple(full)} the model config gives it")
-    return diff[0]
-
-
 def _merge_by_shape(name: str, parts: list[torch.Tensor], full: tuple[int, ...]) -> torch.Tensor:
     tp = len(parts)
-    dim = _split_dim(name, parts[0].shape, full, tp)
+    dim = split_dim(name, parts[0].shape, full, tp)
     if any(p.shape != parts[0].shape for p in parts):
         raise ValueError(f"{name}: tensor-parallel ranks hold shards of different shapes "
                          f"{[tuple(p.shape) for p in parts]}")

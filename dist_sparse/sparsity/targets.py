@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from dist_sparse.config import SparsityConfig
+from dist_sparse.distributed.tp_layout import module_layout
 
 
 @dataclass
@@ -51,19 +52,6 @@ class Target:
         return full.narrow(self.shard_dim, self.shard_offset, self.shard_shape[self.shard_dim])
 
 
-def _tp_layout(module: torch.nn.Module, shard_shape: tuple[int, int], tp_rank: int, tp_size: int):
-    """(full shape, shard dim, offset) from the AutoTP layer class that owns the weight."""
-    kind = type(module).__name__
-    if tp_size == 1 or kind not in ("LinearLayer", "LinearAllreduce"):
-        return shard_shape, None, 0
-    # AutoTP: LinearLayer is column-parallel (output rows split), LinearAllreduce row-parallel
-    # (input columns split); rank r holds the r-th equal contiguous chunk.
-    dim = 0 if kind == "LinearLayer" else 1
-    full = list(shard_shape)
-    full[dim] *= tp_size
-    return tuple(full), dim, tp_rank * shard_shape[dim]
-
-
 def select_targets(model: torch.nn.Module, cfg: SparsityConfig, tp_rank: int = 0, tp_size: int = 1) -> list[Target]:
     """The sparse targets of ``model`` (the engine's module, after AutoTP), in name order.
 
@@ -84,7 +72,7 @@ def select_targets(model: torch.nn.Module, cfg: SparsityConfig, tp_rank: int = 0
                 continue
             hit = True
             if name not in found:
-                full, dim, offset = _tp_layout(owner, shape, tp_rank, tp_size)
+                full, dim, offset = module_layout(owner, shape, tp_rank, tp_size)
                 found[name] = Target(0, name, p, shape, full, dim, offset)
         if not hit:
             unmatched.append(pattern)

@@ -25,6 +25,7 @@ import torch
 
 from dist_sparse.distributed import comm
 from dist_sparse.distributed.comm import ParallelGroups
+from dist_sparse.distributed.tp_layout import split_dim
 from dist_sparse.distributed.zero import MOMENT_KEYS, ZeroAccess, link_optimizer_state
 from dist_sparse.structure import (HEAD_COEF, NEURON_COEF, Ticket, fold_coefficients, is_coefficient, layer_key,
                                    shrink_state_dict, shrunk_model_config)
@@ -55,16 +56,6 @@ def logical_shapes(config, with_coefficients: bool) -> dict[str, torch.Size]:
     return {n: p.shape for n, p in model.named_parameters()}
 
 
-def split_dim(local: torch.Size, full: torch.Size, tp_size: int, name: str) -> int | None:
-    """Which dimension tensor parallelism split ``name`` along (None: replicated)."""
-    if tuple(local) == tuple(full):
-        return None
-    diff = [d for d in range(len(full)) if local[d] != full[d]]
-    if len(diff) != 1 or local[diff[0]] * tp_size != full[diff[0]]:
-        raise RuntimeError(f"{name}: local shape {tuple(local)} is not an even TP shard of {tuple(full)}")
-    return diff[0]
-
-
 def gather_full(module, config, groups: ParallelGroups, zero: ZeroAccess, with_coefficients: bool,
                 moments: bool = True) -> tuple[dict, dict]:
     """Whole fp32 tensors of every parameter (and moments) on every rank, on the CPU."""
@@ -79,7 +70,7 @@ def gather_full(module, config, groups: ParallelGroups, zero: ZeroAccess, with_c
                     values[k] = zero.full_state(p, k)
                 except ValueError as err:  # DeepSpeed's error does not say which parameter
                     raise RuntimeError(f"shrink: no optimizer state {k!r} for {name}: {err}") from None
-        dim = split_dim(values["w"].shape, full_shapes[name], groups.tp_size, name)
+        dim = split_dim(name, values["w"].shape, full_shapes[name], groups.tp_size)
         for k, v in values.items():
             v = v.view(values["w"].shape)
             if dim is not None:
@@ -206,7 +197,7 @@ def shrink_engine(engine, config, ticket: Ticket, *, run_cfg, groups: ParallelGr
     full_shapes = logical_shapes(small_config, False)
     for name, p in new.module.named_parameters():
         local_shape = tuple(getattr(p, "ds_shape", p.shape))
-        dim = split_dim(local_shape, full_shapes[name], groups.tp_size, name)
+        dim = split_dim(name, local_shape, full_shapes[name], groups.tp_size)
         for key, moments in small_s.items():
             value = moments[name]
             if dim is not None:
@@ -239,4 +230,4 @@ def shrink_engine(engine, config, ticket: Ticket, *, run_cfg, groups: ParallelGr
 
 
 __all__ = ["ShrinkReport", "gather_full", "logical_shapes", "masked_weights", "reference_outputs",
-           "shrink_engine", "shrink_tensors", "split_dim"]
+           "shrink_engine", "shrink_tensors"]
