@@ -2,6 +2,7 @@
 
 from .bert import (
     BertForPreTrainingOutput,
+    DistSparseBertForMaskedLM,
     DistSparseBertForPreTraining,
     DistSparseBertModel,
     DistSparseBertPreTrainedModel,
@@ -12,17 +13,18 @@ from .presets import PRESETS, build_config, build_model, count_parameters, dense
 
 
 def register_auto_classes() -> None:
-    """Make ``AutoConfig`` / ``AutoModel`` / ``AutoModelForPreTraining`` resolve
+    """Make ``AutoConfig`` / ``AutoModel`` / ``AutoModelForPreTraining`` / ``AutoModelForMaskedLM`` resolve
     ``model_type="dist_sparse_bert"``, so saved folders load through the Auto API.
 
     Idempotent (``exist_ok=True``): importing this package twice, or another module registering
     the same classes again, must not raise.
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForPreTraining
 
     AutoConfig.register(DistSparseBertConfig.model_type, DistSparseBertConfig, exist_ok=True)
     AutoModel.register(DistSparseBertConfig, DistSparseBertModel, exist_ok=True)
     AutoModelForPreTraining.register(DistSparseBertConfig, DistSparseBertForPreTraining, exist_ok=True)
+    AutoModelForMaskedLM.register(DistSparseBertConfig, DistSparseBertForMaskedLM, exist_ok=True)
 
 
 register_auto_classes()
@@ -31,6 +33,7 @@ __all__ = [
     "PRESETS",
     "BertForPreTrainingOutput",
     "DistSparseBertConfig",
+    "DistSparseBertForMaskedLM",
     "DistSparseBertForPreTraining",
     "DistSparseBertModel",
     "DistSparseBertPreTrainedModel",

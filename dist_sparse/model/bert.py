@@ -22,7 +22,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_outputs import BaseModelOutputWithPooling, MaskedLMOutput
 
 from .config import DistSparseBertConfig
 
@@ -337,20 +337,15 @@ class DistSparseBertModel(DistSparseBertPreTrainedModel):
         return out if return_dict else out.to_tuple()
 
 
-class DistSparseBertForPreTraining(DistSparseBertPreTrainedModel):
-    """BERT with the MLM and NSP heads; state-dict compatible with ``BertForPreTraining``."""
+# transformers v5 form: {target: source}; expanded by post_init() and applied by tie_weights().
+_TIED_MLM_DECODER = {
+    "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+    "cls.predictions.decoder.bias": "cls.predictions.bias",
+}
 
-    # transformers v5 form: {target: source}; expanded by post_init() and applied by tie_weights().
-    _tied_weights_keys = {
-        "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
-        "cls.predictions.decoder.bias": "cls.predictions.bias",
-    }
 
-    def __init__(self, config: DistSparseBertConfig):
-        super().__init__(config)
-        self.bert = DistSparseBertModel(config)
-        self.cls = DistSparseBertPreTrainingHeads(config)
-        self.post_init()
+class _MLMDecoderAccess:
+    """Output-embedding accessors of a model whose MLM decoder lives at ``cls.predictions``."""
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.cls.predictions.decoder
@@ -358,6 +353,24 @@ class DistSparseBertForPreTraining(DistSparseBertPreTrainedModel):
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.cls.predictions.decoder = new_embeddings
         self.cls.predictions.bias = new_embeddings.bias
+
+
+def _mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    # fp32 for the log-softmax over the vocabulary: in bf16 it loses ~3 digits.
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+
+
+class DistSparseBertForPreTraining(_MLMDecoderAccess, DistSparseBertPreTrainedModel):
+    """BERT with the MLM and NSP heads; state-dict compatible with ``BertForPreTraining``."""
+
+    _tied_weights_keys = dict(_TIED_MLM_DECODER)
+
+    def __init__(self, config: DistSparseBertConfig):
+        super().__init__(config)
+        self.bert = DistSparseBertModel(config)
+        self.cls = DistSparseBertPreTrainingHeads(config)
+        self.post_init()
 
     def forward(
         self,
@@ -380,12 +393,7 @@ class DistSparseBertForPreTraining(DistSparseBertPreTrainedModel):
 
         loss = None
         if labels is not None:
-            # fp32 for the log-softmax over the vocabulary: in bf16 it loses ~3 digits.
-            loss = F.cross_entropy(
-                prediction_logits.reshape(-1, prediction_logits.shape[-1]).float(),
-                labels.reshape(-1),
-                ignore_index=IGNORE_INDEX,
-            )
+            loss = _mlm_loss(prediction_logits, labels)
         if next_sentence_label is not None:
             nsp_loss = F.cross_entropy(seq_relationship_logits.reshape(-1, 2).float(), next_sentence_label.reshape(-1))
             loss = nsp_loss if loss is None else loss + nsp_loss
@@ -396,8 +404,54 @@ class DistSparseBertForPreTraining(DistSparseBertPreTrainedModel):
         return out if return_dict else out.to_tuple()
 
 
+class DistSparseBertOnlyMLMHead(nn.Module):
+    def __init__(self, config: DistSparseBertConfig):
+        super().__init__()
+        self.predictions = DistSparseBertLMPredictionHead(config)
+
+    def forward(self, sequence_output: torch.Tensor) -> torch.Tensor:
+        return self.predictions(sequence_output)
+
+
+class DistSparseBertForMaskedLM(_MLMDecoderAccess, DistSparseBertPreTrainedModel):
+    """BERT with the MLM head only (``BertForMaskedLM``'s layout); loads a pre-training folder.
+
+    Training does not use it; a compact export maps ``AutoModelForMaskedLM`` to it, so that
+    ``pipeline("fill-mask")`` works on a folder with per-layer widths.
+    """
+
+    _tied_weights_keys = dict(_TIED_MLM_DECODER)
+    # A pre-training folder also holds the pooler and the next-sentence head; not used here.
+    _keys_to_ignore_on_load_unexpected = [r"^bert\.pooler\.", r"^cls\.seq_relationship\."]
+
+    def __init__(self, config: DistSparseBertConfig):
+        super().__init__(config)
+        self.bert = DistSparseBertModel(config, add_pooling_layer=False)
+        self.cls = DistSparseBertOnlyMLMHead(config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_dict: bool = True,
+        position_ids: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """MLM logits, and the mean cross entropy over labels != -100 when ``labels`` is given.
+        Extra keyword arguments (pipelines pass some) are accepted and ignored."""
+        outputs = self.bert(input_ids, attention_mask, token_type_ids, position_ids, return_dict=True)
+        logits = self.cls(outputs.last_hidden_state)
+        loss = _mlm_loss(logits, labels) if labels is not None else None
+        out = MaskedLMOutput(loss=loss, logits=logits)
+        return out if return_dict else out.to_tuple()
+
+
 __all__ = [
     "BertForPreTrainingOutput",
+    "DistSparseBertForMaskedLM",
     "DistSparseBertForPreTraining",
     "DistSparseBertModel",
     "DistSparseBertPreTrainedModel",

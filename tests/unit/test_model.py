@@ -7,11 +7,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForPreTraining, BertConfig, BertForPreTraining
+from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForPreTraining, BertConfig, BertForPreTraining
 
 from dist_sparse.model import (
     PRESETS,
     DistSparseBertConfig,
+    DistSparseBertForMaskedLM,
     DistSparseBertForPreTraining,
     DistSparseBertModel,
     build_config,
@@ -249,6 +250,16 @@ def test_base_model_and_auto_registration(tmp_path):
         full = model.bert(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
     assert torch.equal(hidden.last_hidden_state, full.last_hidden_state)
     assert hidden.pooler_output.shape == (3, 64)
+    # The masked-LM class loads the pre-training folder: no missing keys, tied decoder, same logits.
+    mlm, info = AutoModelForMaskedLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert type(mlm) is DistSparseBertForMaskedLM
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert mlm.cls.predictions.decoder.weight is mlm.bert.embeddings.word_embeddings.weight
+    with torch.no_grad():
+        out = mlm.eval()(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], labels=batch["labels"])
+        ref = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], labels=batch["labels"])
+    assert torch.equal(out.logits, ref.prediction_logits)
+    assert torch.equal(out.loss, ref.loss)
 
 
 # --------------------------------------------------------------------------- per-layer sizes
