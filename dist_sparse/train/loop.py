@@ -16,6 +16,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -42,6 +43,22 @@ CRASH_IN_SAVE_ENV = "DIST_SPARSE_TEST_CRASH_IN_SAVE"
 def step_seed(seed: int, step: int, micro: int, dp_rank: int, stream: int = 0) -> int:
     """A 63-bit seed for one micro step; distinct streams never collide for sane sizes."""
     return (((seed * 1_000_003 + step) * 4099 + micro) * 65_537 + dp_rank) * 7 + stream & (2**63 - 1)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What the parts of a run beside the step itself (shrink, evaluation) need to know of it."""
+    run_cfg: RunConfig
+    groups: comm.ParallelGroups
+    seed: int
+    global_batch: int
+    micro_bs: int
+    seq_len: int
+    lr_lambda: Callable[[int], float]
+    collator: object
+    eval_ds: object
+    metrics: MetricsWriter
+    is_rank0: bool
 
 
 @dataclass
@@ -205,6 +222,9 @@ def run(argv: list[str] | None = None) -> int:
             log.info("saved checkpoint %s", ckpt_dir / tag)
         comm.barrier()
 
+    ctx = RunContext(run_cfg=run_cfg, groups=groups, seed=seed, global_batch=global_batch, micro_bs=micro_bs,
+                     seq_len=meta["seq_len"], lr_lambda=lr_lambda, collator=collator, eval_ds=eval_ds,
+                     metrics=metrics, is_rank0=is_rank0)
     state_linked = False  # see zero.link_optimizer_state: once after an engine's first step
     first_batch = next(iter(ResumableBatchIterator(len(train_ds), micro_bs, groups.dp_rank, groups.dp_size, seed)))
     while progress.step < max_steps:
@@ -249,9 +269,7 @@ def run(argv: list[str] | None = None) -> int:
             obs, scalars = pruner.check(progress.step)
             metrics.scalars("structured", progress.step, scalars)
             if obs.drawn:
-                engine, model_config = _shrink(engine, model_config, pruner, run_cfg, groups, progress.step,
-                                               global_batch, lr_lambda, collator, eval_ds, micro_bs, seed,
-                                               metrics, is_rank0, meta["seq_len"])
+                engine, model_config = _shrink(ctx, engine, model_config, pruner, progress.step)
                 dense_fwd = dense_flops_per_token(model_config, meta["seq_len"])
                 state_linked = False
         if progress.step % run_cfg.training.log_interval == 0 or progress.step == max_steps:
@@ -283,27 +301,26 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _shrink(engine, model_config, pruner, run_cfg, groups, step, global_batch, lr_lambda, collator, eval_ds,
-            micro_bs, seed, metrics, is_rank0, seq_len):
+def _shrink(ctx: RunContext, engine, model_config, pruner, step: int):
     """Draw the consequences of a ticket: the physical shrink, its checks and what it logs."""
     from dist_sparse.model.presets import dense_flops_per_token
     from dist_sparse.structured.shrink import shrink_engine
 
     # The same batch on every rank (not the rank's own stride), masked with a fixed seed.
-    gen = torch.Generator().manual_seed(step_seed(seed, 0, 0, 0, stream=3))
-    verify_batch = collator([eval_ds[i % len(eval_ds)] for i in range(micro_bs)], gen)
-    before = dense_flops_per_token(model_config, seq_len, training=True)
+    gen = torch.Generator().manual_seed(step_seed(ctx.seed, 0, 0, 0, stream=3))
+    verify_batch = ctx.collator([ctx.eval_ds[i % len(ctx.eval_ds)] for i in range(ctx.micro_bs)], gen)
+    before = dense_flops_per_token(model_config, ctx.seq_len, training=True)
     engine, small_config, report = shrink_engine(
-        engine, model_config, pruner.ticket, run_cfg=run_cfg, groups=groups, zero=pruner.zero, step=step,
-        global_batch=global_batch, lr_lambda=lr_lambda, verify_batch=verify_batch,
+        engine, model_config, pruner.ticket, run_cfg=ctx.run_cfg, groups=ctx.groups, zero=pruner.zero, step=step,
+        global_batch=ctx.global_batch, lr_lambda=ctx.lr_lambda, verify_batch=verify_batch,
         tolerance=pruner.cfg.verify_tolerance)
     pruner.mark_shrunk()
-    after = dense_flops_per_token(small_config, seq_len, training=True)
-    metrics.scalars("structured", step, {
+    after = dense_flops_per_token(small_config, ctx.seq_len, training=True)
+    ctx.metrics.scalars("structured", step, {
         "ticket_step": float(step), "shrink/relative_diff": report.relative_diff,
         "shrink/tp_imbalance": report.tp_imbalance, "params": float(report.params_after),
         "train_flops_per_token": after, "flop_ratio": after / before})
-    if is_rank0:
+    if ctx.is_rank0:
         log.info("structured pruning: ticket drawn at step %d%s; heads per layer %s, FFN widths %s; parameters "
                  "%d -> %d, training FLOPs per token x%.3f; outputs match the masked model to %.2g (relative); "
                  "TP shard imbalance %.3f", step, " (forced: max_search_steps)" if pruner.forced else "",
