@@ -81,6 +81,9 @@ FROZEN_SECTIONS = [
      "end_fraction": 1.0, "init": "magnitude"},
     {"method": "gmp", "sparsity": 0.8, "update_interval": 2, "end_fraction": 0.8},
     {"method": "rigl", "sparsity": 0.75, "update_interval": 2, "end_fraction": 1.0, "drop_schedule": "constant"},
+    # N:M at TP=2: row-parallel shards (64 and 32 inputs) hold whole groups of 4 along the input.
+    {"method": "gmp", "sparsity": 0.5, "pattern": "nm", "n": 2, "m": 4, "update_interval": 2, "end_fraction": 0.8,
+     "seed": 5},
 ]
 # N:M sections on models whose ZeRO-3 slices cut groups; TP=1 only (the models do not split in two).
 FROZEN_NM = [
