@@ -1,9 +1,23 @@
-"""Launch helpers for multi-process tests: every launch goes through the real ``deepspeed`` launcher on gloo."""
+"""Launch helpers for multi-process tests on gloo.
+
+Two ways to start N ranks:
+
+* ``via="deepspeed"``: the real ``deepspeed --num_gpus N`` launcher, as users start runs. The
+  ZeRO-stage and DP x TP pre-training tests use it (and ``make demo``, and the two-node test
+  its shell launcher), so the launcher path itself stays covered.
+* ``via="spawn"`` (the default): the ranks are started the way DeepSpeed's
+  ``deepspeed.launcher.launch`` starts them on one node (same environment variables, same
+  ``--local_rank=N`` argument, the other ranks killed when one fails), without the two launcher
+  processes in front. Each of those imports torch and DeepSpeed, about 7 s per launch on CI's
+  two cores; the suite launches some forty times.
+"""
 
 import os
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -38,18 +52,80 @@ def remove_shm_buffers(port: int) -> None:
         path.unlink(missing_ok=True)
 
 
-def launch(args: list[str], nproc: int = 2, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    """``deepspeed --num_gpus nproc ARGS`` (N CPU processes here); output captured for asserts."""
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + 10
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def spawn_ranks(cmd: list[str], nproc: int, port: int, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """Start ``nproc`` ranks of ``python -u cmd[0] --local_rank=i cmd[1:]`` on this node.
+
+    The environment is what deepspeed.launcher.launch sets for a single node. When a rank exits
+    with an error the others are stopped (they would wait in a collective for ever), and the
+    first error code is returned. stdout/stderr are the ranks' outputs, one after another.
+    """
+    script, *rest = cmd
+    base = dict(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(nproc), CROSS_RANK="0",
+                CROSS_SIZE="1", LOCAL_SIZE=str(nproc))
+    with tempfile.TemporaryDirectory(prefix="ranks") as logs:
+        files, procs = [], []
+        try:
+            for r in range(nproc):
+                out, err = open(Path(logs) / f"{r}.out", "w+"), open(Path(logs) / f"{r}.err", "w+")
+                files.append((out, err))
+                procs.append(subprocess.Popen([sys.executable, "-u", script, f"--local_rank={r}", *rest], cwd=ROOT,
+                                              env=dict(base, RANK=str(r), LOCAL_RANK=str(r)), stdout=out, stderr=err))
+            deadline = time.monotonic() + timeout
+            code = None
+            while code is None:
+                codes = [p.poll() for p in procs]
+                failed = [c for c in codes if c not in (None, 0)]
+                if failed:
+                    code = failed[0]
+                elif all(c == 0 for c in codes):
+                    code = 0
+                elif time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired(cmd, timeout)
+                else:
+                    time.sleep(0.1)
+        finally:
+            _stop(procs)
+        texts = []
+        for out, err in files:
+            out.seek(0), err.seek(0)
+            texts.append((out.read(), err.read()))
+            out.close(), err.close()
+    return subprocess.CompletedProcess(cmd, code, "".join(o for o, _ in texts), "".join(e for _, e in texts))
+
+
+def launch(args: list, nproc: int = 2, timeout: int = 600, check: bool = True,
+           via: str = "spawn") -> subprocess.CompletedProcess:
+    """Run ``args`` (a script and its arguments) on ``nproc`` CPU ranks; output captured for asserts."""
     port = free_port()
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port), *map(str, args)]
     env = launch_env()
+    args = [str(a) for a in args]
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        if via == "deepspeed":
+            cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port), *args]
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        elif via == "spawn":
+            cmd = args
+            proc = spawn_ranks(args, nproc, port, env, timeout)
+        else:
+            raise ValueError(f"via: 'spawn' or 'deepspeed', not {via!r}")
     finally:
         remove_shm_buffers(port)
     if check and proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-6000:]
-        pytest.fail(f"launch failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
+        pytest.fail(f"launch failed (exit {proc.returncode}, {via}): {' '.join(cmd)}\n{tail}")
     return proc
 
 

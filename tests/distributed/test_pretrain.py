@@ -1,4 +1,4 @@
-"""Pre-training through the deepspeed launcher on gloo: ZeRO 1/2/3, DP2 x TP2, resume, two nodes.
+"""Pre-training on gloo: ZeRO 1/2/3 and DP2 x TP2 through the deepspeed launcher, resume, two nodes.
 
 Each launch is a real multi-process run of ``launchers/pretrain.py`` on a small dataset prepared
 from the default corpus; the assertions read what the run wrote (metrics.jsonl, TensorBoard
@@ -49,7 +49,7 @@ def test_zero_stage_trains_on_a_fixed_batch(stage, data_dir, nsp_data_dir, tmp_p
     run = tmp_path / "run"
     data = nsp_data_dir if stage == 1 else data_dir
     pretrain(f"cpu_zero{stage}.json", data, run, "--max-steps", 16, "--overfit-batch",
-             "--eval-interval", 8, "--save-interval", 8)
+             "--eval-interval", 8, "--save-interval", 8, via="deepspeed")
     train = metrics(run)
     assert [m["step"] for m in train] == list(range(1, 17))
     assert_loss_falls([m["loss"] for m in train])
@@ -110,7 +110,7 @@ def test_crash_during_save_then_resume_reproduces_the_uninterrupted_run(data_dir
 
 def test_dp2_x_tp2_trains(data_dir, tmp_path):
     run = tmp_path / "run"
-    pretrain("cpu_tp2_zero2.json", data_dir, run, "--max-steps", 12, "--overfit-batch", nproc=4)
+    pretrain("cpu_tp2_zero2.json", data_dir, run, "--max-steps", 12, "--overfit-batch", nproc=4, via="deepspeed")
     train = metrics(run)
     assert [m["step"] for m in train] == list(range(1, 13))
     assert_loss_falls([m["loss"] for m in train])
