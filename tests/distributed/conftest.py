@@ -19,3 +19,29 @@ def nsp_data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "sotu_nsp"
     prepare_data(out, default_corpus=True, max_documents=24, vocab_size=1000, seq_len=64, nsp=True)
     return out
+
+
+# One EarlyBERT run shared by test_structured.py (search, ticket, shrink, training on) and
+# test_export_roundtrip.py (exports before and after the shrink): DP2 x TP2, ZeRO-2, bert-mini,
+# a checkpoint every 4 steps. The ticket falls between steps 6 and 12 (checks every 3 steps, a
+# window of 2, forced at 12), so global_step4 is mid-search and global_step12 onwards shrunk.
+EARLYBERT_TP2 = {"check_interval": 3, "window": 2, "epsilon": 0.1, "max_search_steps": 12}
+EARLYBERT_TP2_STEPS = 24
+
+
+@pytest.fixture(scope="session")
+def earlybert_tp2_run(data_dir, tmp_path_factory):
+    import json
+
+    from dslaunch import ROOT, launch
+
+    tmp = tmp_path_factory.mktemp("earlybert_tp2")
+    cfg = json.loads((ROOT / "ds_configs" / "cpu_tp2_zero2_earlybert.json").read_text())
+    cfg["structured_pruning"].update(EARLYBERT_TP2)
+    path = tmp / "config.json"
+    path.write_text(json.dumps(cfg))
+    run = tmp / "run"
+    launch([ROOT / "launchers" / "pretrain.py", "--deepspeed_config", path, "--data", data_dir, "--model",
+            "bert-mini", "--output", run, "--no-progress", "--max-steps", EARLYBERT_TP2_STEPS, "--save-interval", 4,
+            "--overfit-batch"], nproc=4, timeout=900)
+    return run

@@ -3,8 +3,8 @@
 * DP1 x TP2 and DP2 x TP2, ZeRO 1/2/3, at step 0 of a model whose whole weights are known: the
   consolidation must give them back bit for bit (a wrong merge order cannot hide behind a
   self-consistent verification).
-* DP2 x TP2 ZeRO-2 EarlyBERT run: a pre-shrink (search, coefficients) and a post-shrink (small
-  model) checkpoint, exported dense and compact.
+* DP2 x TP2 ZeRO-2 EarlyBERT run (shared with test_structured.py): a pre-shrink (search,
+  coefficients) and a post-shrink (small model) checkpoint, exported dense and compact.
 * DP1 x TP2 ZeRO-3 RigL run: exact zeros where the masks (put together by `inspect` from its own
   shard records) say so.
 
@@ -112,16 +112,15 @@ def test_tp2_zero_stages_consolidate_bit_exactly(dp, tmp_path):
         assert "shape" not in how.values()
 
 
-def test_structured_dp2_tp2_pre_and_post_shrink(data_dir, tmp_path):
+def test_structured_dp2_tp2_pre_and_post_shrink(earlybert_tp2_run, data_dir, tmp_path):
+    """The DP2 x TP2 ZeRO-2 EarlyBERT run shared with test_structured.py (conftest.py):
+    global_step4 mid-search, global_step24 (latest) shrunk."""
     from dist_sparse.export.hf import export
 
-    cfg = ds_config(tmp_path, "cpu_tp2_zero2_earlybert.json", "eb.json",
-                    structured_pruning={"check_interval": 2, "window": 3, "max_search_steps": 6})
-    run = tmp_path / "run"
-    pretrain(cfg, data_dir, run, "bert-mini", "--max-steps", 8, "--save-interval", 4, nproc=4)
+    run = earlybert_tp2_run
     ckpt = run / "checkpoints"
     search = json.loads((ckpt / "global_step4" / "structure.json").read_text())["structured"]
-    shrunk = json.loads((ckpt / "global_step8" / "structure.json").read_text())
+    shrunk = json.loads((ckpt / "global_step24" / "structure.json").read_text())
     assert search["phase"] == "search" and shrunk["structured"]["phase"] == "shrunk"
     ticket = shrunk["structured"]["ticket"]
 
@@ -157,7 +156,8 @@ def test_structured_dp2_tp2_pre_and_post_shrink(data_dir, tmp_path):
         report = json.loads((folder / "sparsity.json").read_text())
         assert [e["kept_heads"] for e in report["layers"].values()] == ticket["heads"]
         assert [e["kept_ffn_neurons"] for e in report["layers"].values()] == ticket["neurons"]
-        assert report["checkpoint"] == {"tag": "global_step8", "step": 8, "zero_stage": 2, "dp_size": 2, "tp_size": 2}
+        assert report["checkpoint"] == {"tag": "global_step24", "step": 24, "zero_stage": 2, "dp_size": 2,
+                                        "tp_size": 2}
     card = (dense / "README.md").read_text()
     assert "| layer.0 | 2 of 4 (" in card and "608 of 1024" in card
     # removed heads are zero rows / columns at their original indices in the stock model
@@ -176,9 +176,9 @@ def test_structured_dp2_tp2_pre_and_post_shrink(data_dir, tmp_path):
     proc = cli_export(run, dense)
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
     broken = tmp_path / "broken"
-    shutil.copytree(run / "checkpoints" / "global_step8", broken / "global_step8")
-    (broken / "global_step8" / "zero_pp_rank_1_mp_rank_01_optim_states.pt").unlink()
-    proc = cli_export(broken / "global_step8", tmp_path / "never", "--tokenizer", data_dir / "tokenizer")
+    shutil.copytree(run / "checkpoints" / "global_step24", broken / "global_step24")
+    (broken / "global_step24" / "zero_pp_rank_1_mp_rank_01_optim_states.pt").unlink()
+    proc = cli_export(broken / "global_step24", tmp_path / "never", "--tokenizer", data_dir / "tokenizer")
     assert proc.returncode == 2
     assert "is incomplete: 1 of the 6 shard files of a ZeRO-2 DP 2 x TP 2 checkpoint are missing " \
            "(zero_pp_rank_1_mp_rank_01_optim_states.pt)" in proc.stderr
@@ -188,7 +188,7 @@ def test_structured_dp2_tp2_pre_and_post_shrink(data_dir, tmp_path):
         export(run, dense, overwrite=True, tolerance=-1.0)
     assert not (tmp_path / "never").exists()
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name] == []
-    assert json.loads((dense / "sparsity.json").read_text())["checkpoint"]["tag"] == "global_step8"  # untouched
+    assert json.loads((dense / "sparsity.json").read_text())["checkpoint"]["tag"] == "global_step24"  # untouched
     # --overwrite replaces a previous export in place
     proc = cli_export(run, dense, "--tag", "global_step4", "--overwrite")
     assert proc.returncode == 0, proc.stderr[-3000:]

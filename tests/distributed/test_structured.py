@@ -98,11 +98,10 @@ def check_early_bird_rule(structured: list[dict], window: int, epsilon: float, m
     return step
 
 
-def test_earlybert_dp2_x_tp2_zero2_search_shrink_and_continue(data_dir, tmp_path):
-    cfg = write_config(tmp_path, "cpu_tp2_zero2_earlybert.json", 2, check_interval=3, window=2, epsilon=0.1,
-                       max_search_steps=12)
-    run = tmp_path / "run"
-    pretrain(cfg, data_dir, run, "--max-steps", 24, "--save-interval", 12, "--overfit-batch", nproc=4)
+def test_earlybert_dp2_x_tp2_zero2_search_shrink_and_continue(earlybert_tp2_run):
+    """The shared DP2 x TP2 ZeRO-2 run (conftest.py): checks every 3 steps, window 2, epsilon 0.1,
+    forced at 12; 24 steps on one batch, a checkpoint every 4 steps."""
+    run = earlybert_tp2_run
     structured = metrics(run, "structured")
     step = check_early_bird_rule(structured, 2, 0.1, 12)
     shrink = next(m for m in structured if "ticket_step" in m)
@@ -132,9 +131,12 @@ def test_earlybert_dp2_x_tp2_zero2_search_shrink_and_continue(data_dir, tmp_path
     report = subprocess.run([str(BIN / "dist-sparse"), "inspect", str(run)], capture_output=True, text=True,
                             env=launch_env(), check=True).stdout
     assert "phase shrunk" in report and report.count("2 / 4") == 4 and report.count("608 / 1024") == 4
-    # The shrink happens inside step `step`, before that step's checkpoint: global_step12 is small.
+    # The shrink happens inside step `step`, before that step's checkpoint: global_step12 is small,
+    # global_step4 (before any ticket could be drawn) still searching.
     at12 = json.loads((run / "checkpoints" / "global_step12" / "structure.json").read_text())
     assert at12["structured"]["phase"] == "shrunk" and at12["structured"]["ticket_step"] == step
+    at4 = json.loads((run / "checkpoints" / "global_step4" / "structure.json").read_text())
+    assert at4["structured"]["phase"] == "search"
 
 
 def test_resume_before_and_after_the_shrink_reproduces_the_run(data_dir, tmp_path):
