@@ -1,4 +1,6 @@
-"""Run under the deepspeed launcher: ZeRO-sharded layer-wise LAMB equals unsharded LAMB.
+"""ZeRO-sharded layer-wise LAMB equals unsharded LAMB.
+
+Run on N ranks: the deepspeed launcher, or dslaunch.spawn_ranks, which starts them the same way.
 
 Each rank trains a small MLP on its half of a fixed global batch through dist_sparse's engine
 setup (our Lamb, one group per tensor, norms summed over DP); rank 0 also trains an unsharded

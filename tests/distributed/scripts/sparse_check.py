@@ -1,4 +1,6 @@
-"""Run under the deepspeed launcher: the sparsifier's invariants under ZeRO 1/2/3 (and AutoTP).
+"""The sparsifier's invariants under ZeRO 1/2/3 (and AutoTP).
+
+Run on N ranks: the deepspeed launcher, or dslaunch.spawn_ranks, which starts them the same way.
 
     sparse_check.py train  OUT.json   # lr > 0, different data on every rank: invariants after every step
     sparse_check.py frozen OUT.json [TP [STAGES]]  # lr = 0: logical masks of every update, to compare layouts

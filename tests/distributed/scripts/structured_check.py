@@ -1,4 +1,6 @@
-"""Run under the deepspeed launcher: the EarlyBERT keep-set decision on planted coefficients.
+"""The EarlyBERT keep-set decision on planted coefficients.
+
+Run on N ranks: the deepspeed launcher, or dslaunch.spawn_ranks, which starts them the same way.
 
     structured_check.py OUT.json STAGE TP
 
