@@ -23,8 +23,9 @@ def nsp_data_dir(tmp_path_factory):
 
 # One EarlyBERT run shared by test_structured.py (search, ticket, shrink, training on) and
 # test_export_roundtrip.py (exports before and after the shrink): DP2 x TP2, ZeRO-2, bert-mini,
-# a checkpoint every 4 steps. The ticket falls between steps 6 and 12 (checks every 3 steps, a
-# window of 2, forced at 12), so global_step4 is mid-search and global_step12 onwards shrunk.
+# a checkpoint every 4 steps. The ticket falls at step 9 or 12 (checks at 3, 6, 9, 12; a window of
+# two distances, the first at the second check; forced at 12), so global_step4 is mid-search and
+# global_step12 onwards shrunk. The tests read these settings back from the run's run.json.
 EARLYBERT_TP2 = {"check_interval": 3, "window": 2, "epsilon": 0.1, "max_search_steps": 12}
 EARLYBERT_TP2_STEPS = 24
 

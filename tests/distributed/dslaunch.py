@@ -3,16 +3,17 @@
 Two ways to start N ranks:
 
 * ``via="deepspeed"``: the real ``deepspeed --num_gpus N`` launcher, as users start runs. The
-  ZeRO-stage and DP x TP pre-training tests use it (and ``make demo``, and the two-node test
-  its shell launcher), so the launcher path itself stays covered.
+  ZeRO-stage and DP x TP pre-training tests use it, ``make demo`` does, and the two-node test
+  goes through ``launchers/local_two_nodes.sh``, so the launcher path itself stays covered.
 * ``via="spawn"`` (the default): the ranks are started the way DeepSpeed's
-  ``deepspeed.launcher.launch`` starts them on one node (same environment variables, same
-  ``--local_rank=N`` argument, the other ranks killed when one fails), without the two launcher
-  processes in front. Each of those imports torch and DeepSpeed, about 7 s per launch on CI's
-  two cores; the suite launches some forty times.
+  ``deepspeed.launcher.launch`` starts them on one node (same distributed environment
+  variables, same ``--local_rank=N`` argument, the other ranks stopped when one fails), without
+  the two launcher processes in front. Each of those imports torch and DeepSpeed, about 7 s per
+  launch on CI's two cores; the suite launches some forty times.
 """
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -53,57 +54,75 @@ def remove_shm_buffers(port: int) -> None:
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
+    """Stop every rank and whatever it started (each rank leads its own process group, as
+    launch.py's terminate_process_tree reaches a rank's children)."""
+    def signal_all(sig):
+        for p in procs:  # a rank that has exited may have left children in its group
+            try:
+                os.killpg(p.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    signal_all(signal.SIGTERM)
     deadline = time.monotonic() + 10
     for p in procs:
         try:
             p.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+            pass
+    signal_all(signal.SIGKILL)
+    for p in procs:
+        p.wait()
 
 
 def spawn_ranks(cmd: list[str], nproc: int, port: int, env: dict, timeout: float) -> subprocess.CompletedProcess:
     """Start ``nproc`` ranks of ``python -u cmd[0] --local_rank=i cmd[1:]`` on this node.
 
-    The environment is what deepspeed.launcher.launch sets for a single node. When a rank exits
-    with an error the others are stopped (they would wait in a collective for ever), and the
-    first error code is returned. stdout/stderr are the ranks' outputs, one after another.
+    The environment variables are those deepspeed.launcher.launch sets for one node (it also sets
+    CUDA_VISIBLE_DEVICES, which a CPU run does not read). When a rank exits with an error the
+    others are stopped (they would wait in a collective for ever) and the exit code of the rank
+    that failed first is returned. stdout/stderr hold every rank's output under a
+    ``--- rank r (exit c) ---`` line, the rank that failed first last, so that the tail of the
+    output shows its error rather than its peers' lost connections.
     """
     script, *rest = cmd
     base = dict(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(nproc), CROSS_RANK="0",
                 CROSS_SIZE="1", LOCAL_SIZE=str(nproc))
     with tempfile.TemporaryDirectory(prefix="ranks") as logs:
-        files, procs = [], []
+        logs = Path(logs)
+        procs, first_failed, timed_out = [], None, False
         try:
             for r in range(nproc):
-                out, err = open(Path(logs) / f"{r}.out", "w+"), open(Path(logs) / f"{r}.err", "w+")
-                files.append((out, err))
-                procs.append(subprocess.Popen([sys.executable, "-u", script, f"--local_rank={r}", *rest], cwd=ROOT,
-                                              env=dict(base, RANK=str(r), LOCAL_RANK=str(r)), stdout=out, stderr=err))
+                with open(logs / f"{r}.out", "w") as out, open(logs / f"{r}.err", "w") as err:
+                    procs.append(subprocess.Popen([sys.executable, "-u", script, f"--local_rank={r}", *rest],
+                                                  cwd=ROOT, env=dict(base, RANK=str(r), LOCAL_RANK=str(r)),
+                                                  stdout=out, stderr=err, start_new_session=True))
             deadline = time.monotonic() + timeout
-            code = None
-            while code is None:
+            while True:
                 codes = [p.poll() for p in procs]
-                failed = [c for c in codes if c not in (None, 0)]
+                failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
                 if failed:
-                    code = failed[0]
-                elif all(c == 0 for c in codes):
-                    code = 0
-                elif time.monotonic() > deadline:
-                    raise subprocess.TimeoutExpired(cmd, timeout)
-                else:
-                    time.sleep(0.1)
+                    first_failed = failed[0]
+                    break
+                if all(c == 0 for c in codes):
+                    break
+                if time.monotonic() > deadline:
+                    timed_out = True
+                    break
+                time.sleep(0.1)
         finally:
             _stop(procs)
-        texts = []
-        for out, err in files:
-            out.seek(0), err.seek(0)
-            texts.append((out.read(), err.read()))
-            out.close(), err.close()
-    return subprocess.CompletedProcess(cmd, code, "".join(o for o, _ in texts), "".join(e for _, e in texts))
+        order = [r for r in range(len(procs)) if r != first_failed] + ([first_failed] if first_failed is not None else [])
+        outs, errs = [], []
+        for r in order:
+            head = f"--- rank {r} (exit {procs[r].returncode}) ---\n"
+            outs.append(head + (logs / f"{r}.out").read_text(errors="replace"))
+            errs.append(head + (logs / f"{r}.err").read_text(errors="replace"))
+    stdout, stderr = "".join(outs), "".join(errs)
+    if timed_out:
+        raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr)
+    code = 0 if first_failed is None else procs[first_failed].returncode
+    return subprocess.CompletedProcess(cmd, code, stdout, stderr)
 
 
 def launch(args: list, nproc: int = 2, timeout: int = 600, check: bool = True,
@@ -121,6 +140,11 @@ def launch(args: list, nproc: int = 2, timeout: int = 600, check: bool = True,
             proc = spawn_ranks(args, nproc, port, env, timeout)
         else:
             raise ValueError(f"via: 'spawn' or 'deepspeed', not {via!r}")
+    except subprocess.TimeoutExpired as err:
+        tail = ((err.output or "") + (err.stderr or ""))[-6000:]
+        if isinstance(tail, bytes):
+            tail = tail.decode(errors="replace")
+        pytest.fail(f"launch timed out after {timeout} s ({via}): {' '.join(map(str, err.cmd))}\n{tail}")
     finally:
         remove_shm_buffers(port)
     if check and proc.returncode != 0:

@@ -102,8 +102,10 @@ def test_earlybert_dp2_x_tp2_zero2_search_shrink_and_continue(earlybert_tp2_run)
     """The shared DP2 x TP2 ZeRO-2 run (conftest.py): checks every 3 steps, window 2, epsilon 0.1,
     forced at 12; 24 steps on one batch, a checkpoint every 4 steps."""
     run = earlybert_tp2_run
+    section = json.loads((run / "run.json").read_text())["deepspeed_config"]["structured_pruning"]
     structured = metrics(run, "structured")
-    step = check_early_bird_rule(structured, 2, 0.1, 12)
+    step = check_early_bird_rule(structured, section["window"], section["epsilon"], section["max_search_steps"])
+    assert step in (9, 12)
     shrink = next(m for m in structured if "ticket_step" in m)
     assert shrink["shrink/relative_diff"] < 1e-5       # fp32: the shrunk model is the masked model
     assert shrink["shrink/tp_imbalance"] == 1.0        # both TP shards hold the same FLOPs
