@@ -30,8 +30,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     for latest in (path / "checkpoints" / "latest", path / "latest"):
         if latest.is_file():
-            raise ValueError(f"{latest} names the checkpoint {latest.read_text().strip()!r}, which is not in "
-                             f"{latest.parent} (deleted or moved?); pass a checkpoint tag directory instead")
+            tag = latest.read_text().strip()
+            if not tag:
+                raise ValueError(f"{latest} is empty; pass a checkpoint tag directory instead")
+            raise ValueError(f"{latest} names the checkpoint {tag!r}, which is not in {latest.parent} "
+                             "(deleted or moved?); pass a checkpoint tag directory instead")
     raise ValueError(f"{path} is neither a run directory, a checkpoints directory with 'latest', "
                      "nor a checkpoint directory")
 

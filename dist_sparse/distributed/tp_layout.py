@@ -10,7 +10,7 @@ export (merge shards from a checkpoint). They all ask here, so they cannot drift
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -62,7 +62,10 @@ def affine_maps(uc_info: Mapping | None) -> dict[str, dict]:
 
 def _merge_by_shape(name: str, parts: list[torch.Tensor], full: tuple[int, ...]) -> torch.Tensor:
     tp = len(parts)
-    dim = split_dim(name, parts[0].shape, full, tp)
+    try:
+        dim = split_dim(name, parts[0].shape, full, tp)
+    except ValueError as err:
+        raise ValueError(f"{err} (the shape the checkpoint's model config gives it)") from None
     if any(p.shape != parts[0].shape for p in parts):
         raise ValueError(f"{name}: tensor-parallel ranks hold shards of different shapes "
                          f"{[tuple(p.shape) for p in parts]}")

@@ -56,6 +56,15 @@ def logical_shapes(config, with_coefficients: bool) -> dict[str, torch.Size]:
     return {n: p.shape for n, p in model.named_parameters()}
 
 
+def _tp_split(name: str, local, full, tp_size: int) -> int | None:
+    # The shapes here come from our own engine, not from the user: a mismatch is an internal
+    # fault and must reach the log with its traceback (main treats ValueError as bad input).
+    try:
+        return split_dim(name, local, full, tp_size)
+    except ValueError as err:
+        raise RuntimeError(f"shrink: {err}") from None
+
+
 def gather_full(module, config, groups: ParallelGroups, zero: ZeroAccess, with_coefficients: bool,
                 moments: bool = True) -> tuple[dict, dict]:
     """Whole fp32 tensors of every parameter (and moments) on every rank, on the CPU."""
@@ -70,7 +79,7 @@ def gather_full(module, config, groups: ParallelGroups, zero: ZeroAccess, with_c
                     values[k] = zero.full_state(p, k)
                 except ValueError as err:  # DeepSpeed's error does not say which parameter
                     raise RuntimeError(f"shrink: no optimizer state {k!r} for {name}: {err}") from None
-        dim = split_dim(name, values["w"].shape, full_shapes[name], groups.tp_size)
+        dim = _tp_split(name, values["w"].shape, full_shapes[name], groups.tp_size)
         for k, v in values.items():
             v = v.view(values["w"].shape)
             if dim is not None:
@@ -197,7 +206,7 @@ def shrink_engine(engine, config, ticket: Ticket, *, run_cfg, groups: ParallelGr
     full_shapes = logical_shapes(small_config, False)
     for name, p in new.module.named_parameters():
         local_shape = tuple(getattr(p, "ds_shape", p.shape))
-        dim = split_dim(name, local_shape, full_shapes[name], groups.tp_size)
+        dim = _tp_split(name, local_shape, full_shapes[name], groups.tp_size)
         for key, moments in small_s.items():
             value = moments[name]
             if dim is not None:

@@ -47,7 +47,7 @@ def step_seed(seed: int, step: int, micro: int, dp_rank: int, stream: int = 0) -
 
 @dataclass(frozen=True)
 class RunContext:
-    """What the parts of a run beside the step itself (shrink, evaluation) need to know of it."""
+    """What the structural shrink needs to know of the run it happens in."""
     run_cfg: RunConfig
     groups: comm.ParallelGroups
     seed: int

@@ -145,7 +145,7 @@ def test_shapes_that_do_not_fit_the_config_are_refused():
     # a checkpoint whose model config says 48 FFN neurons while the shards hold 2 x 12
     wrong = logical_shapes(tiny_config(intermediate_size=48), False)
     with pytest.raises(ValueError, match=r"intermediate\.dense\.weight: a tensor-parallel shard of shape \(12, 16\) "
-                                         r"is not an even 2-way split of the logical shape \(48, 16\)"):
+                                         r"is not an even 2-way split of the logical shape \(48, 16\) \(the shape the checkpoint's model config"):
         merge_tp_shards(shards, wrong)
     # DeepSpeed's record describes the shards, but the whole tensor still has to fit the config
     with pytest.raises(ValueError, match=r"shard of shape \(12, 16\), DeepSpeed's layout says|model config says"):

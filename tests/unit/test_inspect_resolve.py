@@ -29,6 +29,12 @@ def test_latest_naming_a_missing_tag_is_named(tmp_path):
         resolve_checkpoint(run)
 
 
+def test_an_empty_latest_is_named(tmp_path):
+    run = make_run(tmp_path, latest="")
+    with pytest.raises(ValueError, match=r"latest is empty"):
+        resolve_checkpoint(run)
+
+
 def test_a_directory_without_checkpoints_is_refused(tmp_path):
     with pytest.raises(ValueError, match="is neither a run directory"):
         resolve_checkpoint(tmp_path)
