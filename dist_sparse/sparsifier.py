@@ -417,7 +417,9 @@ class Sparsifier:
             grow_scores = {t.name: self._grow_scores(t, step) for t in self.targets}
             not_kept = {n: ~m for n, m in kept.items()}
             grown = self._select(grow_scores, not_kept, drops, stats, counter)
-            new = {n: kept[n] | grown[n] for n in kept}
+            # kept follows the magnitudes (the GPU), grown its scores (random draws on the host,
+            # or the gradient read); _install keeps masks on the host anyway.
+            new = {n: kept[n].cpu() | grown[n].cpu() for n in kept}
         stats.sync_bytes += counter[0]
         self._install(new, stats, old)
         return stats
