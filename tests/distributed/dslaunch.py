@@ -141,9 +141,9 @@ def launch(args: list, nproc: int = 2, timeout: int = 600, check: bool = True,
         else:
             raise ValueError(f"via: 'spawn' or 'deepspeed', not {via!r}")
     except subprocess.TimeoutExpired as err:
-        tail = ((err.output or "") + (err.stderr or ""))[-6000:]
-        if isinstance(tail, bytes):
-            tail = tail.decode(errors="replace")
+        # subprocess.run leaves bytes in TimeoutExpired even with text=True; spawn_ranks gives str
+        tail = "".join(x.decode(errors="replace") if isinstance(x, bytes) else x
+                       for x in (err.output or "", err.stderr or ""))[-6000:]
         pytest.fail(f"launch timed out after {timeout} s ({via}): {' '.join(map(str, err.cmd))}\n{tail}")
     finally:
         remove_shm_buffers(port)
