@@ -30,6 +30,7 @@ from dist_sparse.train.args import build_parser
 from dist_sparse.train.engine import build_engine
 from dist_sparse.train.metrics import MetricsWriter
 from dist_sparse.train.sparse import build_sparsifier, config_fingerprint, sparsity_scalars
+from dist_sparse.train.step import StateLink, optimizer_step
 
 log = logging.getLogger("dist_sparse.train")
 
@@ -225,36 +226,27 @@ def run(argv: list[str] | None = None) -> int:
     ctx = RunContext(run_cfg=run_cfg, groups=groups, seed=seed, global_batch=global_batch, micro_bs=micro_bs,
                      seq_len=meta["seq_len"], lr_lambda=lr_lambda, collator=collator, eval_ds=eval_ds,
                      metrics=metrics, is_rank0=is_rank0)
-    state_linked = False  # see zero.link_optimizer_state: once after an engine's first step
+    state_link = StateLink(run_cfg.zero_stage)
     first_batch = next(iter(ResumableBatchIterator(len(train_ds), micro_bs, groups.dp_rank, groups.dp_size, seed)))
-    while progress.step < max_steps:
-        t0 = time.perf_counter()
-        engine.train()
-        # loss sum over micro steps, micro steps, tokens; on the device, read once per step
-        local = torch.zeros(3, dtype=torch.float64, device=engine.device)
-        if sparsifier is not None:
-            sparsifier.before_step(progress.step + 1)
+
+    def micro_batches(step: int):
+        """This rank's micro batches of optimizer step ``step + 1``, each seeded just before use."""
         for micro in range(grad_acc):
-            data_step = 0 if args.overfit_batch else progress.step
+            data_step = 0 if args.overfit_batch else step
             indices = first_batch if args.overfit_batch else next(loader)
             gen = torch.Generator().manual_seed(step_seed(seed, data_step, micro, groups.dp_rank))
             batch = collator([train_ds[i] for i in indices], gen)
-            torch.manual_seed(step_seed(seed, progress.step, micro, groups.dp_rank, stream=1))
-            batch = {k: v.to(engine.device) for k, v in batch.items()}
-            out = engine(**batch)
-            engine.backward(out.loss)
-            if engine.is_gradient_accumulation_boundary():
-                if sparsifier is not None:
-                    sparsifier.mask_gradients()
-                if pruner is not None:
-                    pruner.before_optimizer_step()
-            engine.step()
-            if not state_linked and engine.is_gradient_accumulation_boundary():
-                link_optimizer_state(engine.optimizer, run_cfg.zero_stage)
-                state_linked = True
-            local[0] += out.loss.detach().double()
-            local[1] += 1
-            local[2] += batch["attention_mask"].sum().double()
+            torch.manual_seed(step_seed(seed, step, micro, groups.dp_rank, stream=1))
+            yield {k: v.to(engine.device) for k, v in batch.items()}
+
+    while progress.step < max_steps:
+        t0 = time.perf_counter()
+        engine.train()
+        result = optimizer_step(engine, micro_batches(progress.step), sparsifier=sparsifier, pruner=pruner,
+                                state_link=state_link, step=progress.step + 1)
+        # loss sum over micro steps, micro steps, tokens; on the device, read once per step
+        local = torch.stack([result.loss_sum, torch.tensor(float(result.micro_steps), dtype=torch.float64,
+                                                           device=engine.device), result.tokens])
         comm.all_reduce_sum_(local, groups.dp_group)
         local = local.cpu()
         progress.step += 1
@@ -271,7 +263,7 @@ def run(argv: list[str] | None = None) -> int:
             if obs.drawn:
                 engine, model_config = _shrink(ctx, engine, model_config, pruner, progress.step)
                 dense_fwd = dense_flops_per_token(model_config, meta["seq_len"])
-                state_linked = False
+                state_link.reset()
         if progress.step % run_cfg.training.log_interval == 0 or progress.step == max_steps:
             grad_norm = engine.get_global_grad_norm()
             metrics.scalars("train", progress.step, {
