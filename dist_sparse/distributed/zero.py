@@ -178,6 +178,10 @@ class ZeroAccess:
         A collective over the DP group at every stage: all ranks call it in the same order."""
         return safe_get_full_fp32_param(param).detach().float()
 
+    def set_full_fp32(self, param, value: torch.Tensor) -> None:
+        """Each rank copies its own fragment of ``value`` into the fp32 master of ``param``."""
+        safe_set_full_fp32_param(param, value)
+
     def full_state(self, param, key: str) -> torch.Tensor:
         """An optimizer moment of ``param`` (whole TP shard); a collective, as ``full_fp32``."""
         return safe_get_full_optimizer_state(param, key).detach().float()

@@ -7,10 +7,11 @@
 2. Zero the coefficients of the removed units (this is the masked model), fold the coefficients
    into the consumers' columns (weights with c, Adam moments with 1/c and 1/c^2: the gradient of
    the folded weight is the old one divided by c), and keep only the ticket's rows and columns.
-3. Release the old engine and build a new one on the small model: AutoTP and ZeRO re-shard it,
-   a priming step at learning rate 0 creates the optimizer state, the LR schedule and LAMB's
-   step count continue at the current step, and the carried moments are written through the
-   fragment API.
+3. Release the old engine (the caller holds the last reference and drops it) and build a new
+   one on the small model: AutoTP and ZeRO re-shard it, a priming step (a whole accumulation
+   cycle) at learning rate 0 creates the optimizer state, the LR schedule and LAMB's step count
+   continue at the current step, and the carried fp32 masters and moments are written through
+   the fragment API.
 4. Verify: the new engine's outputs on a fixed batch must equal the masked model's (computed
    from the gathered fp32 weights) within tolerance; and the TP shards must be balanced.
 """
@@ -150,93 +151,128 @@ def local_matmul_numel(module) -> int:
     return total
 
 
-def shrink_engine(engine, config, ticket: Ticket, *, run_cfg, groups: ParallelGroups, zero: ZeroAccess,
-                  step: int, global_batch: int, lr_lambda, verify_batch: dict, tolerance: float | None):
-    """Replace ``engine`` by an engine of the shrunk model. Returns (engine, config, report)."""
-    from dist_sparse.model import DistSparseBertForPreTraining
-    from dist_sparse.optim import Lamb
-    from dist_sparse.train.engine import build_engine
+@dataclass
+class ShrinkPlan:
+    """Everything the new engine is built from, gathered while the old engine still exists."""
+    small_config: object
+    weights: dict            # fp32 masters of the shrunk model, whole logical tensors (CPU)
+    moments: dict            # {"exp_avg": {...}, "exp_avg_sq": {...}}, folded and shrunk (CPU)
+    ref_logits: torch.Tensor
+    ref_nsp: torch.Tensor
+    verify_batch: dict
+    tolerance: float
+    params_before: int
+    device: torch.device
 
+
+def plan_shrink(engine, config, ticket: Ticket, *, groups: ParallelGroups, zero: ZeroAccess, zero_stage: int,
+                verify_batch: dict, tolerance: float | None) -> ShrinkPlan:
+    """Gather the fp32 masters and moments of ``engine``, compute the masked model's reference
+    outputs and the shrunk tensors. The caller then releases the old engine (it must hold the
+    last reference) before ``build_shrunk_engine``: two engines would not fit on a GPU."""
     device = engine.device
     engine_dtype = next(engine.module.parameters()).dtype
     if tolerance is None:
         tolerance = 1e-4 if engine_dtype == torch.float32 else 3e-2
     params_before = sum(v.numel() for v in logical_shapes(config, True).values())
-
-    link_optimizer_state(engine.optimizer, run_cfg.zero_stage)
+    link_optimizer_state(engine.optimizer, zero_stage)
     weights, states = gather_full(engine.module, config, groups, zero, with_coefficients=True)
     masked = masked_weights(weights, ticket, config.num_hidden_layers)
     batch = {k: v.to(device) for k, v in verify_batch.items() if k not in ("labels", "next_sentence_label")}
     ref_logits, ref_nsp = reference_outputs(masked, config, batch, device)
     small_w, small_s = shrink_tensors(masked, states, ticket, config)
-    del weights, states, masked
+    return ShrinkPlan(small_config=shrunk_model_config(config, ticket), weights=small_w, moments=small_s,
+                      ref_logits=ref_logits, ref_nsp=ref_nsp, verify_batch=verify_batch, tolerance=tolerance,
+                      params_before=params_before, device=device)
 
-    # The old engine goes before the new one is built: two full engines would not fit on a GPU.
+
+def release_engine(engine) -> None:
+    """Free what DeepSpeed holds for ``engine``; the caller drops its own reference."""
     engine.destroy()
-    del engine
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-    small_config = shrunk_model_config(config, ticket)
+
+def build_shrunk_engine(plan: ShrinkPlan, *, run_cfg, groups: ParallelGroups, zero: ZeroAccess, step: int,
+                        global_batch: int, lr_lambda):
+    """The engine of the shrunk model, standing at optimizer step ``step`` with the carried fp32
+    masters and moments. Returns (engine, report)."""
+    from dist_sparse.model import DistSparseBertForPreTraining
+    from dist_sparse.optim import Lamb
+    from dist_sparse.train.engine import build_engine
+
+    device, small_config = plan.device, plan.small_config
     model = DistSparseBertForPreTraining(small_config)
-    _load(model, small_w)
+    _load(model, plan.weights)
     # The optimizer state must exist before carried moments can be written through the fragment
-    # API, and ZeRO creates it only in a step (ZeRO-3 keeps it on flat partitions it alone knows).
-    # So the new engine takes one priming step with a zero loss at learning rate 0, which leaves
-    # every weight exactly as loaded (LAMB: p += 0 * update), and its schedule starts one step
-    # early so that after the priming step it stands exactly at ``step``.
+    # API, and ZeRO creates it only in an optimizer step (ZeRO-3 keeps it on flat partitions it
+    # alone knows). So the new engine takes one priming step, a whole accumulation cycle of zero
+    # losses at learning rate 0, which leaves every weight as loaded (LAMB: p += 0 * update) and
+    # ends on an accumulation boundary, so the run's micro batches stay aligned with DeepSpeed's
+    # boundaries; its schedule starts one step early so that afterwards it stands at ``step``.
     priming = [True]
 
     def lr_fn(s: int) -> float:
         return 0.0 if priming[0] else lr_lambda(s)
 
     new = build_engine(model, run_cfg, lr_lambda=lr_fn, start_step=step - 1)
+    del model
     optimizer = new.client_optimizer
     if not isinstance(optimizer, Lamb):
         raise RuntimeError("the shrink carries optimizer state into dist_sparse's Lamb only")
     new.train()
-    out = new(**{k: v.to(device) for k, v in verify_batch.items()})
-    new.backward(out.loss * 0.0)
-    priming[0] = False
-    new.step()
+    for _ in range(new.gradient_accumulation_steps()):
+        out = new(**{k: v.to(device) for k, v in plan.verify_batch.items()})
+        new.backward(out.loss * 0.0)
+        boundary = new.is_gradient_accumulation_boundary()
+        if boundary:
+            priming[0] = False  # the scheduler steps after the optimizer: it then reads the run's lr
+        new.step()
+    assert boundary and new.was_step_applied(), "the priming cycle did not end with an optimizer step"
     new.global_steps, new.global_samples = step, step * global_batch
     optimizer.set_step_count(step)
     link_optimizer_state(new.optimizer, run_cfg.zero_stage)
+    # The fp32 masters are carried, not re-derived from the (bf16-rounded) module weights; the
+    # module's low-precision copy is already the rounding of the same values.
     full_shapes = logical_shapes(small_config, False)
     for name, p in new.module.named_parameters():
         local_shape = tuple(getattr(p, "ds_shape", p.shape))
         dim = _tp_split(name, local_shape, full_shapes[name], groups.tp_size)
-        for key, moments in small_s.items():
-            value = moments[name]
+
+        def local(value):
             if dim is not None:
                 n = local_shape[dim]
                 value = value.narrow(dim, groups.tp_rank * n, n)
-            zero.set_full_state(p, value.contiguous().to(device), key)
+            return value.contiguous().to(device)
+        zero.set_full_fp32(p, local(plan.weights[name]))
+        for key, moments in plan.moments.items():
+            zero.set_full_state(p, local(moments[name]), key)
 
+    batch = {k: v.to(device) for k, v in plan.verify_batch.items() if k not in ("labels", "next_sentence_label")}
     new.eval()
     with torch.no_grad():
         out = new(**batch)
     new.train()
-    diff = max(float((out.prediction_logits.float() - ref_logits).abs().max()),
-               float((out.seq_relationship_logits.float() - ref_nsp).abs().max()))
-    scale = max(float(ref_logits.abs().max()), float(ref_nsp.abs().max()), 1e-30)
+    diff = max(float((out.prediction_logits.float() - plan.ref_logits).abs().max()),
+               float((out.seq_relationship_logits.float() - plan.ref_nsp).abs().max()))
+    scale = max(float(plan.ref_logits.abs().max()), float(plan.ref_nsp.abs().max()), 1e-30)
     # Every rank must reach the same verdict (TP ranks compute the same outputs; DP ranks too).
     verdict = torch.tensor([diff / scale], dtype=torch.float64)
     comm.all_reduce_sum_(verdict)
     relative = float(verdict) / comm.world_size()
-    if relative > tolerance:
+    if relative > plan.tolerance:
         raise RuntimeError(f"structured pruning: the shrunk model's outputs differ from the masked model's by "
-                           f"{relative:.3g} (relative to the largest logit), above the tolerance {tolerance:g}")
+                           f"{relative:.3g} (relative to the largest logit), above the tolerance {plan.tolerance:g}")
     shares = [local_matmul_numel(new.module)]
     if groups.tp_size > 1:
         shares = comm.all_gather_object(shares[0], groups.tp_group)
     imbalance = max(shares) / max(min(shares), 1)
-    report = ShrinkReport(max_abs_diff=diff, relative_diff=relative, tolerance=tolerance, tp_imbalance=imbalance,
-                          params_before=params_before,
+    report = ShrinkReport(max_abs_diff=diff, relative_diff=relative, tolerance=plan.tolerance,
+                          tp_imbalance=imbalance, params_before=plan.params_before,
                           params_after=sum(v.numel() for v in full_shapes.values()))
-    return new, small_config, report
+    return new, report
 
 
-__all__ = ["ShrinkReport", "gather_full", "logical_shapes", "masked_weights", "reference_outputs",
-           "shrink_engine", "shrink_tensors"]
+__all__ = ["ShrinkPlan", "ShrinkReport", "build_shrunk_engine", "gather_full", "logical_shapes", "masked_weights",
+           "plan_shrink", "reference_outputs", "release_engine", "shrink_tensors"]

@@ -261,7 +261,9 @@ def run(argv: list[str] | None = None) -> int:
             obs, scalars = pruner.check(progress.step)
             metrics.scalars("structured", progress.step, scalars)
             if obs.drawn:
-                engine, model_config = _shrink(ctx, engine, model_config, pruner, progress.step)
+                handed = [engine]  # _shrink takes the last reference, so that it can release the engine
+                engine = None
+                engine, model_config = _shrink(ctx, handed, model_config, pruner, progress.step)
                 dense_fwd = dense_flops_per_token(model_config, meta["seq_len"])
                 state_link.reset()
         if progress.step % run_cfg.training.log_interval == 0 or progress.step == max_steps:
@@ -293,20 +295,30 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _shrink(ctx: RunContext, engine, model_config, pruner, step: int):
-    """Draw the consequences of a ticket: the physical shrink, its checks and what it logs."""
+def _shrink(ctx: RunContext, handed: list, model_config, pruner, step: int):
+    """Draw the consequences of a ticket: the physical shrink, its checks and what it logs.
+
+    The old engine is released before the new one is built, so ``handed`` is a one-element list
+    the caller has moved its only reference into; it is emptied here.
+    """
     from dist_sparse.model.presets import dense_flops_per_token
-    from dist_sparse.structured.shrink import shrink_engine
+    from dist_sparse.structured.shrink import build_shrunk_engine, plan_shrink, release_engine
 
     # The same batch on every rank (not the rank's own stride), masked with a fixed seed.
     gen = torch.Generator().manual_seed(step_seed(ctx.seed, 0, 0, 0, stream=3))
     verify_batch = ctx.collator([ctx.eval_ds[i % len(ctx.eval_ds)] for i in range(ctx.micro_bs)], gen)
     before = dense_flops_per_token(model_config, ctx.seq_len, training=True)
-    engine, small_config, report = shrink_engine(
-        engine, model_config, pruner.ticket, run_cfg=ctx.run_cfg, groups=ctx.groups, zero=pruner.zero, step=step,
-        global_batch=ctx.global_batch, lr_lambda=ctx.lr_lambda, verify_batch=verify_batch,
-        tolerance=pruner.cfg.verify_tolerance)
-    pruner.mark_shrunk()
+    engine = handed.pop()
+    plan = plan_shrink(engine, model_config, pruner.ticket, groups=ctx.groups, zero=pruner.zero,
+                       zero_stage=ctx.run_cfg.zero_stage, verify_batch=verify_batch,
+                       tolerance=pruner.cfg.verify_tolerance)
+    pruner.mark_shrunk()  # drops its hooks and references to the old coefficients
+    release_engine(engine)
+    del engine
+    engine, report = build_shrunk_engine(plan, run_cfg=ctx.run_cfg, groups=ctx.groups, zero=pruner.zero, step=step,
+                                         global_batch=ctx.global_batch, lr_lambda=ctx.lr_lambda)
+    small_config = plan.small_config
+    del plan
     after = dense_flops_per_token(small_config, ctx.seq_len, training=True)
     ctx.metrics.scalars("structured", step, {
         "ticket_step": float(step), "shrink/relative_diff": report.relative_diff,
