@@ -9,6 +9,12 @@ the training code puts every parameter in a group of its own, so under ZeRO each
 slice of exactly one parameter per group and the squared norms are summed over the
 data-parallel group with one small all-reduce per step (``norm_reducer``). Without ZeRO the
 groups hold whole tensors and no reduction is needed.
+
+A param group may carry an ``l1`` weight (EarlyBERT's slimming coefficients): the subgradient
+``l1 * sign(p)`` of the penalty ``l1 * sum|p|`` is added to the gradient inside the step, in fp32,
+on the fp32 master values. Added to low-precision gradients instead (a hook per micro step, scaled
+by 1/accumulation), it would round away under bf16: 1e-4 / 8 is below half a bf16 ulp of any
+gradient above 2.6e-3. It is not part of the gradient norm DeepSpeed clips.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from typing import Callable, Iterable
 import torch
 
 # Slimming coefficients (structured pruning) have their own L1 penalty: no weight decay on top.
-NO_DECAY_SUFFIXES = ("bias", "LayerNorm.weight", "LayerNorm.bias", "slimming_coef")
+SLIMMING_SUFFIX = "slimming_coef"
+NO_DECAY_SUFFIXES = ("bias", "LayerNorm.weight", "LayerNorm.bias", SLIMMING_SUFFIX)
 
 
 class Lamb(torch.optim.Optimizer):
@@ -38,7 +45,7 @@ class Lamb(torch.optim.Optimizer):
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"Lamb: betas must lie in [0, 1), got {betas}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        bias_correction=bias_correction, max_coeff=max_coeff, min_coeff=min_coeff)
+                        bias_correction=bias_correction, max_coeff=max_coeff, min_coeff=min_coeff, l1=0.0)
         super().__init__(params, defaults)
         self.norm_reducer = norm_reducer
 
@@ -69,6 +76,8 @@ class Lamb(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 grad = p.grad.float()
+                if group["l1"]:
+                    grad = grad + group["l1"] * torch.sign(p.float())
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
@@ -105,11 +114,13 @@ class Lamb(torch.optim.Optimizer):
         return loss
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float, one_per_parameter: bool) -> list[dict]:
+def parameter_groups(model: torch.nn.Module, weight_decay: float, one_per_parameter: bool,
+                     l1: float = 0.0) -> list[dict]:
     """Param groups with BERT's weight-decay exclusions (biases and LayerNorm).
 
     ``one_per_parameter`` gives every tensor its own group, which layer-wise optimizers need
-    under ZeRO (see the module docstring).
+    under ZeRO (see the module docstring); ``l1`` goes to the slimming coefficients' groups
+    (``Lamb`` applies it; only with ``one_per_parameter``).
     """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -118,7 +129,8 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, one_per_parame
         (no_decay if name.endswith(NO_DECAY_SUFFIXES) else decay).append((name, p))
     if one_per_parameter:
         return ([{"params": [p], "weight_decay": weight_decay, "name": n} for n, p in decay]
-                + [{"params": [p], "weight_decay": 0.0, "name": n} for n, p in no_decay])
+                + [{"params": [p], "weight_decay": 0.0, "name": n,
+                    **({"l1": l1} if l1 and n.endswith(SLIMMING_SUFFIX) else {})} for n, p in no_decay])
     groups = []
     if decay:
         groups.append({"params": [p for _, p in decay], "weight_decay": weight_decay})

@@ -171,7 +171,7 @@ class ZeroAccess:
             out[s:e] = unpack_mask(bits, (e - s,))
         return out.view(shard_shape)
 
-    # -- structured pruning: whole-tensor reads and writes, and the L1 subgradient ---------------
+    # -- structured pruning: whole-tensor reads and writes ------------------------------------------
 
     def full_fp32(self, param) -> torch.Tensor:
         """The fp32 master value of ``param`` (its whole TP shard), identical on every DP rank.
@@ -189,14 +189,3 @@ class ZeroAccess:
     def set_full_state(self, param, value: torch.Tensor, key: str) -> None:
         """Each rank copies its own fragment of ``value`` into the optimizer state of ``param``."""
         safe_set_full_optimizer_state(param, value, key)
-
-    def add_l1_to_local_grad(self, param, weight: float) -> None:
-        """ZeRO-3: add ``weight * sign(value)`` to this rank's reduced gradient partition.
-
-        The padding of the last partition is zero, so its sign adds nothing there."""
-        grad = safe_get_local_grad(param)
-        if grad is None:
-            raise RuntimeError("ZeRO-3 holds no gradient for a slimming coefficient (was it used in forward?)")
-        sign = torch.sign(safe_get_local_fp32_param(param)).view_as(grad).to(grad.dtype)
-        safe_set_local_grad(param, grad + weight * sign)
-

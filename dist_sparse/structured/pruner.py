@@ -121,7 +121,7 @@ class PrunePlan:
 
 
 class StructuredPruner:
-    """prepare / before the optimizer step / check / state_dict around one training run.
+    """bind / check / state_dict around one training run.
 
     ``phase`` is "search" until the ticket is drawn and "shrunk" after the physical shrink; a run
     resumed after the shrink starts in "shrunk" and has no coefficients.
@@ -137,8 +137,6 @@ class StructuredPruner:
         self.forced = False
         self.phase = "search"
         self._coefs: list[tuple[nn.Parameter, nn.Parameter]] = []
-        self._hooks: list = []
-        self._grad_scale = 1.0
 
     @property
     def searching(self) -> bool:
@@ -146,42 +144,20 @@ class StructuredPruner:
 
     # -- wiring -----------------------------------------------------------------------------
 
-    def bind(self, module: nn.Module, gradient_accumulation: int) -> None:
-        """Find the coefficients in the engine's module and install the L1 penalty.
+    def bind(self, module: nn.Module) -> None:
+        """Find the coefficients in the engine's module (after an engine is built or replaced).
 
-        The penalty ``l1 * sum|c|`` is added as its subgradient ``l1 * sign(c)`` rather than as
-        a loss term: under ZeRO-3 a coefficient is released after its module's forward, and an
-        ``abs()`` node outside the module's output path would be differentiated after that.
-        ZeRO-1/2: a gradient hook adds ``l1 * sign(c) / gradient_accumulation`` per micro step
-        (the engine scales each micro loss by the same factor), before the data-parallel
-        average, which leaves it unchanged. ZeRO-3: added once to the reduced partition.
+        The L1 penalty ``l1 * sum|c|`` is not applied here: LAMB adds its subgradient
+        ``l1 * sign(c)`` to the coefficients' fp32 gradients in the optimizer step (their param
+        groups carry ``l1``, see ``dist_sparse.optim``), the same at every ZeRO stage and exact
+        in bf16 at any accumulation.
         """
-        for h in self._hooks:
-            h.remove()
-        self._hooks, self._coefs = [], []
+        self._coefs = []
         if not self.searching:
             return
         params = dict(module.named_parameters())
         for i in range(self.num_layers):
-            pair = (params[layer_key(i, HEAD_COEF)], params[layer_key(i, NEURON_COEF)])
-            self._coefs.append(pair)
-        self._grad_scale = self.cfg.l1 / gradient_accumulation
-        if not self.zero.partitioned and self.cfg.l1 > 0:
-            for pair in self._coefs:
-                for p in pair:
-                    self._hooks.append(p.register_hook(self._l1_hook(p)))
-
-    def _l1_hook(self, param):
-        def hook(grad):
-            return grad + self._grad_scale * torch.sign(param.detach()).to(grad.dtype)
-        return hook
-
-    def before_optimizer_step(self) -> None:
-        """After the last backward of a step, before ``engine.step()`` (ZeRO-3's L1 term)."""
-        if self.searching and self.zero.partitioned and self.cfg.l1 > 0:
-            for pair in self._coefs:
-                for p in pair:
-                    self.zero.add_l1_to_local_grad(p, self.cfg.l1)
+            self._coefs.append((params[layer_key(i, HEAD_COEF)], params[layer_key(i, NEURON_COEF)]))
 
     # -- the search -------------------------------------------------------------------------
 
@@ -228,9 +204,7 @@ class StructuredPruner:
         return obs, scalars
 
     def mark_shrunk(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks, self._coefs = [], []
+        self._coefs = []
         self.phase = "shrunk"
 
     # -- checkpoints --------------------------------------------------------------------------

@@ -51,8 +51,10 @@ def build_optimizer(model: torch.nn.Module, run_cfg: RunConfig, ds: dict) -> tor
             kwargs["betas"] = tuple(kwargs["betas"])
         del ds["optimizer"]
         ds["zero_allow_untested_optimizer"] = True
-        # LAMB's trust ratio is per tensor: one group per tensor, with or without ZeRO.
-        groups = parameter_groups(model, weight_decay, one_per_parameter=True)
+        # LAMB's trust ratio is per tensor: one group per tensor, with or without ZeRO. The
+        # structured search's L1 penalty is applied by LAMB, in fp32 (see dist_sparse.optim).
+        sp = run_cfg.structured_pruning
+        groups = parameter_groups(model, weight_decay, one_per_parameter=True, l1=sp.l1 if sp is not None else 0.0)
         return Lamb(groups, norm_reducer=_dp_norm_reducer(run_cfg.tp_size) if zero > 0 else None, **kwargs)
     if kind in ("adam", "adamw"):
         if not torch.cuda.is_available():

@@ -163,7 +163,7 @@ def run(argv: list[str] | None = None) -> int:
                                   ZeroAccess(run_cfg.zero_stage, groups.dp_group, groups.dp_rank, groups.dp_size))
         if structured_state is not None:
             pruner.load_state_dict(structured_state)
-        pruner.bind(engine.module, grad_acc)
+        pruner.bind(engine.module)
     dense_fwd = dense_flops_per_token(model_config, meta["seq_len"])
     tokens_per_step = global_batch * meta["seq_len"]
 
@@ -242,8 +242,8 @@ def run(argv: list[str] | None = None) -> int:
     while progress.step < max_steps:
         t0 = time.perf_counter()
         engine.train()
-        result = optimizer_step(engine, micro_batches(progress.step), sparsifier=sparsifier, pruner=pruner,
-                                state_link=state_link, step=progress.step + 1)
+        result = optimizer_step(engine, micro_batches(progress.step), sparsifier=sparsifier, state_link=state_link,
+                                step=progress.step + 1)
         # loss sum over micro steps, micro steps, tokens; on the device, read once per step
         local = torch.stack([result.loss_sum, torch.tensor(float(result.micro_steps), dtype=torch.float64,
                                                            device=engine.device), result.tokens])

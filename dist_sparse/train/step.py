@@ -3,8 +3,7 @@ benchmarks share, so that what is tested is what runs.
 
 DeepSpeed's ``engine.step()`` is called after every micro batch; only the last one of an
 accumulation cycle is a boundary, where ZeRO reduces gradients and the optimizer runs. Whatever
-must touch the reduced gradients (the sparsifier's masking, RigL's dense-gradient read, the
-structured pruner's fp32 L1 term) runs between the last backward and that ``step()``, which is
+must touch the reduced gradients (the sparsifier's masking, RigL's dense-gradient read) runs between the last backward and that ``step()``, which is
 the only moment ``engine.is_gradient_accumulation_boundary()`` is true *before* the step: after
 ``step()`` DeepSpeed has advanced its micro-step counter and the same call answers for the next
 micro batch. Whether the optimizer really changed the weights (fp16 skips a step on overflow)
@@ -45,7 +44,7 @@ class StateLink:
         self.linked = False
 
 
-def optimizer_step(engine, micro_batches: Iterable[dict], *, sparsifier=None, pruner=None,
+def optimizer_step(engine, micro_batches: Iterable[dict], *, sparsifier=None,
                    state_link: StateLink | None = None, step: int | None = None) -> StepResult:
     """Forward and backward of every micro batch, then DeepSpeed's optimizer step.
 
@@ -62,11 +61,8 @@ def optimizer_step(engine, micro_batches: Iterable[dict], *, sparsifier=None, pr
         out = engine(**batch)
         engine.backward(out.loss)
         boundary = engine.is_gradient_accumulation_boundary()
-        if boundary:
-            if sparsifier is not None:
-                sparsifier.mask_gradients()
-            if pruner is not None:
-                pruner.before_optimizer_step()
+        if boundary and sparsifier is not None:
+            sparsifier.mask_gradients()
         engine.step()
         loss_sum += out.loss.detach().double()
         if "attention_mask" in batch:

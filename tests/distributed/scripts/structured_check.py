@@ -62,7 +62,7 @@ def main() -> None:
     for scope in ("layer", "global"):
         cfg = StructuredPruningConfig(scope=scope, head_ratio=0.5, ffn_ratio=0.4, max_search_steps=1)
         pruner = StructuredPruner(cfg, LAYERS, groups, zero)
-        pruner.bind(engine.module, 1)
+        pruner.bind(engine.module)
         obs, _ = pruner.check(1)
         assert obs.drawn and obs.forced
         tickets[scope] = pruner.ticket.to_dict()
