@@ -38,6 +38,7 @@ from dist_sparse.distributed.zero import ZeroAccess
 from dist_sparse.masks.checksum import mask_fingerprint, pack_mask, unpack_mask
 from dist_sparse.masks.density import active_counts, erk_densities, uniform_densities
 from dist_sparse.masks.patterns import expand_block_mask, nm_halo, nm_mask, nm_slice_mask
+from dist_sparse.masks.topk import random_scores, stable_seed, tie_order, tie_order_bits
 from dist_sparse.schedules import drop_fraction, gmp_sparsity, is_update_step
 from dist_sparse.sparsity.select import LOCAL, Part, SelectStats, distributed_topk, sortable_keys
 from dist_sparse.sparsity.targets import Target
@@ -100,6 +101,15 @@ class Sparsifier:
         self._device_masks: dict[str, torch.Tensor] = {}
         self.history: list[dict] = []
         self._hooks = []
+        self._tie_step = 0
+        # Where masks live and where they are decided (see the module docstring): ZeRO-3 keeps
+        # and decides slices; ZeRO-1/2 keep whole shard masks, decided on the fp32 master
+        # fragments when the module weights are low precision (their bf16 values tie massively
+        # and differ from ZeRO-3's fp32 scores), on the module weights (= the masters) in fp32.
+        self._mask_sliced = zero.partitioned
+        low_precision = any(t.param.dtype != torch.float32 for t in targets)
+        self._fragments = not zero.partitioned and low_precision
+        self._score_sliced = zero.partitioned or (self._fragments and cfg.pattern != "nm")
         self._check_layout()
 
     # ------------------------------------------------------------------ set-up
@@ -153,8 +163,8 @@ class Sparsifier:
         """
         stats = UpdateStats(step=0)
         self._optimizer_has_state = optimizer_has_state
-        self._slices = {t.name: self.zero.local_slice(t.param, t.shard_numel) for t in self.targets}
-        if not self.zero.partitioned:
+        self._slices = self._local_slices()
+        if not self._mask_sliced:
             for t in self.targets:
                 self._hooks.append(t.param.register_hook(self._grad_hook(t.name)))
         if not draw:
@@ -184,8 +194,8 @@ class Sparsifier:
         if self._dense_grad_step:
             self._grad_scores = {t.name: self.zero.take_dense_grad(t.param, self.masks[t.name]).abs()
                                  for t in self.targets}
-            if not self.zero.partitioned:
-                self._grad_scores = {t.name: g.view(t.shard_shape) for t, g in
+            if not self._mask_sliced:  # ZeRO-1/2 read the whole gradient: the score layout's part of it
+                self._grad_scores = {t.name: self._score_view(t, g.view(t.shard_shape)) for t, g in
                                      zip(self.targets, self._grad_scores.values())}
             self._dense_grad_step = False
             return
@@ -215,7 +225,7 @@ class Sparsifier:
         """Ranks whose slices make up one logical weight (they must decide together)."""
         tp = self.groups.tp_size > 1 and self.cfg.balance == "global"
         # Block grids are summed over the DP group first, so every DP rank holds the whole grid.
-        if self.zero.partitioned and self.cfg.pattern != "block":
+        if self._score_sliced and self.cfg.pattern != "block":
             return None if tp else self.groups.dp_group  # ZeRO-3: DP slices (and TP shards)
         return self.groups.tp_group if tp else LOCAL
 
@@ -254,13 +264,22 @@ class Sparsifier:
                 elif t.shard_dim == 1:
                     c = c + off
                 return r * gshape[1] + c
-            return Part(sortable_keys(bs).flatten(), elig.flatten(), gidx, gshape[0] * gshape[1], _nans(bs))
-        if self.zero.partitioned:
+            return Part(sortable_keys(bs).flatten(), elig.flatten(), *self._ties(t, gidx, gshape[0] * gshape[1]),
+                        _nans(bs))
+        if self._score_sliced:
             start = self._slices[t.name].start
             return Part(sortable_keys(scores_shard), eligible_shard,
-                        lambda pos: t.global_index(pos + start), t.numel, _nans(scores_shard))
-        return Part(sortable_keys(scores_shard).flatten(), eligible_shard.flatten(), t.global_index, t.numel,
-                    _nans(scores_shard))
+                        *self._ties(t, lambda pos: t.global_index(pos + start), t.numel), _nans(scores_shard))
+        return Part(sortable_keys(scores_shard).flatten(), eligible_shard.flatten(),
+                    *self._ties(t, t.global_index, t.numel), _nans(scores_shard))
+
+    def _ties(self, t: Target, global_index, numel: int):
+        """(tie-order key function, key range) of a selection unit: elements tied at the threshold
+        are taken in a seeded order of their global index, keyed by (seed, update step, weight),
+        the same on every rank and layout (``masks.topk.tie_order``)."""
+        bits = tie_order_bits(numel)
+        salt = stable_seed(self.cfg.seed, self._tie_step, t.index)
+        return (lambda pos: tie_order(global_index(pos), salt, bits)), 1 << bits
 
     def _grid_sum(self, t: Target, x: torch.Tensor) -> torch.Tensor:
         """Per-block sums of ``x`` over this rank's TP shard, the same on every data-parallel rank.
@@ -271,7 +290,7 @@ class Sparsifier:
         """
         b = self.cfg.block_size
         rows, cols = t.shard_shape
-        if not self.zero.partitioned:
+        if not self._score_sliced:
             return x.to(torch.float64).view(rows // b, b, cols // b, b).sum(dim=(1, 3))
         s = self._slices[t.name]
         pos = torch.arange(s.start, s.stop)
@@ -287,31 +306,50 @@ class Sparsifier:
         if self.cfg.pattern == "block":
             b = self.cfg.block_size
             grid = selected.view(t.shard_shape[0] // b, t.shard_shape[1] // b)
-            return self._local(t, expand_block_mask(grid, b))
-        if self.zero.partitioned:
-            return selected  # the flat local slice is the mask this rank keeps
+            return self._score_view(t, expand_block_mask(grid, b))
+        if self._score_sliced:
+            return selected  # the flat local slice
         return selected.view(t.shard_shape)
 
-    def _local(self, t: Target, full_or_shard: torch.Tensor) -> torch.Tensor:
-        """This rank's elements of a shard-shaped tensor (the flat ZeRO-3 slice when partitioned)."""
-        if self.zero.partitioned:
+    def _score_view(self, t: Target, full_or_shard: torch.Tensor) -> torch.Tensor:
+        """This rank's elements of a shard-shaped tensor, laid out as its scores are (the flat
+        slice or fragment when decisions are made on slices)."""
+        if self._score_sliced:
             s = self._slices[t.name]
             return full_or_shard.flatten()[s.start:s.stop]
         return full_or_shard
 
+    def _local_slices(self) -> dict:
+        if self._fragments:
+            return {t.name: self.zero.master_fragment(t.param, t.shard_numel) for t in self.targets}
+        return {t.name: self.zero.local_slice(t.param, t.shard_numel) for t in self.targets}
+
+    def _as_masks(self, decided: dict[str, torch.Tensor], counter: list[int]) -> dict[str, torch.Tensor]:
+        """Masks in the layout they are kept in, from decisions in the score layout: ZeRO-1/2 with
+        low-precision weights decide on master fragments and keep whole shard masks, so the
+        fragments' bits are gathered over the data-parallel group (1 bit per weight)."""
+        if not self._score_sliced or self._mask_sliced:
+            return decided
+        return {t.name: self.zero.gather_shard_mask(decided[t.name].cpu(), self._slices[t.name].start,
+                                                    self._slices[t.name].stop, t.shard_shape, counter)
+                for t in self.targets}
+
     def _read(self) -> dict[str, torch.Tensor]:
-        """|w| of the local elements, read where they are identical on every rank."""
-        self._slices = {t.name: self.zero.local_slice(t.param, t.shard_numel) for t in self.targets}
+        """|w| of the local elements, read from fp32 values that are identical on every rank."""
+        self._slices = self._local_slices()
         out = {}
         for t in self.targets:
+            if self._fragments and not self._score_sliced:
+                # N:M on low-precision ZeRO-1/2: groups need whole rows, read from the fp32 masters
+                # (one fp32 all-reduce per weight; N:M updates are few: static once, GMP's schedule)
+                out[t.name] = self.zero.full_fp32(t.param).view(t.shard_shape).abs()
+                continue
             v = self._slices[t.name].values
-            out[t.name] = v.abs() if self.zero.partitioned else v.abs().view(t.shard_shape)
+            out[t.name] = v.abs() if self._score_sliced else v.abs().view(t.shard_shape)
         return out
 
     def _random(self, t: Target, step: int) -> torch.Tensor:
-        from dist_sparse.masks.topk import random_scores
-
-        return self._local(t, t.slice_full(random_scores(t.full_shape, self.cfg.seed, step, t.index)))
+        return self._score_view(t, t.slice_full(random_scores(t.full_shape, self.cfg.seed, step, t.index)))
 
     def _select(self, scores: dict[str, torch.Tensor], eligible: dict[str, torch.Tensor], ks: dict[str, int],
                 stats: UpdateStats, counter: list[int]) -> dict[str, torch.Tensor]:
@@ -357,17 +395,18 @@ class Sparsifier:
                 for t, x, b, a in zip(self.targets, flat, befores, afters)}
 
     def _initial_masks(self, stats: UpdateStats) -> dict[str, torch.Tensor]:
+        self._tie_step = 0
         if self.cfg.pattern == "nm":
             return self._nm(self._read(), self.cfg.n, stats)
         if self.cfg.init == "magnitude":
             scores = self._read()
         else:
-            self._slices = {t.name: self.zero.local_slice(t.param, t.shard_numel) for t in self.targets}
+            self._slices = self._local_slices()
             scores = {t.name: self._random(t, 0) for t in self.targets}
         eligible = {n: torch.ones_like(s, dtype=torch.bool) for n, s in scores.items()}
         ks = {t.name: self._units_of(t, self._count(t, self.final_density[t.name])) for t in self.targets}
         counter = [0]
-        masks = self._select(scores, eligible, ks, stats, counter)
+        masks = self._as_masks(self._select(scores, eligible, ks, stats, counter), counter)
         stats.sync_bytes += counter[0]
         return masks
 
@@ -389,10 +428,12 @@ class Sparsifier:
         if not self.is_update_step(step):
             return None
         stats = UpdateStats(step=step)
+        self._tie_step = step
         mags = self._read()
         counter = [0]
         old = {n: m.cpu() for n, m in self.masks.items()}
-        active = old
+        # eligible elements in the score layout (whole shard masks under ZeRO-1/2 are cut to fragments)
+        active = old if self._mask_sliced else {t.name: self._score_view(t, old[t.name]) for t in self.targets}
         if self.rule.kind == "gmp":
             s_t = gmp_sparsity(step, self.cfg.sparsity, self.start_step, self.end_step, self.cfg.update_interval)
             if self.cfg.pattern == "nm":
@@ -401,14 +442,14 @@ class Sparsifier:
                     new = old
                 else:
                     # Only weights still active may stay: score the pruned ones below every active one.
-                    scores = {t.name: torch.where(old[t.name].to(mags[t.name].device), mags[t.name], -1.0)
+                    scores = {t.name: torch.where(active[t.name].to(mags[t.name].device), mags[t.name], -1.0)
                               for t in self.targets}
                     new = self._nm(scores, keep, stats)
             else:
                 frac = s_t / self.cfg.sparsity if self.cfg.sparsity > 0 else 0.0
                 ks = {t.name: self._units_of(t, self._count(t, 1.0 - (1.0 - self.final_density[t.name]) * frac))
                       for t in self.targets}
-                new = self._select(mags, active, ks, stats, counter)
+                new = self._as_masks(self._select(mags, active, ks, stats, counter), counter)
         else:  # set: drop the weakest active weights, regrow as many at random
             f = drop_fraction(step, self.cfg.drop_fraction, self.cfg.drop_schedule, self.end_step)
             ks_total = {t.name: self._units_of(t, self._count(t, self.final_density[t.name])) for t in self.targets}
@@ -419,7 +460,7 @@ class Sparsifier:
             grown = self._select(grow_scores, not_kept, drops, stats, counter)
             # kept follows the magnitudes (the GPU), grown its scores (random draws on the host,
             # or the gradient read); _install keeps masks on the host anyway.
-            new = {n: kept[n].cpu() | grown[n].cpu() for n in kept}
+            new = self._as_masks({n: kept[n].cpu() | grown[n].cpu() for n in kept}, counter)
         stats.sync_bytes += counter[0]
         self._install(new, stats, old)
         return stats
@@ -438,7 +479,7 @@ class Sparsifier:
             assert tuple(mask.shape) == self._mask_shape(t), (t.name, mask.shape, self._mask_shape(t))
             self.masks[t.name] = mask
             self._device_masks.pop(t.name, None)
-            if self.zero.partitioned:
+            if self._mask_sliced:
                 self.zero.apply_local_mask(t.param, mask, moments=self._optimizer_has_state)
             else:
                 self.zero.apply_mask(t.param, mask.to(t.param.device), moments=self._optimizer_has_state)
@@ -450,14 +491,14 @@ class Sparsifier:
         self.history.append({k: v for k, v in stats.__dict__.items() if k != "per_layer_density"})
 
     def _mask_shape(self, t: Target) -> tuple:
-        if self.zero.partitioned:
+        if self._mask_sliced:
             s = self._slices[t.name]
             return (s.stop - s.start,)
         return tuple(t.shard_shape)
 
     def _holders_group(self):
         """The ranks whose masks together make up the logical masks (for totals)."""
-        if self.zero.partitioned:
+        if self._mask_sliced:
             return None  # every rank holds a different slice: sum over the world
         return self.groups.tp_group if self.groups.tp_size > 1 else LOCAL
 
@@ -484,7 +525,7 @@ class Sparsifier:
         Returns the bytes sent (two int64 all-reduces per mask: the min and the max). Under ZeRO-3
         no two ranks hold the same mask bits; ``_account`` has summed the exact counts instead.
         """
-        if self.groups.dp_size == 1 or self.zero.partitioned:
+        if self.groups.dp_size == 1 or self._mask_sliced:
             return 0
         fp = torch.tensor([mask_fingerprint(self.masks[t.name]) for t in self.targets], dtype=torch.int64)
         lo, hi = comm.all_reduce_min_max(fp, self.groups.dp_group)
@@ -499,7 +540,7 @@ class Sparsifier:
         """The whole TP-shard mask of a target (gathered over data-parallel ranks under ZeRO-3);
         for inspection, tests and export, not for training."""
         t = next(t for t in self.targets if t.name == name)
-        if not self.zero.partitioned:
+        if not self._mask_sliced:
             return self.masks[name].cpu()
         s = self._slices[name]
         return self.zero.gather_shard_mask(self.masks[name], s.start, s.stop, t.shard_shape, [0])
@@ -513,7 +554,7 @@ class Sparsifier:
                   "targets": {t.name: {"full_shape": list(t.full_shape), "shard_shape": list(t.shard_shape),
                                        "shard_dim": t.shard_dim, "shard_offset": t.shard_offset,
                                        "slice": ([self._slices[t.name].start, self._slices[t.name].stop]
-                                                 if self.zero.partitioned else None)}
+                                                 if self._mask_sliced else None)}
                               for t in self.targets}}
         return {"format": STATE_FORMAT, "config": self.cfg.model_dump(), "fingerprint": config_fingerprint(self.cfg),
                 "step": self.step_count, "max_steps": self.max_steps, "layout": layout,
@@ -537,7 +578,7 @@ class Sparsifier:
         if set(state["masks"]) != names:
             raise ValueError("the checkpoint's masks are for other parameters than this model's sparse targets")
         restored = {}
-        self._slices = {t.name: self.zero.local_slice(t.param, t.shard_numel) for t in self.targets}
+        self._slices = self._local_slices()
         for t in self.targets:
             packed, shape = state["masks"][t.name]
             if tuple(shape) != self._mask_shape(t):

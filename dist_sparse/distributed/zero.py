@@ -82,6 +82,26 @@ class ZeroAccess:
             return LocalSlice(flat[: stop - start], start, stop)
         return LocalSlice(param.detach().flatten().float(), 0, shard_numel)
 
+    def master_fragment(self, param: torch.nn.Parameter, shard_numel: int) -> LocalSlice:
+        """ZeRO-1/2: this rank's fragment of the fp32 master of ``param``: the flat positions
+        [start, stop) of its TP shard that this rank's optimizer partition owns (possibly none).
+
+        The fragment API has whole-tensor getters only for ZeRO-1/2 (an fp32 all-reduce each);
+        DeepSpeed keeps each parameter's fragment address and fp32 view in ``_hp_mapping``
+        (``deepspeed.utils.tensor_fragment``, the same object its ``safe_get_full_fp32_param``
+        reads), so this reads that, without communication. Fragments of one parameter are
+        disjoint over the data-parallel ranks and together cover it.
+        """
+        assert not self.partitioned, "ZeRO-3 slices: use local_slice"
+        mapping = getattr(param, "_hp_mapping", None)
+        if mapping is None:
+            return LocalSlice(torch.zeros(0, dtype=torch.float32, device=param.device), 0, 0)
+        address = mapping.lp_fragment_address
+        values = mapping.get_hp_fragment().detach().flatten().float()
+        start, stop = int(address.start), int(address.start + address.numel)
+        assert values.numel() == stop - start and stop <= shard_numel, "unexpected ZeRO fragment layout"
+        return LocalSlice(values, start, stop)
+
     def apply_mask(self, param: torch.nn.Parameter, mask: torch.Tensor, moments: bool) -> None:
         """Zero ``param`` where ``mask`` (its TP-shard shape) is False, in every copy ZeRO keeps.
 
@@ -138,7 +158,16 @@ class ZeroAccess:
             return dense.cpu()
         grad = safe_get_full_grad(param)
         self.bytes_applied += grad.numel() * 4
-        safe_set_full_grad(param, grad * mask.to(grad.device, grad.dtype))
+        masked = grad * mask.to(grad.device, grad.dtype).view_as(grad)
+        hp_grad = getattr(param, "_hp_grad", None)
+        if hp_grad is not None:
+            # DeepSpeed's BF16_Optimizer (ZeRO-1, bf16 weights, fp32 gradient accumulation) steps on
+            # a whole fp32 accumulation buffer per parameter, which ``safe_set_full_grad`` misses:
+            # it writes the bf16 staging ``param.grad`` when one exists (deepspeed 0.19.8). Every
+            # rank writes the same whole reduced value into the buffer the step reads.
+            hp_grad.copy_(masked.view_as(hp_grad))
+        else:
+            safe_set_full_grad(param, masked)
         return grad.detach().flatten().float().cpu()
 
     def padded_local_mask(self, param, local_mask: torch.Tensor) -> torch.Tensor:
@@ -153,10 +182,12 @@ class ZeroAccess:
 
     def gather_shard_mask(self, local: torch.Tensor, start: int, stop: int, shard_shape: tuple[int, int],
                           counter: list[int]) -> torch.Tensor:
-        """The whole TP-shard mask from each DP rank's slice (ZeRO-3), exchanged as packed bits.
+        """The whole TP-shard mask from each DP rank's slice, exchanged as packed bits. ZeRO-3:
+        for inspection and export; training never needs it.
 
-        For inspection and export; training never needs it."""
-        if not self.partitioned or self.dp_size == 1:
+        Also ZeRO-1/2 with low-precision weights: masks decided on fp32 master fragments are
+        put together this way, every rank holding whole shard masks afterwards."""
+        if self.dp_size == 1:
             out = torch.zeros(shard_shape[0] * shard_shape[1], dtype=torch.bool)
             out[start:stop] = local
             return out.view(shard_shape)

@@ -22,11 +22,15 @@ from dist_sparse.masks.topk import (
     random_scores,
     select_by_threshold,
     stable_seed,
+    tie_order,
+    tie_order_bits,
     topk_among,
     topk_candidates,
 )
 
 __all__ = [
+    "tie_order",
+    "tie_order_bits",
     "EMPTY_THRESHOLD",
     "NmHalo",
     "active_counts",

@@ -266,3 +266,30 @@ def random_scores(
     if any(operator.index(d) < 0 for d in shape):
         raise ValueError(f"shape {shape} has a negative dimension")
     return torch.rand(shape, generator=generator, dtype=torch.float32).to(device)
+
+
+def tie_order_bits(numel: int) -> int:
+    """Bits of the tie-order keys of a tensor of ``numel`` elements (``tie_order`` is a
+    permutation of [0, 2**bits))."""
+    return max(1, (max(numel, 1) - 1).bit_length())
+
+
+def tie_order(index: torch.Tensor, salt: int, bits: int) -> torch.Tensor:
+    """A seeded permutation of [0, 2**bits) applied to flat indices: the order in which elements
+    tied at the threshold score are taken (smallest key first).
+
+    Breaking ties by the index itself favours the first rows of every weight (the first heads and
+    neurons) on every update; under bf16 thousands of scores can tie at the threshold. Each step
+    here (xor with the salt, multiplication by an odd constant, xor with a right shift, all modulo
+    2**bits) is a bijection, so distinct indices keep distinct keys and the choice stays exact.
+    ``salt`` (from ``stable_seed``) makes the order differ per weight and per update. int64
+    products wrap modulo 2**64, whose low ``bits`` bits are the product modulo 2**bits.
+    """
+    if not 1 <= bits <= 62:
+        raise ValueError(f"tie_order needs 1..62 bits, got {bits}")
+    mask = (1 << bits) - 1
+    x = (index.to(torch.int64) ^ (salt & mask)) & mask
+    for mult in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9):
+        x = (x * ((mult & mask) | 1)) & mask
+        x = x ^ (x >> ((bits + 1) // 2))
+    return x

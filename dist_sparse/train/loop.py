@@ -9,11 +9,13 @@ dropout masks on replicated activations.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
 import random
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -312,9 +314,17 @@ def _shrink(ctx: RunContext, handed: list, model_config, pruner, step: int):
     plan = plan_shrink(engine, model_config, pruner.ticket, groups=ctx.groups, zero=pruner.zero,
                        zero_stage=ctx.run_cfg.zero_stage, verify_batch=verify_batch,
                        tolerance=pruner.cfg.verify_tolerance)
-    pruner.mark_shrunk()  # drops its hooks and references to the old coefficients
+    pruner.mark_shrunk()  # drops its references to the old coefficients
+    old_module = weakref.ref(engine.module)
     release_engine(engine)
     del engine
+    gc.collect()
+    # Checked, not assumed: anything still holding the old module keeps a whole model (and on a GPU
+    # its optimizer state) alive next to the new one.
+    released = old_module() is None
+    if not released:
+        log.warning("structured pruning: the old engine's module is still referenced after the shrink; "
+                    "its memory stays in use")
     engine, report = build_shrunk_engine(plan, run_cfg=ctx.run_cfg, groups=ctx.groups, zero=pruner.zero, step=step,
                                          global_batch=ctx.global_batch, lr_lambda=ctx.lr_lambda)
     small_config = plan.small_config
@@ -322,6 +332,7 @@ def _shrink(ctx: RunContext, handed: list, model_config, pruner, step: int):
     after = dense_flops_per_token(small_config, ctx.seq_len, training=True)
     ctx.metrics.scalars("structured", step, {
         "ticket_step": float(step), "shrink/relative_diff": report.relative_diff,
+        "shrink/old_engine_released": float(released),
         "shrink/tp_imbalance": report.tp_imbalance, "params": float(report.params_after),
         "train_flops_per_token": after, "flop_ratio": after / before})
     if ctx.is_rank0:

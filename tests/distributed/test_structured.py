@@ -59,9 +59,11 @@ def test_tp1_tp2_and_zero3_decide_the_same_as_the_unsharded_reference(layouts, t
     assert [len(n) for n in results[0]["tickets"]["layer"]["neurons"]] == [80, 80, 80]
 
 
-def write_config(tmp_path: Path, base: str, stage: int, **structured) -> Path:
+def write_config(tmp_path: Path, base: str, stage: int, accumulation: int = 1, **structured) -> Path:
     cfg = json.loads((ROOT / "ds_configs" / base).read_text())
     cfg["zero_optimization"] = {"stage": stage}
+    cfg["train_micro_batch_size_per_gpu"] //= accumulation
+    cfg["gradient_accumulation_steps"] = accumulation
     cfg["structured_pruning"].update(structured)
     path = tmp_path / f"cfg_{stage}.json"
     path.write_text(json.dumps(cfg))
@@ -109,6 +111,7 @@ def test_earlybert_dp2_x_tp2_zero2_search_shrink_and_continue(earlybert_tp2_run)
     shrink = next(m for m in structured if "ticket_step" in m)
     assert shrink["shrink/relative_diff"] < 1e-5       # fp32: the shrunk model is the masked model
     assert shrink["shrink/tp_imbalance"] == 1.0        # both TP shards hold the same FLOPs
+    assert shrink["shrink/old_engine_released"] == 1.0  # nothing kept the old model alive
     assert shrink["flop_ratio"] < 0.7
     losses = [m["loss"] for m in metrics(run, "train")]
     assert len(losses) == 24
@@ -142,12 +145,13 @@ def test_earlybert_dp2_x_tp2_zero2_search_shrink_and_continue(earlybert_tp2_run)
 
 
 def test_resume_before_and_after_the_shrink_reproduces_the_run(data_dir, tmp_path):
-    """ZeRO-3, 2 ranks. A run crashes while saving step 16 (after the shrink), so `latest` is the
-    pre-shrink step 8: resuming repeats the search, draws the same ticket at the same step and
-    gives the same losses. A second resume starts from the post-shrink step 16 and builds the small
-    model from the checkpoint alone."""
-    cfg = write_config(tmp_path, "cpu_zero2_earlybert.json", 3, check_interval=3, window=2, epsilon=0.1,
-                       max_search_steps=12)
+    """ZeRO-3, 2 ranks, gradient accumulation 3 (the shrink's priming cycle must end on a boundary
+    for the later steps to line up). A run crashes while saving step 16 (after the shrink), so
+    `latest` is the pre-shrink step 8: resuming repeats the search, draws the same ticket at the
+    same step and gives the same losses. A second resume starts from the post-shrink step 16 and
+    builds the small model from the checkpoint alone."""
+    cfg = write_config(tmp_path, "cpu_zero2_earlybert.json", 3, accumulation=3, check_interval=3, window=2,
+                       epsilon=0.1, max_search_steps=12)
     args = ("--max-steps", 20, "--save-interval", 8)
     whole = tmp_path / "whole"
     pretrain(cfg, data_dir, whole, *args)

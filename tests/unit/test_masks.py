@@ -492,3 +492,55 @@ def test_fingerprint_equal_masks_equal_and_every_bit_flip_differs():
     # shape is hashed too.
     assert mask_fingerprint(torch.zeros(8, dtype=torch.bool)) != mask_fingerprint(torch.zeros(2, 4, dtype=torch.bool))
     assert torch.tensor([fp], dtype=torch.int64).item() == fp
+
+
+# -- tie order ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("numel", [1, 2, 3, 1000, 4097, 1 << 16])
+def test_tie_order_is_a_permutation_of_its_range(numel):
+    from dist_sparse.masks import tie_order, tie_order_bits
+
+    bits = tie_order_bits(numel)
+    keys = tie_order(torch.arange(1 << bits), salt=stable_seed(1, 2, 3), bits=bits)
+    assert torch.equal(keys.sort().values, torch.arange(1 << bits))
+
+
+def test_tie_order_stays_injective_where_int64_products_wrap():
+    """BERT-large FFN weights need 22 bits; bigger tensors up to 62 bits, where the products
+    overflow int64: distinct indices must still get distinct keys."""
+    from dist_sparse.masks import tie_order
+
+    g = torch.Generator().manual_seed(0)
+    for bits in (22, 40, 62):
+        idx = torch.unique(torch.randint(0, 1 << min(bits, 62), (200_000,), generator=g))
+        keys = tie_order(idx, salt=stable_seed(9, 9, 9), bits=bits)
+        assert torch.unique(keys).numel() == idx.numel()
+        assert int(keys.min()) >= 0 and int(keys.max()) < (1 << bits)
+
+
+def test_ties_at_the_threshold_are_spread_over_the_weight_not_taken_from_its_first_rows():
+    """A weight whose scores all tie (bf16-like): by index, the first k positions (the first
+    heads) would be kept every time; by the seeded tie order the kept set is spread over the
+    rows, changes with the salt, and still has exactly k elements."""
+    from dist_sparse.masks import tie_order, tie_order_bits
+    from dist_sparse.sparsity.select import LOCAL, Part, distributed_topk, sortable_keys
+
+    rows, cols, k = 64, 32, 512
+    scores = torch.ones(rows * cols)
+    bits = tie_order_bits(scores.numel())
+    masks = []
+    for salt in (stable_seed(1, 10, 0), stable_seed(1, 20, 0)):
+        part = Part(sortable_keys(scores), torch.ones_like(scores, dtype=torch.bool),
+                    lambda pos, s=salt: tie_order(pos, s, bits), 1 << bits)
+        [mask] = distributed_topk([part], [k], group=LOCAL)
+        assert int(mask.sum()) == k
+        per_row = mask.view(rows, cols).sum(dim=1)
+        assert int(per_row[: rows // 2].sum()) not in (0, k)  # not all in either half
+        assert 0.35 < int(per_row[: rows // 2].sum()) / k < 0.65
+        masks.append(mask)
+    assert not torch.equal(masks[0], masks[1])
+    # the order over ties is exactly the tie keys' order: the k smallest keys win
+    keys = tie_order(torch.arange(scores.numel()), stable_seed(1, 20, 0), bits)
+    want = torch.zeros_like(masks[1])
+    want[keys.argsort()[:k]] = True
+    assert torch.equal(masks[1], want)

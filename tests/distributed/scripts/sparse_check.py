@@ -3,8 +3,15 @@
 Run on N ranks: the deepspeed launcher, or dslaunch.spawn_ranks, which starts them the same way.
 
     sparse_check.py train  OUT.json   # lr > 0, different data on every rank: invariants after every step
+    sparse_check.py train-bf16 OUT.json  # the same in bf16 with fp32 gradient accumulation
     sparse_check.py frozen OUT.json [TP [STAGES]]  # lr = 0: logical masks of every update, to compare layouts
+    sparse_check.py frozen-bf16 OUT.json  # the same in bf16 (TP 1, ZeRO 1/2/3)
     sparse_check.py balance OUT.json 2  # DP2 x TP2: balance "shard" against "global" on planted weights
+
+Every case accumulates gradients over several micro batches (2 or 3) and steps through
+``dist_sparse.train.step.optimizer_step``, the sequence the training run uses. bf16 cases set
+``data_types.grad_accum_dtype`` to fp32 as the BERT-large configs do, so ZeRO-1 runs on
+DeepSpeed's BF16_Optimizer, ZeRO-2/3 on their fp32-accumulating paths.
 
 For every case (ZeRO stage x method x pattern) the script trains a small BERT through
 dist_sparse's engine set-up with the sparsifier and checks, on every rank and after every step:
@@ -29,6 +36,7 @@ from dist_sparse.model.presets import build_config, build_model
 from dist_sparse.sparsifier import Sparsifier
 from dist_sparse.sparsity.targets import select_targets
 from dist_sparse.train.engine import build_engine
+from dist_sparse.train.step import StateLink, optimizer_step
 
 STEPS = 9
 # Frozen runs only compare the logical masks of every update across layouts (the invariants are
@@ -50,6 +58,11 @@ MODELS = {
 # sections on "nm4"; '?' keeps the glob off attention.output.dense (fnmatch's '*' crosses dots).
 NM4_SECTION = {"pattern": "nm", "n": 2, "m": 4, "sparsity": 0.5, "exclude": ["bert.encoder.layer.?.output.dense.weight"]}
 NM3_SECTION = {"pattern": "nm", "n": 1, "m": 3, "sparsity": 2 / 3}
+
+# Gradient accumulation of a case: 2, and 3 for every third case (index % 3 == 2).
+def accumulation(index: int) -> int:
+    return 3 if index % 3 == 2 else 2
+
 
 CASES = [
     # (zero stage, sparsity section)
@@ -75,6 +88,23 @@ CASES = [
     # N:M under ZeRO-3 where slice boundaries cut groups (see MODELS)
     (3, {"method": "static", **NM4_SECTION}, "nm4"),
     (3, {"method": "gmp", **NM3_SECTION, "update_interval": 2, "end_fraction": 0.8}, "nm3"),
+]
+
+
+# bf16 (fp32 gradient accumulation): every method on every ZeRO stage, unstructured and block.
+BF16_CASES = [
+    (1, {"method": "set", "sparsity": 0.75, "update_interval": 2, "end_fraction": 1.0, "init": "magnitude"}),
+    (2, {"method": "rigl", "sparsity": 0.8, "update_interval": 2, "end_fraction": 1.0}),
+    (3, {"method": "set", "sparsity": 0.75, "pattern": "block", "block_size": 16, "update_interval": 2,
+         "end_fraction": 1.0}),
+    (1, {"method": "rigl", "sparsity": 0.8, "distribution": "erk", "update_interval": 2, "end_fraction": 1.0}),
+    (2, {"method": "gmp", "sparsity": 0.8, "update_interval": 2, "end_fraction": 0.8}),
+    (3, {"method": "rigl", "sparsity": 0.8, "update_interval": 2, "end_fraction": 1.0}),
+    (1, {"method": "static", "sparsity": 0.5, "pattern": "nm", "n": 2, "m": 4}),
+    (2, {"method": "set", "sparsity": 0.75, "pattern": "block", "block_size": 16, "update_interval": 2,
+         "end_fraction": 1.0, "init": "magnitude"}),
+    (3, {"method": "gmp", "sparsity": 0.5, "pattern": "nm", "n": 2, "m": 4, "update_interval": 2,
+         "end_fraction": 0.8}),
 ]
 
 
@@ -121,6 +151,28 @@ def plant_heavier_first_shard(model) -> None:
                 p[: p.shape[0] // 2] *= 4
 
 
+def planted_master(index: int, shape) -> torch.Tensor:
+    """fp32 master values 1 +- up to 1e-3, distinct and in a seeded order, random signs: all of
+    them round to +-1.0 in bf16, so only the fp32 masters can tell the weights apart."""
+    g = torch.Generator().manual_seed(77 + index)
+    numel = shape[0] * shape[1]
+    magnitude = 1.0 + 1e-3 * torch.randperm(numel, generator=g).float() / numel
+    sign = torch.where(torch.rand(numel, generator=g) < 0.5, -1.0, 1.0)
+    return (magnitude * sign).view(shape)
+
+
+def plant_masters(targets, stage: int) -> dict:
+    """Write ``planted_master`` into every target's fp32 master (each rank its own TP shard);
+    returns the fingerprint of the magnitude top-k of every whole planted weight (the expected
+    first mask of ``init: magnitude``) for the caller's densities."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    for t in targets:
+        safe_set_full_fp32_param(t.param, t.slice_full(planted_master(t.index, t.full_shape)).contiguous()
+                                 .to(t.param.device))
+    return {t.name: planted_master(t.index, t.full_shape) for t in targets}
+
+
 def make_model(model: str = "default"):
     torch.manual_seed(0)
     cfg = build_config("bert-tiny", vocab_size=VOCAB, max_position_embeddings=SEQ,
@@ -131,8 +183,8 @@ def make_model(model: str = "default"):
     return built
 
 
-def batch(step: int, dp_rank: int):
-    g = torch.Generator().manual_seed(1000 * step + dp_rank)  # different data on every DP rank
+def batch(step: int, dp_rank: int, micro: int = 0):
+    g = torch.Generator().manual_seed(1000 * step + 100 * micro + dp_rank)  # different data on every DP rank
     ids = torch.randint(5, VOCAB, (MICRO, SEQ), generator=g)
     labels = torch.where(torch.rand(MICRO, SEQ, generator=g) < 0.3, ids, torch.full_like(ids, -100))
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
@@ -165,19 +217,27 @@ def nm_group_counts(mask: torch.Tensor, m: int) -> set[int]:
     return set(mask.reshape(-1, m).sum(dim=-1).tolist())
 
 
-def run_case(stage: int, section: dict, frozen: bool, tp: int, model: str = "default") -> dict:
+def run_case(stage: int, section: dict, frozen: bool, tp: int, model: str = "default", ga: int = 2,
+             bf16: bool = False, optimizer: str = "AdamW") -> dict:
     cfg = SparsityConfig(**section)
-    ds = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-          "optimizer": {"type": "AdamW", "params": {"lr": 0.0 if frozen else 5e-3, "weight_decay": 0.01}},
+    ds = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": ga, "gradient_clipping": 1.0,
+          "optimizer": {"type": optimizer, "params": {"lr": 0.0 if frozen else 5e-3, "weight_decay": 0.01}},
           "zero_optimization": {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})}}
+    if bf16:
+        ds["bf16"] = {"enabled": True}
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
     if tp > 1:
         ds["tensor_parallel"] = {"autotp_size": tp}
     engine = build_engine(make_model(model), parse_run_config(ds), lr_lambda=lambda s: 1.0)
+    dtype = next(engine.module.parameters()).dtype
+    assert dtype == (torch.bfloat16 if bf16 else torch.float32), dtype
+    optimizer_path = type(engine.optimizer).__name__
     groups = comm.parallel_groups(tp)
     zero = ZeroAccess(stage, groups.dp_group, groups.dp_rank, groups.dp_size)
     targets = select_targets(engine.module, cfg, groups.tp_rank, groups.tp_size)
     steps = FROZEN_STEPS if frozen else STEPS
     sp = Sparsifier(cfg, targets, zero, groups, max_steps=steps)
+    planted = plant_masters(targets, stage) if bf16 and frozen else None
     sp.prepare()
     # Where this rank's ZeRO-3 slice cuts N:M groups, and the bytes of one boundary exchange.
     straddling, halo_bytes = [], 0
@@ -238,19 +298,29 @@ def run_case(stage: int, section: dict, frozen: bool, tp: int, model: str = "def
                                                                  if k != "per_layer_density"}})
 
     check(0, None, None)
+    link = StateLink(stage)
     for step in range(1, steps + 1):
         engine.train()
-        sp.before_step(step)
-        out = engine(**batch(step, groups.dp_rank))
-        engine.backward(out.loss)
-        sp.mask_gradients()
-        engine.step()
+        micro_batches = ({k: v.to(engine.device) for k, v in batch(step, groups.dp_rank, m).items()}
+                         for m in range(ga))
+        optimizer_step(engine, micro_batches, sparsifier=sp, state_link=link, step=step)
         old = {t.name: sp.shard_mask(t.name) for t in targets}
         stats = sp.step(step)
         if not frozen or stats is not None or step == steps:
             check(step, old if stats is not None else None, stats)
     sp.remove_hooks()
-    return {"stage": stage, "section": section, "tp": tp, "model": model, "failures": failures, "updates": updates,
+    engine.destroy()
+    expected_first = None
+    if planted is not None and cfg.init == "magnitude" and cfg.pattern == "unstructured":
+        # the first mask keeps the largest planted fp32 magnitudes (all distinct: no ties)
+        expected_first = {}
+        for name, values in planted.items():
+            keep = torch.zeros(values.numel(), dtype=torch.bool)
+            keep[values.abs().flatten().topk(expected_final[name]).indices] = True
+            expected_first[name] = mask_fingerprint(keep.view(values.shape))
+    return {"stage": stage, "section": section, "tp": tp, "model": model, "ga": ga, "bf16": bf16,
+            "expected_first": expected_first,
+            "optimizer_path": optimizer_path, "failures": failures, "updates": updates,
             "expected_final_counts": expected_final, "fingerprints": fingerprints, "logical": logical,
             "changed_seen": changed[0], "straddling": straddling, "halo_bytes": halo_bytes,
             "initial_sync_bytes": sp.history[0]["sync_bytes"], "shard_counts": shard_counts,
@@ -296,16 +366,20 @@ def main():
     tp = int(args[2]) if len(args) > 2 else 1
     stages = tuple(int(x) for x in args[3].split(",")) if len(args) > 3 else (1, 2, 3)
     comm.init()
-    frozen = mode == "frozen"
+    frozen = mode.startswith("frozen")
+    bf16 = mode.endswith("bf16")
     if mode == "balance":
         cases = [(stage, sec, "planted") for stage, sec in BALANCE_CASES]
     elif frozen:
         cases = [(stage, sec, "default") for sec in FROZEN_SECTIONS for stage in stages]
-        if tp == 1:
+        if tp == 1 and not bf16:
             cases += [(stage, sec, model) for sec, model in FROZEN_NM for stage in stages]
+    elif bf16:
+        cases = [(stage, sec, "default") for stage, sec in BF16_CASES]
     else:
         cases = [(c + ("default",))[:3] for c in CASES]
-    reports = [run_case(stage, dict(section), frozen, tp, model) for stage, section, model in cases]
+    reports = [run_case(stage, dict(section), frozen, tp, model, ga=accumulation(i), bf16=bf16)
+               for i, (stage, section, model) in enumerate(cases)]
     everyone = comm.all_gather_object(reports)
     if comm.rank() == 0:
         with open(out_path, "w") as f:
