@@ -205,6 +205,10 @@ def test_rigl_dp1_tp2_zero3_exact_zeros(data_dir, tmp_path):
                     zero_optimization={"stage": 3, "stage3_param_persistence_threshold": 0,
                                        "stage3_prefetch_bucket_size": 0},
                     sparsity={"method": "rigl", "sparsity": 0.8, "update_interval": 2, "end_fraction": 1.0})
+    # accumulation 2 (micro batch 4): RigL's dense-gradient step reads the reduced gradient once
+    c = json.loads(cfg.read_text())
+    c["train_micro_batch_size_per_gpu"], c["gradient_accumulation_steps"] = 4, 2
+    cfg.write_text(json.dumps(c))
     run = tmp_path / "run"
     pretrain(cfg, data_dir, run, "bert-tiny", "--max-steps", 6, "--save-interval", 6, nproc=2)
     dense, compact = tmp_path / "dense", tmp_path / "compact"

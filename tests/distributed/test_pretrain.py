@@ -20,7 +20,8 @@ pytestmark = pytest.mark.distributed
 PRETRAIN = ROOT / "launchers" / "pretrain.py"
 
 
-def pretrain(config: str, data: Path, run: Path, *extra, nproc: int = 2, **kw):
+def pretrain(config: str | Path, data: Path, run: Path, *extra, nproc: int = 2, **kw):
+    """``config``: a file name in ds_configs/ or a path."""
     return launch([PRETRAIN, "--deepspeed_config", ROOT / "ds_configs" / config, "--data", data,
                    "--model", "bert-tiny", "--output", run, "--no-progress", *extra], nproc=nproc, **kw)
 
@@ -80,22 +81,27 @@ def test_zero_stage_trains_on_a_fixed_batch(stage, data_dir, nsp_data_dir, tmp_p
 
 def test_crash_during_save_then_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path):
     """A run dies while writing global_step8: `latest` stays on global_step4, and resuming from
-    there gives the loss curve of a run that was never interrupted (LAMB, ZeRO-2, 2 ranks)."""
+    there gives the loss curve of a run that was never interrupted (LAMB, ZeRO-2, 2 ranks,
+    micro batch 4 x accumulation 2)."""
+    cfg = json.loads((ROOT / "ds_configs" / "cpu_zero2_lamb.json").read_text())
+    cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"] = 4, 2
+    (tmp_path / "lamb_ga2.json").write_text(json.dumps(cfg))
+    config = tmp_path / "lamb_ga2.json"
     args = ("--max-steps", 8, "--save-interval", 4, "--eval-interval", 4)
     whole = tmp_path / "whole"
-    pretrain("cpu_zero2_lamb.json", data_dir, whole, *args)
+    pretrain(config, data_dir, whole, *args)
 
     broken = tmp_path / "broken"
     os.environ["DIST_SPARSE_TEST_CRASH_IN_SAVE"] = "global_step8"
     try:
-        proc = pretrain("cpu_zero2_lamb.json", data_dir, broken, *args, check=False)
+        proc = pretrain(config, data_dir, broken, *args, check=False)
     finally:
         del os.environ["DIST_SPARSE_TEST_CRASH_IN_SAVE"]
     assert proc.returncode != 0
     assert (broken / "checkpoints" / "global_step8").is_dir()  # written, never committed
     assert (broken / "checkpoints" / "latest").read_text() == "global_step4"
 
-    pretrain("cpu_zero2_lamb.json", data_dir, broken, *args, "--resume")
+    pretrain(config, data_dir, broken, *args, "--resume")
     expected = [(m["step"], m["loss"]) for m in metrics(whole)]
     got = [(m["step"], m["loss"]) for m in metrics(broken)]
     assert [s for s, _ in got] == list(range(1, 9))  # lines of the lost steps 5-8 were replaced

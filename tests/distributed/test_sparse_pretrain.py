@@ -47,6 +47,35 @@ def masks_of(tag_dir: Path) -> dict:
     return out
 
 
+def inspect_counts(run: Path) -> dict[str, int]:
+    proc = subprocess.run([sys.executable, "-m", "dist_sparse.cli", "inspect", str(run)],
+                          capture_output=True, text=True, check=True)
+    return {line.split()[0]: int(line.split()[2]) for line in proc.stdout.splitlines()
+            if line.startswith("bert.encoder.layer.")}
+
+
+def test_lamb_with_gradient_accumulation_keeps_exact_masks(data_dir, tmp_path):
+    """The recipe that used to stop at the first mask update (`exp_avg not found in optimizer
+    state fragment`): cpu_zero2_lamb.json with micro batch 4 x accumulation 2 on 2 ranks, SET 80%,
+    an update every 3 steps. The masks change at steps 3 and 6 and keep exactly 20% of every weight."""
+    cfg = json.loads((ROOT / "ds_configs" / "cpu_zero2_lamb.json").read_text())
+    cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"] = 4, 2
+    cfg["sparsity"] = {"method": "set", "sparsity": 0.8, "update_interval": 3, "end_fraction": 1.0}
+    path = tmp_path / "lamb_ga2.json"
+    path.write_text(json.dumps(cfg))
+    run = tmp_path / "run"
+    pretrain(path, data_dir, run, "--max-steps", 7, "--save-interval", 3)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    updates = [r for r in rows if r["split"] == "sparsity" and "churn" in r]
+    assert [r["step"] for r in updates] == [3, 6] and all(r["churn"] > 0 for r in updates)
+    counts = inspect_counts(run)
+    assert len(counts) == 12
+    for name, count in counts.items():
+        numel = 128 * 512 if ("intermediate" in name or "output.dense" in name and "attention" not in name) else 128 * 128
+        assert count == int(0.2 * numel + 0.5), name
+    assert masks_of(run / "checkpoints" / "global_step3") != masks_of(run / "checkpoints" / "global_step7")
+
+
 def test_sparse_run_survives_a_crash_and_resumes_exactly(data_dir, tmp_path):
     cfg = config(tmp_path, 3, SPARSITY, "sparse3.json")
     args = ("--max-steps", 8, "--save-interval", 4)

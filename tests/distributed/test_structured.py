@@ -2,6 +2,7 @@
 on DP2 x TP2, and resume before and after the shrink."""
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -187,3 +188,55 @@ def test_resume_before_and_after_the_shrink_reproduces_the_run(data_dir, tmp_pat
              (whole, broken, after)]
     assert final[0] == final[1] == final[2]
     assert final[0]["structured"]["phase"] == "shrunk"
+
+
+def test_l1_reaches_a_dead_head_in_full_in_fp32_and_bf16_at_accumulation_8(tmp_path):
+    """ZeRO 1/2/3 on 2 ranks, LAMB, accumulation 8, fp32 and bf16 (fp32 accumulation): a head
+    that no data gradient reaches has LAMB's L1 term as its coefficient's whole gradient. Its
+    first moment is exactly l1 * (1 - 0.9**t) (the full l1, not a bf16-rounded share of it), and
+    the coefficient falls at every step, in bf16 as in fp32."""
+    out = tmp_path / "l1.json"
+    run_script("structured_check.py", "l1", out)
+    report = json.loads(out.read_text())
+    l1 = report["l1"]
+    runs = [case for per_rank in report["ranks"] for case in per_rank]
+    assert {(c["stage"], c["dtype"]) for c in runs} == {(s, d) for s in (1, 2, 3)
+                                                          for d in ("torch.float32", "torch.bfloat16")}
+    fp32 = {c["stage"]: c["values"] for c in runs if not c["bf16"]}
+    for c in runs:
+        for t, m in enumerate(c["exp_avg"], start=1):
+            assert m == pytest.approx(l1 * (1 - 0.9 ** t), rel=1e-6), (c["stage"], c["bf16"], t)
+        assert all(b < a for a, b in zip(c["values"], c["values"][1:])), c
+        # the fall is LAMB's (trust ratio from the whole coefficient tensor), so bf16 follows fp32
+        assert c["values"][-1] == pytest.approx(fp32[c["stage"]][-1], abs=1e-5), c
+
+
+def test_bf16_zero1_search_shrink_and_continue_at_accumulation_2(data_dir, tmp_path):
+    """The BERT-large precision recipe on CPU: bf16 weights with fp32 gradient accumulation, so
+    ZeRO-1 runs on DeepSpeed's BF16_Optimizer; micro batch 4 x accumulation 2, ticket forced at
+    step 6, shrink, 4 more steps. The shrunk bf16 engine computes the fp32 masked model's outputs
+    within the bf16 tolerance, the old engine is released, every step is logged and the learning
+    rate after the shrink is the schedule's."""
+    from dist_sparse.config import load_run_config, lr_multiplier
+
+    cfg = json.loads((ROOT / "ds_configs" / "cpu_zero2_earlybert.json").read_text())
+    cfg.update({"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"},
+                "zero_optimization": {"stage": 1}, "train_micro_batch_size_per_gpu": 4,
+                "gradient_accumulation_steps": 2})
+    cfg["structured_pruning"].update(check_interval=3, window=2, max_search_steps=6)
+    path = tmp_path / "bf16.json"
+    path.write_text(json.dumps(cfg))
+    run = tmp_path / "run"
+    pretrain(path, data_dir, run, "--max-steps", 10)
+    shrink = next(m for m in metrics(run, "structured") if "ticket_step" in m)
+    assert shrink["ticket_step"] == 6
+    assert 0 < shrink["shrink/relative_diff"] < 3e-2
+    assert shrink["shrink/old_engine_released"] == 1.0
+    train = metrics(run, "train")
+    assert [m["step"] for m in train] == list(range(1, 11))
+    assert all(math.isfinite(m["loss"]) for m in train)
+    run_cfg = load_run_config(path)
+    peak = cfg["optimizer"]["params"]["lr"]
+    for m in train:
+        # DeepSpeed reports the lr the scheduler set after step s, i.e. the multiplier at s
+        assert m["lr"] == pytest.approx(peak * lr_multiplier(m["step"], run_cfg.training, 10), rel=1e-6), m["step"]

@@ -38,6 +38,10 @@ def test_every_ds_config_validates(path):
     if path.name.startswith("bert_large"):
         assert run_cfg.deepspeed["optimizer"]["type"] == "Lamb"
         assert run_cfg.deepspeed["bf16"]["enabled"] is True
+        # bf16 gradients accumulated in fp32 (ZeRO-1: DeepSpeed's BF16_Optimizer; ZeRO-2/3 their
+        # fp32 accumulation buffers); DeepSpeed reads the same dtype back
+        assert run_cfg.deepspeed["data_types"] == {"grad_accum_dtype": "fp32"}
+        assert ds.grad_accum_dtype == "fp32"
         assert run_cfg.training.decay == "polynomial"
         assert resolve_batch_sizes(run_cfg.deepspeed, 64)[0] == (65536 if "phase1" in path.name else 32768)
 
