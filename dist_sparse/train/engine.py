@@ -8,6 +8,8 @@ DeepSpeed's config is passed through untouched except for what the hardware forc
   that hold a part of it (see ``lamb_norm_reducer``). With AutoTP FusedLamb would take a split
   weight's trust ratio from its shard, so tensor parallelism takes our LAMB even without ZeRO.
 - ``"Adam"/"AdamW"`` on a machine without CUDA run as torch's AdamW (``torch_adam``).
+With AutoTP the model's attention dropout is put in the tensor-parallel RNG region
+(``dist_sparse.distributed.rng``), which the training loop seeds every micro step.
 The learning-rate schedule is ours (warmup + linear/polynomial/cosine decay), handed to
 DeepSpeed as a client scheduler so that it is stepped and checkpointed with the engine.
 """
@@ -21,6 +23,7 @@ import torch
 
 from dist_sparse.config import RunConfig
 from dist_sparse.distributed import comm
+from dist_sparse.distributed.rng import tp_rng
 from dist_sparse.distributed.tp_layout import is_tp_split
 from dist_sparse.optim import Lamb, parameter_groups
 
@@ -130,6 +133,10 @@ def build_engine(model: torch.nn.Module, run_cfg: RunConfig,
     import deepspeed
 
     ds = copy.deepcopy(run_cfg.deepspeed)
+    if run_cfg.tp_size > 1:
+        # Split attention heads draw their dropout in the TP region (a no-op until the loop seeds
+        # it). Here, not in the loop, so that the engine a physical shrink builds gets it too.
+        tp_rng.install(model)
     client_opt = build_optimizer(model, run_cfg, ds)
     weight_decay = float(run_cfg.deepspeed["optimizer"].get("params", {}).get("weight_decay", 0.01))
     model_parameters = (None if client_opt is not None

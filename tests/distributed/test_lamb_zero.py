@@ -1,6 +1,7 @@
-"""Layer-wise LAMB sharded by ZeRO 0/1/2/3 (DP 2) or by AutoTP (DP 1 x TP 2) equals unsharded LAMB.
+"""Layer-wise LAMB sharded by ZeRO 0/1/2/3 (DP 2) or by AutoTP (DP 1 x TP 2) equals unsharded LAMB;
+attention dropout under AutoTP draws a mask per TP rank.
 
-One launch (tests/distributed/scripts/lamb_zero.py), gradient accumulation 2 in every case.
+One launch (tests/distributed/scripts/lamb_zero.py) for all of it, gradient accumulation 2.
 """
 
 import json
@@ -14,11 +15,15 @@ from dslaunch import run_script
 TP_TOLERANCE = 1e-5
 
 
-@pytest.mark.distributed
-def test_sharded_lamb_equals_unsharded(tmp_path):
-    out = tmp_path / "report.json"
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lamb") / "report.json"
     run_script("lamb_zero.py", out)
-    reports = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.distributed
+def test_zero_sharded_lamb_equals_unsharded(reports):
     zero = [r for r in reports if r["kind"] == "zero"]
     assert [r["stage"] for r in zero] == [0, 1, 2, 3]
     for report in zero:
@@ -27,6 +32,9 @@ def test_sharded_lamb_equals_unsharded(tmp_path):
         assert report["min_moved"] > 1e-2, report
         assert report["max_diff"] < 1e-6, report
 
+
+@pytest.mark.distributed
+def test_lamb_dp1_x_tp2_equals_tp1(reports):
     tp = [r for r in reports if r["kind"] == "tp"]
     assert [(r["stage"], r["per_shard"]) for r in tp] == [(0, False), (2, False), (3, False), (2, True)]
     layers = range(2)
@@ -50,3 +58,15 @@ def test_sharded_lamb_equals_unsharded(tmp_path):
             # The old rule (each shard its own trust ratio) trains another function: far outside
             # the tolerance (2e-3 measured), so the check above can fail.
             assert report["max_diff"] > 20 * TP_TOLERANCE, summary
+
+
+@pytest.mark.distributed
+def test_tp_peers_draw_their_own_attention_dropout(reports):
+    (report,) = [r for r in reports if r["kind"] == "tp_dropout"]
+    # build_engine put the region into both layers' attention, and AutoTP kept those modules.
+    assert report["regions"] == 2, report
+    # The two ranks' head shards compute the same function here: unseeded (the old behaviour),
+    # their outputs are equal, i.e. the same mask; seeded per TP rank, they differ.
+    assert not report["unseeded_attention_differs"] and report["seeded_attention_differs"], report
+    # Hidden-state dropout is on replicated activations: the same masks on both ranks either way.
+    assert report["hidden_masks"] == 5 and report["unseeded_hidden_masks_equal"] and report["seeded_hidden_masks_equal"]

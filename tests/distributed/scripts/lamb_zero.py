@@ -1,4 +1,4 @@
-"""Layer-wise LAMB sharded by ZeRO or AutoTP equals unsharded LAMB.
+"""Layer-wise LAMB sharded by ZeRO or AutoTP equals unsharded LAMB; TP attention dropout.
 
 Run on 2 ranks: the deepspeed launcher, or dslaunch.spawn_ranks, which starts them the same way.
 Every case accumulates gradients over 2 micro batches per optimizer step. Writes a JSON list of
@@ -16,7 +16,11 @@ reports to argv[1].
   training TP 2 with the old per-shard trust ratio (norms summed over DP only) and reporting
   how far that lands from the reference.
 
-Both parts run in one launch: process start-up dominates the cost of these tests.
+* Attention dropout under AutoTP: with both head shards made equal, the TP peers' attention
+  outputs are equal unseeded (one mask for both) and differ once the TP RNG region is seeded,
+  while hidden-state dropout masks stay equal.
+
+All parts run in one launch: process start-up dominates the cost of these tests.
 """
 
 import json
@@ -107,9 +111,9 @@ BERT = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_he
 TP_MICRO_BS, SEQ = 4, 12
 
 
-def make_bert():
+def make_bert(**overrides):
     torch.manual_seed(0)
-    return DistSparseBertForPreTraining(DistSparseBertConfig(**BERT))
+    return DistSparseBertForPreTraining(DistSparseBertConfig(**{**BERT, **overrides}))
 
 
 def bert_batches() -> list[list[dict]]:
@@ -180,6 +184,53 @@ def check_tp(stage: int, ref: dict[str, torch.Tensor], init: dict[str, torch.Ten
             "split_marked": sorted(tp_split_names(client_lamb(engine), engine.module))}
 
 
+# --- attention dropout under AutoTP ----------------------------------------------------------
+
+def check_tp_dropout() -> dict:
+    """Real TP peers draw different attention-dropout masks once the region is seeded.
+
+    Every layer's second half of heads is made a copy of its first half, so the two TP ranks'
+    head shards compute the same function: their attention outputs are equal exactly when their
+    dropout masks are. build_engine must have put the region into the attention modules AutoTP
+    left in place; hidden-state dropout (replicated) must draw the same masks on both ranks.
+    """
+    from dist_sparse.distributed.rng import REGION_ATTR, tp_rng
+
+    model = make_bert(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.5)
+    half = BERT["hidden_size"] // 2
+    with torch.no_grad():
+        for layer in model.bert.encoder.layer:
+            for lin in (layer.attention.self.query, layer.attention.self.key, layer.attention.self.value):
+                lin.weight[half:] = lin.weight[:half]
+                lin.bias[half:] = torch.randn(half) * 0.1
+                lin.bias[:half] = lin.bias[half:]
+    engine = build_engine(model, run_config(TP_MICRO_BS, 0, tp=2), lr_lambda=lambda s: 1.0)
+    groups = comm.parallel_groups(2)
+    regions = [m for m in engine.module.modules() if getattr(m, REGION_ATTR, None) is not None]
+    contexts, masks = [], []
+    for m in regions:
+        m.register_forward_hook(lambda mod, i, out: contexts.append(out.detach()))
+    for m in engine.module.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.register_forward_hook(lambda mod, i, out: masks.append((out.detach() != 0).to(torch.float32)))
+    engine.train()
+    report = {"kind": "tp_dropout", "regions": len(regions)}
+    for seeded in (False, True):
+        contexts.clear(), masks.clear()
+        if seeded:  # what the training loop does every micro step
+            tp_rng.seed(777, groups.tp_rank)
+        torch.manual_seed(99)
+        engine(**bert_batches()[0][0])
+        lo, hi = comm.all_reduce_min_max(contexts[0], groups.tp_group)
+        report[f"{'seeded' if seeded else 'unseeded'}_attention_differs"] = bool((hi != lo).any())
+        mask_diffs = [comm.all_reduce_min_max(m, groups.tp_group) for m in masks]
+        report[f"{'seeded' if seeded else 'unseeded'}_hidden_masks_equal"] = all(torch.equal(a, b) for a, b in mask_diffs)
+        report["hidden_masks"] = len(masks)
+    tp_rng.clear()
+    comm.barrier()
+    return report
+
+
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     out_path = args[0]
@@ -192,6 +243,7 @@ def main():
     ref = tp1_reference(batches)
     reports += [check_tp(stage, ref, init, batches) for stage in (0, 2, 3)]
     reports.append(check_tp(2, ref, init, batches, per_shard=True))
+    reports.append(check_tp_dropout())
     if comm.rank() == 0:
         with open(out_path, "w") as f:
             json.dump(reports, f)
