@@ -159,7 +159,7 @@ def check_tp(stage: int, ref: dict[str, torch.Tensor], init: dict[str, torch.Ten
         for batch in micro_batches:
             engine.backward(engine(**batch).loss)
             engine.step()
-    diffs, split, marks_agree = {}, [], True
+    diffs, peer_diffs, split, marks_agree = {}, [], [], True
     for name, p in engine.module.named_parameters():
         local = fp32_master(p, stage)
         dim = split_dim(name, local.shape, ref[name].shape, 2)
@@ -170,17 +170,15 @@ def check_tp(stage: int, ref: dict[str, torch.Tensor], init: dict[str, torch.Ten
             local = comm.all_gather_cat(local, groups.tp_group, dim=dim)
         else:  # replicated: TP peers must hold the very same values
             lo, hi = comm.all_reduce_min_max(local, groups.tp_group)
-            diffs[f"tp_peers:{name}"] = float((hi - lo).abs().max())
+            peer_diffs.append(float((hi - lo).abs().max()))
         diffs[name] = float((local - ref[name]).abs().max())
-    ref_diffs = {n: d for n, d in diffs.items() if not n.startswith("tp_peers:")}
-    peer_diffs = [d for n, d in diffs.items() if n.startswith("tp_peers:")]
     # A key bias gets an exactly zero gradient (it adds the same q.b to every score of a query,
     # which softmax ignores) and no weight decay: it never moves, and is left out of min_moved.
     moved = {n: float((ref[n] - init[n]).abs().max()) for n in ref if not n.endswith("key.bias")}
     comm.barrier()
     return {"kind": "tp", "stage": stage, "per_shard": per_shard, "split": sorted(split), "marks_agree": marks_agree,
-            "max_diff": max(ref_diffs.values()), "worst": max(ref_diffs, key=ref_diffs.get),
-            "diffs": ref_diffs, "max_peer_diff": max(peer_diffs), "min_moved": min(moved.values()),
+            "max_diff": max(diffs.values()), "worst": max(diffs, key=diffs.get),
+            "diffs": diffs, "max_peer_diff": max(peer_diffs), "min_moved": min(moved.values()),
             "split_marked": sorted(tp_split_names(client_lamb(engine), engine.module))}
 
 
