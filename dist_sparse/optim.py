@@ -5,10 +5,17 @@ group as one flat fp32 partition: its trust ratio ||w|| / ||update|| is then tak
 slice of many layers, which is not LAMB. This LAMB follows FusedLamb's update rule (Adam
 moments with bias correction, decoupled weight decay added to the update, trust ratio clamped
 to [min_coeff, max_coeff], 1 when either norm is zero) and takes its norms per *param group*:
-the training code puts every parameter in a group of its own, so under ZeRO each rank holds a
-slice of exactly one parameter per group and the squared norms are summed over the
-data-parallel group with one small all-reduce per step (``norm_reducer``). Without ZeRO the
-groups hold whole tensors and no reduction is needed.
+the training code puts every parameter in a group of its own, so each rank holds a part of
+exactly one parameter per group: a ZeRO slice, an AutoTP shard, or a slice of a shard. The
+squared norms are summed over the ranks holding the parts (``norm_reducer``, built in
+``dist_sparse.train.engine.lamb_norm_reducer``): over the data-parallel group under ZeRO, and
+for tensors AutoTP split also over the tensor-parallel group, so that a split weight gets the
+trust ratio of the whole weight and tp=2 trains the same function as tp=1. Without ZeRO and TP
+the groups hold whole tensors and no reduction is needed.
+
+DeepSpeed's ZeRO 1/2/3 call ``step`` once per param group (ZeRO-1/2 swap ``param_groups`` for a
+list holding that group alone, ZeRO-3 empties the other groups' params), so a call reduces the
+norms of the groups that hold params, and the reducer is told which groups those are.
 
 A param group may carry an ``l1`` weight (EarlyBERT's slimming coefficients): the subgradient
 ``l1 * sign(p)`` of the penalty ``l1 * sum|p|`` is added to the gradient inside the step, in fp32,
@@ -31,15 +38,17 @@ NO_DECAY_SUFFIXES = ("bias", "LayerNorm.weight", "LayerNorm.bias", SLIMMING_SUFF
 class Lamb(torch.optim.Optimizer):
     """Layer-wise Adaptive Moments (You et al., 2019) with FusedLamb's conventions.
 
-    ``norm_reducer`` receives a float64 tensor of shape [n_groups, 2] holding this rank's
-    squared norms (weights, update) per param group and must sum it in place over the ranks
-    that share each group's parameter (the data-parallel group under ZeRO).
+    ``norm_reducer(sq_norms, groups)`` receives a float64 tensor of shape [len(groups), 2]
+    holding this rank's squared norms (weights, update) of each param group this call steps,
+    and those group dicts in row order; it must sum the tensor in place over the ranks that hold
+    a part of each group's parameter (data-parallel peers under ZeRO, and tensor-parallel peers
+    for a tensor AutoTP split).
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.01, bias_correction: bool = True,
                  max_coeff: float = 10.0, min_coeff: float = 0.01,
-                 norm_reducer: Callable[[torch.Tensor], None] | None = None):
+                 norm_reducer: Callable[[torch.Tensor, list[dict]], None] | None = None):
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError("Lamb: lr, eps and weight_decay must be >= 0")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -66,10 +75,13 @@ class Lamb(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         updates: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        # ZeRO-3 steps one group per call and leaves the others' params empty: only the groups
+        # holding params take part, on every rank alike, so the reducer gets one row per call.
+        groups = [g for g in self.param_groups if g["params"]]
         # Norms stay on the parameters' device: no host sync per tensor.
-        device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
-        sq_norms = torch.zeros(len(self.param_groups), 2, dtype=torch.float64, device=device)
-        for gi, group in enumerate(self.param_groups):
+        device = next((p.device for g in groups for p in g["params"]), torch.device("cpu"))
+        sq_norms = torch.zeros(len(groups), 2, dtype=torch.float64, device=device)
+        for gi, group in enumerate(groups):
             beta1, beta2 = group["betas"]
             pairs = []
             for p in group["params"]:
@@ -100,14 +112,14 @@ class Lamb(torch.optim.Optimizer):
                 pairs.append((p, update))
             updates.append(pairs)
         if self.norm_reducer is not None:
-            self.norm_reducer(sq_norms)
+            self.norm_reducer(sq_norms, groups)
         norms = sq_norms.sqrt()
         w_norm, u_norm = norms[:, 0], norms[:, 1]
-        lo = torch.tensor([g["min_coeff"] for g in self.param_groups], dtype=torch.float64, device=device)
-        hi = torch.tensor([g["max_coeff"] for g in self.param_groups], dtype=torch.float64, device=device)
+        lo = torch.tensor([g["min_coeff"] for g in groups], dtype=torch.float64, device=device)
+        hi = torch.tensor([g["max_coeff"] for g in groups], dtype=torch.float64, device=device)
         ratio = torch.minimum(torch.maximum(w_norm / u_norm.clamp_min(1e-300), lo), hi)
         trust = torch.where((w_norm > 0) & (u_norm > 0), ratio, torch.ones_like(ratio))
-        for gi, group in enumerate(self.param_groups):
+        for gi, group in enumerate(groups):
             scale = (trust[gi] * -group["lr"]).float()
             for p, update in updates[gi]:
                 p.add_(update.to(p.dtype) * scale.to(p.dtype))

@@ -14,16 +14,43 @@ import torch
 import deepspeed
 from deepspeed import comm as dist
 
+from dist_sparse.distributed import startup
+
 
 def init(backend: str | None = None) -> None:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA)."""
-    if dist.is_initialized():
-        return
-    if backend is None:
-        # The small bookkeeping collectives (counts, norms, fingerprints) run on CPU tensors; gloo
-        # carries those next to NCCL for the CUDA tensors.
-        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU; on CUDA, NCCL for CUDA
+    tensors and gloo for the CPU-side bookkeeping collectives), after pointing gloo at the
+    network interface NCCL_SOCKET_IFNAME selects. Raises ValueError, saying what to fix, when
+    the process group (ours or one initialised before) has no CPU backend on a CUDA machine,
+    or an interface variable selects no interface of this node. See ``startup``."""
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        if not torch.distributed.is_initialized():  # else DeepSpeed adopts the existing group
+            backend = backend or startup.default_backend(cuda)
+            problem = startup.cpu_backend_problem(backend, cuda)
+            if problem:  # before the rendezvous: every rank stops here alike
+                raise ValueError(problem)
+            ifname = startup.gloo_socket_ifname(os.environ, usable_interfaces())
+            if ifname is not None:
+                # Read by gloo when it creates its devices, i.e. in init_process_group below.
+                os.environ["GLOO_SOCKET_IFNAME"] = ifname
+        deepspeed.init_distributed(dist_backend=backend)
+    # The group that exists now, whoever made it; the config names the backend of every device.
+    problem = startup.cpu_backend_problem(torch.distributed.get_backend_config(), cuda)
+    if problem:
+        raise ValueError(problem)
+
+
+def usable_interfaces() -> list[str]:
+    """This node's network interfaces that are up and have an IPv4/IPv6 address, in system order
+    (the candidates NCCL considers too)."""
+    import socket
+
+    import psutil  # a dependency of DeepSpeed
+
+    stats = psutil.net_if_stats()
+    return [name for name, addrs in psutil.net_if_addrs().items()
+            if name in stats and stats[name].isup and any(a.family in (socket.AF_INET, socket.AF_INET6) for a in addrs)]
 
 
 def is_initialized() -> bool:

@@ -2,10 +2,12 @@
 
 AutoTP splits a column-parallel Linear (``LinearLayer``: query/key/value, intermediate.dense)
 by output rows and a row-parallel one (``LinearAllreduce``: attention.output.dense,
-output.dense) by input columns; rank r holds the r-th equal contiguous chunk. Everything else
-is replicated. Three parts of the project need this layout: sparsity targets (decide over the
-logical weight, slice locally), the structural shrink (gather whole tensors, re-shard), and the
-export (merge shards from a checkpoint). They all ask here, so they cannot drift apart.
+output.dense) by input columns; rank r holds the r-th equal contiguous chunk. A column-parallel
+bias is split with its rows; a row-parallel bias, LayerNorms and embeddings are replicated. The
+parts of the project that need this layout: sparsity targets (decide over the logical weight,
+slice locally), the structural shrink (gather whole tensors, re-shard), the export (merge shards
+from a checkpoint) and LAMB (sum a split tensor's norms over its shards). They all ask here, so
+they cannot drift apart.
 """
 
 from __future__ import annotations
@@ -16,6 +18,13 @@ import torch
 
 COLUMN_PARALLEL = "LinearLayer"
 ROW_PARALLEL = "LinearAllreduce"
+# DeepSpeed's mark of a parameter that each tensor-parallel rank holds a different part of
+# (deepspeed.module_inject.layers.DS_TENSOR_MODEL_PARALLEL). AutoTP sets it on the weight and
+# bias of a column-parallel layer and on the weight of a row-parallel one (whose bias stays
+# replicated); EarlyBERT's per-rank slimming coefficients carry it too. DeepSpeed's own gradient
+# norm reads it (``deepspeed.runtime.utils.is_model_parallel_parameter``, which also accepts
+# Megatron's ``model_parallel``), so the two stay in step.
+TP_SPLIT_ATTRS = ("tensor_model_parallel", "model_parallel")
 
 
 def module_layout(module: torch.nn.Module, shard_shape: tuple[int, ...], tp_rank: int,
@@ -34,6 +43,15 @@ def module_layout(module: torch.nn.Module, shard_shape: tuple[int, ...], tp_rank
     return tuple(full), dim, tp_rank * shard_shape[dim]
 
 
+def is_tp_split(param: torch.Tensor) -> bool:
+    """Whether ``param`` is a tensor-parallel shard rather than a replica (see ``TP_SPLIT_ATTRS``).
+
+    Read off the parameter object the model holds after AutoTP ran: the mark is set in
+    ``deepspeed.initialize``, not when the model is built.
+    """
+    return any(bool(getattr(param, attr, False)) for attr in TP_SPLIT_ATTRS)
+
+
 def split_dim(name: str, local: Sequence[int], full: Sequence[int], tp_size: int) -> int | None:
     """The dimension along which ``local`` is an even ``tp_size``-way shard of ``full`` (None: replicated).
 
@@ -50,4 +68,4 @@ def split_dim(name: str, local: Sequence[int], full: Sequence[int], tp_size: int
     return diff[0]
 
 
-__all__ = ["COLUMN_PARALLEL", "ROW_PARALLEL", "module_layout", "split_dim"]
+__all__ = ["COLUMN_PARALLEL", "ROW_PARALLEL", "TP_SPLIT_ATTRS", "is_tp_split", "module_layout", "split_dim"]

@@ -15,6 +15,9 @@ memory-efficient kernels on GPU); there is no eager path and no attention-probab
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -109,6 +112,11 @@ class DistSparseBertSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, inner)
         self.dropout_p = float(config.attention_probs_dropout_prob)
         self.scaling = self.head_dim**-0.5
+        # Under tensor parallelism this rank's heads are a shard: their dropout must not draw the
+        # mask that its TP peers draw for theirs. The trainer installs a callable returning the
+        # context to draw it in (dist_sparse.distributed.rng); None, as in an exported model,
+        # draws from torch's global generator.
+        self.dropout_rng_region: Callable[[], contextlib.AbstractContextManager] | None = None
         # EarlyBERT's slimming coefficients, one per head this rank holds; absent (None, not in
         # the state dict) unless structured pruning attaches them (dist_sparse.structured).
         self.register_parameter("slimming_coef", None)
@@ -130,14 +138,17 @@ class DistSparseBertSelfAttention(nn.Module):
         q = q.view(split).transpose(1, 2)
         k = self.key(hidden_states).view(split).transpose(1, 2)
         v = self.value(hidden_states).view(split).transpose(1, 2)
-        context = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attention_bias,
-            dropout_p=self.dropout_p if self.training else 0.0,
-            scale=self.scaling,
-        )
+        dropout_p = self.dropout_p if self.training else 0.0
+        region = self.dropout_rng_region
+        with region() if region is not None and dropout_p > 0 else contextlib.nullcontext():
+            context = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=attention_bias,
+                dropout_p=dropout_p,
+                scale=self.scaling,
+            )
         if self.slimming_coef is not None:  # (batch, heads, seq, head_dim) scaled per head
             context = context * self.slimming_coef.to(context.dtype).view(1, -1, 1, 1)
         return context.transpose(1, 2).reshape(batch, seq, -1)
