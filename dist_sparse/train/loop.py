@@ -4,7 +4,8 @@ Determinism is by construction, which is what makes resume exact: the data order
 function of (seed, epoch) and the position in it; MLM masking and dropout draw from
 generators reseeded at every micro step from (seed, step, micro step, data-parallel rank).
 Tensor-parallel peers share a data-parallel rank, so they see the same batch and the same
-dropout masks on replicated activations.
+dropout masks on replicated activations; dropout on their own attention heads draws from the
+tensor-parallel RNG region, seeded per micro step with the TP rank mixed in.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from dist_sparse.config import (RunConfig, data_parallel_size, load_run_config, lr_multiplier,
                                 resolve_batch_sizes)
 from dist_sparse.distributed import comm
+from dist_sparse.distributed.rng import tp_rng
 from dist_sparse.distributed.zero import link_optimizer_state
 from dist_sparse.train import run_dir as rd
 from dist_sparse.train.args import build_parser
@@ -239,6 +241,8 @@ def run(argv: list[str] | None = None) -> int:
             gen = torch.Generator().manual_seed(step_seed(seed, data_step, micro, groups.dp_rank))
             batch = collator([train_ds[i] for i in indices], gen)
             torch.manual_seed(step_seed(seed, step, micro, groups.dp_rank, stream=1))
+            # dropout on this rank's attention heads: its own stream per TP rank (a no-op at tp=1)
+            tp_rng.seed(step_seed(seed, step, micro, groups.dp_rank, stream=4), groups.tp_rank)
             yield {k: v.to(engine.device) for k, v in batch.items()}
 
     while progress.step < max_steps:
