@@ -330,9 +330,10 @@ class Sparsifier:
         fragments' bits are gathered over the data-parallel group (1 bit per weight)."""
         if not self._score_sliced or self._mask_sliced:
             return decided
-        return {t.name: self.zero.gather_shard_mask(decided[t.name].cpu(), self._slices[t.name].start,
-                                                    self._slices[t.name].stop, t.shard_shape, counter)
-                for t in self.targets}
+        whole = self.zero.gather_shard_masks([(decided[t.name].cpu(), self._slices[t.name].start,
+                                               self._slices[t.name].stop, tuple(t.shard_shape)) for t in self.targets],
+                                             counter)
+        return {t.name: m for t, m in zip(self.targets, whole)}
 
     def _read(self) -> dict[str, torch.Tensor]:
         """|w| of the local elements, read from fp32 values that are identical on every rank."""

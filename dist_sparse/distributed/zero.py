@@ -182,25 +182,34 @@ class ZeroAccess:
 
     def gather_shard_mask(self, local: torch.Tensor, start: int, stop: int, shard_shape: tuple[int, int],
                           counter: list[int]) -> torch.Tensor:
-        """The whole TP-shard mask from each DP rank's slice, exchanged as packed bits. ZeRO-3:
-        for inspection and export; training never needs it.
+        """The whole TP-shard mask from each DP rank's slice; see ``gather_shard_masks``."""
+        return self.gather_shard_masks([(local, start, stop, shard_shape)], counter)[0]
 
-        Also ZeRO-1/2 with low-precision weights: masks decided on fp32 master fragments are
-        put together this way, every rank holding whole shard masks afterwards."""
+    def gather_shard_masks(self, pieces: list[tuple[torch.Tensor, int, int, tuple[int, int]]],
+                           counter: list[int]) -> list[torch.Tensor]:
+        """Whole TP-shard masks from each DP rank's slices ``(local, start, stop, shard_shape)``,
+        all weights in one exchange of packed bits (1 bit per weight; ``counter`` gets the bytes
+        this rank receives). ZeRO-3: for inspection and export, training never needs it. ZeRO-1/2
+        with low-precision weights: masks decided on fp32 master fragments are put together this
+        way after every update, every rank holding whole shard masks afterwards."""
+        outs = [torch.zeros(shape[0] * shape[1], dtype=torch.bool) for _, _, _, shape in pieces]
         if self.dp_size == 1:
-            out = torch.zeros(shard_shape[0] * shard_shape[1], dtype=torch.bool)
-            out[start:stop] = local
-            return out.view(shard_shape)
+            for out, (local, start, stop, _) in zip(outs, pieces):
+                out[start:stop] = local.cpu()
+            return [out.view(shape) for out, (_, _, _, shape) in zip(outs, pieces)]
         from dist_sparse.masks.checksum import pack_mask, unpack_mask
 
-        packed, _ = pack_mask(local.cpu())
-        parts = comm.all_gather_object((start, stop, packed.numpy().tobytes()), self.dp_group)
-        counter[0] += len(packed) * self.dp_size
-        out = torch.zeros(shard_shape[0] * shard_shape[1], dtype=torch.bool)
-        for s, e, raw in parts:
-            bits = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.zeros(0, dtype=torch.uint8)
-            out[s:e] = unpack_mask(bits, (e - s,))
-        return out.view(shard_shape)
+        mine = []
+        for local, start, stop, _ in pieces:
+            packed, _ = pack_mask(local.cpu())
+            mine.append((start, stop, packed.numpy().tobytes()))
+        everyone = comm.all_gather_object(mine, self.dp_group)
+        counter[0] += sum(len(raw) for rank in everyone for _, _, raw in rank)
+        for rank in everyone:
+            for out, (s, e, raw) in zip(outs, rank):
+                bits = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.zeros(0, dtype=torch.uint8)
+                out[s:e] = unpack_mask(bits, (e - s,))
+        return [out.view(shape) for out, (_, _, _, shape) in zip(outs, pieces)]
 
     # -- structured pruning: whole-tensor reads and writes ------------------------------------------
 
