@@ -68,9 +68,83 @@ class UpdateStats:
     per_layer_density: dict = field(default_factory=dict)
 
 
+def section_changes(before: dict, now: dict) -> str:
+    """``key: old -> new`` for every key of a config section that differs (for error messages)."""
+    keys = sorted(set(before) | set(now), key=str)
+    changed = [f"{k}: {before.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}" for k in keys
+               if before.get(k) != now.get(k)]
+    return ", ".join(changed) or "same keys, different fingerprint"
+
+
 def config_fingerprint(cfg: SparsityConfig) -> str:
     """What a checkpoint's masks were made under; resuming under a different section is refused."""
     return hashlib.blake2b(json.dumps(cfg.model_dump(), sort_keys=True).encode(), digest_size=8).hexdigest()
+
+
+def _decision_count(cfg: SparsityConfig, t: Target, density: float, tp_size: int) -> int:
+    """Active weights of a decision unit: the logical weight, or one shard under balance=shard."""
+    if tp_size > 1 and cfg.balance == "shard" and t.shard_dim is not None:
+        return active_counts({t.name: t.shard_shape}, {t.name: density})[t.name]
+    return active_counts({t.name: t.full_shape}, {t.name: density})[t.name]
+
+
+def final_densities(cfg: SparsityConfig, targets: list[Target]) -> dict[str, float]:
+    shapes = {t.name: t.full_shape for t in targets}
+    density = 1.0 - cfg.sparsity
+    return erk_densities(shapes, density) if cfg.distribution == "erk" else uniform_densities(shapes, density)
+
+
+def check_layout(cfg: SparsityConfig, targets: list[Target], *, tp_size: int, dp_size: int, zero_stage: int,
+                 max_steps: int) -> None:
+    """Every check of a sparsity section against the model's (sharded) shapes and the run's length.
+
+    Pure: the training run calls it before any process group exists, on targets planned from the
+    model config (``sparsity.targets.plan_targets``), and the sparsifier again on the real ones.
+    """
+    rule = algorithms.get(cfg.method)
+    for t in targets:
+        if cfg.pattern == "block":
+            b = cfg.block_size
+            if t.shard_shape[0] % b or t.shard_shape[1] % b:
+                where = (f"its tensor-parallel shard of shape {tuple(t.shard_shape)} (blocks may not straddle a "
+                         "shard)" if tp_size > 1 else f"its shape {tuple(t.shard_shape)}")
+                raise ValueError(f"sparsity.block_size {b} does not divide {t.name}: {where}; pick a block size "
+                                 "that divides every sparse weight's dimensions")
+        if cfg.pattern == "nm" and t.shard_shape[1] % cfg.m:
+            raise ValueError(f"sparsity N:M with m={cfg.m} does not divide the input dimension "
+                             f"{t.shard_shape[1]} of {t.name}")
+    if tp_size > 1:
+        replicated = [t.name for t in targets if t.shard_dim is None]
+        if replicated:
+            raise ValueError(f"with tensor parallelism the sparse weights must be tensor-parallel Linear "
+                             f"weights; {replicated[:3]} are replicated: remove them from sparsity.params")
+    start_step = int(cfg.start_fraction * max_steps)
+    end_step = max(1, int(cfg.end_fraction * max_steps))
+    if rule.kind != "fixed" and end_step <= start_step:
+        raise ValueError(f"sparsity: start_fraction {cfg.start_fraction} and end_fraction {cfg.end_fraction} "
+                         f"of {max_steps} steps round to the same step: widen them or train longer")
+    if cfg.pattern == "block":
+        final = final_densities(cfg, targets)
+        for t in targets:
+            count = _decision_count(cfg, t, final[t.name], tp_size)
+            if count < cfg.block_size ** 2:
+                raise ValueError(f"sparsity {cfg.sparsity} leaves {t.name} fewer than one {cfg.block_size}x"
+                                 f"{cfg.block_size} block ({count} weights): lower the sparsity or the block size")
+    if rule.kind == "regrow" and cfg.update_interval >= end_step:
+        log.warning("sparsity.update_interval %d >= the last update step %d: masks will never change",
+                    cfg.update_interval, end_step)
+    if cfg.pattern == "nm" and abs((1 - cfg.n / cfg.m) - cfg.sparsity) > 1e-9:
+        raise ValueError(f"sparsity.sparsity must be 1 - n/m = {1 - cfg.n / cfg.m:g} for N:M {cfg.n}:{cfg.m}")
+    if zero_stage == 3 and cfg.pattern == "nm":
+        # ZeRO-3 slices are completed from the two neighbouring slices only (``_nm``), so a
+        # group may touch at most two ranks: every partition must hold at least m - 1 elements.
+        for t in targets:
+            part = -(-t.shard_numel // dp_size)
+            if part < cfg.m - 1:
+                raise ValueError(f"sparsity N:M {cfg.n}:{cfg.m} under ZeRO stage 3: {t.name} is split into "
+                                 f"partitions of {part} elements over {dp_size} data-parallel ranks, "
+                                 f"fewer than m - 1 = {cfg.m - 1}; leave it dense (sparsity.exclude) or use "
+                                 "ZeRO stage 1 or 2")
 
 
 class Sparsifier:
@@ -84,11 +158,7 @@ class Sparsifier:
         self.rule = algorithms.get(cfg.method)
         self.start_step = int(cfg.start_fraction * max_steps)
         self.end_step = max(1, int(cfg.end_fraction * max_steps))
-        shapes = {t.name: t.full_shape for t in targets}
-        density = 1.0 - cfg.sparsity
-        densities = (erk_densities(shapes, density) if cfg.distribution == "erk"
-                     else uniform_densities(shapes, density))
-        self.final_density = densities
+        self.final_density = final_densities(cfg, targets)
         self.masks: dict[str, torch.Tensor] = {}
         self.step_count = 0
         # Optimizer moments exist from the first optimizer step on (or in a checkpoint).
@@ -114,45 +184,8 @@ class Sparsifier:
 
     # ------------------------------------------------------------------ set-up
     def _check_layout(self) -> None:
-        cfg = self.cfg
-        for t in self.targets:
-            if cfg.pattern == "block":
-                b = cfg.block_size
-                if t.shard_shape[0] % b or t.shard_shape[1] % b:
-                    raise ValueError(f"sparsity.block_size {b} does not divide {t.name} of shard shape "
-                                     f"{tuple(t.shard_shape)} (blocks may not straddle a tensor-parallel shard)")
-            if cfg.pattern == "nm" and t.shard_shape[1] % cfg.m:
-                raise ValueError(f"sparsity N:M with m={cfg.m} does not divide the input dimension "
-                                 f"{t.shard_shape[1]} of {t.name}")
-        if self.groups.tp_size > 1:
-            replicated = [t.name for t in self.targets if t.shard_dim is None]
-            if replicated:
-                raise ValueError(f"with tensor parallelism the sparse weights must be tensor-parallel Linear "
-                                 f"weights; {replicated[:3]} are replicated: remove them from sparsity.params")
-        if self.rule.kind != "fixed" and self.end_step <= self.start_step:
-            raise ValueError(f"sparsity: start_fraction {cfg.start_fraction} and end_fraction {cfg.end_fraction} "
-                             f"of {self.max_steps} steps round to the same step: widen them or train longer")
-        if cfg.pattern == "block":
-            for t in self.targets:
-                count = self._count(t, self.final_density[t.name])
-                if count < cfg.block_size ** 2:
-                    raise ValueError(f"sparsity {cfg.sparsity} leaves {t.name} fewer than one {cfg.block_size}x"
-                                     f"{cfg.block_size} block ({count} weights): lower the sparsity or the block size")
-        if self.rule.kind == "regrow" and cfg.update_interval >= self.end_step:
-            log.warning("sparsity.update_interval %d >= the last update step %d: masks will never change",
-                        cfg.update_interval, self.end_step)
-        if cfg.pattern == "nm" and abs((1 - cfg.n / cfg.m) - cfg.sparsity) > 1e-9:
-            raise ValueError(f"sparsity.sparsity must be 1 - n/m = {1 - cfg.n / cfg.m:g} for N:M {cfg.n}:{cfg.m}")
-        if self.zero.partitioned and cfg.pattern == "nm":
-            # ZeRO-3 slices are completed from the two neighbouring slices only (``_nm``), so a
-            # group may touch at most two ranks: every partition must hold at least m - 1 elements.
-            for t in self.targets:
-                part = -(-t.shard_numel // self.zero.dp_size)
-                if part < cfg.m - 1:
-                    raise ValueError(f"sparsity N:M {cfg.n}:{cfg.m} under ZeRO stage 3: {t.name} is split into "
-                                     f"partitions of {part} elements over {self.zero.dp_size} data-parallel ranks, "
-                                     f"fewer than m - 1 = {cfg.m - 1}; leave it dense (sparsity.exclude) or use "
-                                     "ZeRO stage 1 or 2")
+        check_layout(self.cfg, self.targets, tp_size=self.groups.tp_size, dp_size=self.zero.dp_size,
+                     zero_stage=self.zero.stage, max_steps=self.max_steps)
 
     def prepare(self, draw: bool = True, optimizer_has_state: bool = False) -> None:
         """Install the gradient hooks and, with ``draw``, draw the first masks and zero what they
@@ -231,9 +264,7 @@ class Sparsifier:
 
     def _count(self, t: Target, density: float) -> int:
         """Active weights of this decision unit: the logical weight, or one shard under balance=shard."""
-        if self.groups.tp_size > 1 and self.cfg.balance == "shard" and t.shard_dim is not None:
-            return active_counts({t.name: t.shard_shape}, {t.name: density})[t.name]
-        return active_counts({t.name: t.full_shape}, {t.name: density})[t.name]
+        return _decision_count(self.cfg, t, density, self.groups.tp_size)
 
     def _topk(self, parts: list[Part], ks: list[int], stats: UpdateStats) -> list[torch.Tensor]:
         sel = SelectStats()
@@ -573,7 +604,8 @@ class Sparsifier:
         if state.get("format") != STATE_FORMAT:
             raise ValueError("the checkpoint's sparsity state has an unknown format")
         if state["fingerprint"] != config_fingerprint(self.cfg):
-            raise ValueError("the checkpoint was written under a different \"sparsity\" section; resume with the "
+            raise ValueError(f"the checkpoint was written under a different \"sparsity\" section "
+                             f"({section_changes(state.get('config', {}), self.cfg.model_dump())}); resume with the "
                              "same section, or pass --sparsity-reset to keep the weights and start new masks")
         names = {t.name for t in self.targets}
         if set(state["masks"]) != names:

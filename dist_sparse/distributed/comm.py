@@ -8,6 +8,7 @@ process and the communication volume of a feature can be read off one file.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from dataclasses import dataclass
 
 import torch
@@ -183,3 +184,29 @@ def parallel_groups(tp_size: int) -> ParallelGroups:
                           dp_rank=rank(dp_group), dp_size=world_size(dp_group),
                           tp_rank=tp_rank, tp_size=tp_size,
                           global_rank=rank(), world_size=world_size())
+
+
+def remove_shm_buffers() -> list[str]:
+    """Delete the shared-memory all-reduce buffers DeepSpeed's CPU backend created for this job.
+
+    deepspeed 0.19.8's CPU comm op maps one ~66 MB file per local rank into /dev/shm, named
+    ``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``, and never unlinks
+    them: every launch would leave them behind in RAM-backed /dev/shm. Called when a process of
+    the job exits (normally or on error); unlinking a file that another rank still has mapped
+    does not disturb that rank. Returns the names removed.
+    """
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    shm = Path("/dev/shm")
+    if not addr or not port or not shm.is_dir():
+        return []
+    removed = []
+    for path in shm.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_*"):
+        try:
+            path.unlink()
+            removed.append(path.name)
+        except FileNotFoundError:  # another rank of the job got there first
+            pass
+        except OSError:
+            pass
+    return removed
+

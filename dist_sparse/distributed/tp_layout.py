@@ -43,6 +43,26 @@ def module_layout(module: torch.nn.Module, shard_shape: tuple[int, ...], tp_rank
     return tuple(full), dim, tp_rank * shard_shape[dim]
 
 
+# What AutoTP makes of BERT's encoder Linears (deepspeed 0.19.8): the projections that feed an
+# all-reduce are row-parallel, the others column-parallel; the pooler and heads stay replicated.
+_PLANNED_ROW_PARALLEL = ("attention.output.dense.weight", "output.dense.weight")
+_PLANNED_COLUMN_PARALLEL = ("attention.self.query.weight", "attention.self.key.weight",
+                            "attention.self.value.weight", "intermediate.dense.weight")
+
+
+def planned_split_dim(name: str, tp_size: int) -> int | None:
+    """The dimension AutoTP will split the weight ``name`` of our BERT along (None: replicated),
+    known from the name alone, before any engine exists (start-up checks). Tested against what
+    AutoTP really does (``module_layout`` on the engine's module)."""
+    if tp_size == 1 or not name.startswith("bert.encoder.layer."):
+        return None
+    if name.endswith(_PLANNED_COLUMN_PARALLEL):
+        return 0
+    if name.endswith(_PLANNED_ROW_PARALLEL):
+        return 1
+    return None
+
+
 def is_tp_split(param: torch.Tensor) -> bool:
     """Whether ``param`` is a tensor-parallel shard rather than a replica (see ``TP_SPLIT_ATTRS``).
 
@@ -68,4 +88,5 @@ def split_dim(name: str, local: Sequence[int], full: Sequence[int], tp_size: int
     return diff[0]
 
 
-__all__ = ["COLUMN_PARALLEL", "ROW_PARALLEL", "TP_SPLIT_ATTRS", "is_tp_split", "module_layout", "split_dim"]
+__all__ = ["COLUMN_PARALLEL", "ROW_PARALLEL", "TP_SPLIT_ATTRS", "is_tp_split", "module_layout", "planned_split_dim",
+           "split_dim"]

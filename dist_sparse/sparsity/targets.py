@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from dist_sparse.config import SparsityConfig
-from dist_sparse.distributed.tp_layout import module_layout
+from dist_sparse.distributed.tp_layout import module_layout, planned_split_dim
 
 
 @dataclass
@@ -82,4 +82,24 @@ def select_targets(model: torch.nn.Module, cfg: SparsityConfig, tp_rank: int = 0
     targets = [found[n] for n in sorted(found)]
     for i, t in enumerate(targets):
         t.index = i
+    return targets
+
+
+def plan_targets(model_config, cfg: SparsityConfig, tp_size: int) -> list[Target]:
+    """The targets rank 0 of a ``tp_size``-way AutoTP run will have, from the model config alone
+    (a model on the meta device: no memory, no process group), for start-up checks."""
+    from dist_sparse.model import DistSparseBertForPreTraining
+
+    with torch.device("meta"):
+        model = DistSparseBertForPreTraining(model_config)
+    targets = select_targets(model, cfg)
+    for t in targets:
+        dim = planned_split_dim(t.name, tp_size)
+        if dim is not None:
+            shard = list(t.full_shape)
+            if shard[dim] % tp_size:
+                raise ValueError(f"{t.name} of shape {tuple(t.full_shape)} does not split evenly over "
+                                 f"tensor_parallel.autotp_size {tp_size}")
+            shard[dim] //= tp_size
+            t.shard_shape, t.shard_dim = tuple(shard), dim
     return targets

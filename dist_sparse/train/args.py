@@ -19,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-interval", type=int, default=None, help="evaluate every N steps (0: at the end)")
     p.add_argument("--seed", type=int, default=None, help="overrides training.seed")
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/latest")
+    p.add_argument("--resume-tag", default=None, metavar="TAG",
+                   help="continue from RUN/checkpoints/TAG instead of the one 'latest' names (implies --resume)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--overfit-batch", action="store_true",

@@ -33,7 +33,7 @@ from dist_sparse.train import run_dir as rd
 from dist_sparse.train.args import build_parser
 from dist_sparse.train.engine import build_engine
 from dist_sparse.train.metrics import MetricsWriter
-from dist_sparse.train.sparse import build_sparsifier, config_fingerprint, sparsity_scalars
+from dist_sparse.train.sparse import build_sparsifier, config_fingerprint, preflight_sparsity, sparsity_scalars
 from dist_sparse.train.step import StateLink, optimizer_step
 
 log = logging.getLogger("dist_sparse.train")
@@ -75,9 +75,13 @@ class Progress:
 
 def _resolve(args, run_cfg: RunConfig):
     t = run_cfg.training
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ValueError(f"--max-steps must be at least 1 (got {args.max_steps})")
     max_steps = args.max_steps if args.max_steps is not None else t.max_steps
-    if max_steps is None or max_steps < 1:
+    if max_steps is None:
         raise ValueError("set the number of steps: --max-steps N or training.max_steps in the config")
+    if max_steps < 1:
+        raise ValueError(f"training.max_steps must be at least 1 (got {max_steps})")
     save_interval = args.save_interval if args.save_interval is not None else t.save_interval
     eval_interval = args.eval_interval if args.eval_interval is not None else t.eval_interval
     seed = args.seed if args.seed is not None else t.seed
@@ -101,7 +105,10 @@ def run(argv: list[str] | None = None) -> int:
                                 max_position_embeddings=max(512, meta["seq_len"]),
                                 pad_token_id=meta["special_ids"]["[PAD]"])
     run = Path(args.output)
-    resume_tag = rd.check_run_dir(run, args.resume, args.overwrite)
+    rd.check_paths(run, Path(args.data))
+    resume_tag = rd.check_run_dir(run, args.resume, args.overwrite, args.resume_tag)
+    if resume_tag is not None:
+        _check_resumed_data(run, args.data, meta)
     # A checkpoint names its own model shape (a structured run may have shrunk it) and the state of
     # the structured search; both are needed before the model is built.
     structure = None
@@ -118,14 +125,24 @@ def run(argv: list[str] | None = None) -> int:
     if sp_cfg is not None:
         from dist_sparse.structured.pruner import validate as validate_structured
         if structured_state is not None and structured_state.get("config") not in (None, sp_cfg.model_dump()):
+            from dist_sparse.sparsifier import section_changes
             raise ValueError("--resume: the \"structured_pruning\" section differs from the one the run was "
-                             "started with; it decides the ticket, so it cannot change mid-run")
+                             f"started with ({section_changes(structured_state['config'], sp_cfg.model_dump())}); "
+                             "it decides the ticket, so it cannot change mid-run")
         if structured_state is None or structured_state["phase"] == "search":
             validate_structured(sp_cfg, model_config, run_cfg.tp_size, run_cfg)
     # The launcher sets WORLD_SIZE, so the batch arithmetic is checked before any process group.
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dp_size = data_parallel_size(world, run_cfg.tp_size)
     global_batch, micro_bs, grad_acc = resolve_batch_sizes(run_cfg.deepspeed, dp_size)
+    if resume_tag is not None:
+        written = rd.checkpoint_layout(rd.checkpoint_dir(run) / resume_tag)
+        if written is not None and written != (dp_size, run_cfg.tp_size):
+            raise ValueError(f"--resume: checkpoint {resume_tag} was written by {written[0]} data-parallel x "
+                             f"{written[1]} tensor-parallel ranks, this launch has {dp_size} x {run_cfg.tp_size} "
+                             f"({world} ranks); resume with the same layout (resuming at another size is not "
+                             "supported yet)")
+    preflight_sparsity(run_cfg, model_config, dp_size, max_steps)
 
     comm.init()
     assert comm.world_size() == world, "WORLD_SIZE disagrees with the process group"
@@ -133,7 +150,8 @@ def run(argv: list[str] | None = None) -> int:
 
     if is_rank0:
         run.mkdir(parents=True, exist_ok=True)
-        if args.overwrite:
+        if resume_tag is None:
+            # --overwrite, or what a start that never took a step left (check_run_dir let it through)
             rd.clear_run(run)
         rd.checkpoint_dir(run).mkdir(exist_ok=True)
         if resume_tag is None:
@@ -350,6 +368,20 @@ def _shrink(ctx: RunContext, handed: list, model_config, pruner, step: int):
     return engine, small_config
 
 
+def _check_resumed_data(run: Path, data: str, meta: dict) -> None:
+    """--resume with data of another shape than the run started with: say which property changed
+    (from run.json, before any process starts; the checkpoint's own record is checked on load)."""
+    run_json = run / "run.json"
+    if not run_json.is_file():
+        return
+    started = json.loads(run_json.read_text())
+    before = started.get("data_meta") or {}
+    for key, what in (("seq_len", "sequence length"), ("vocab_size", "vocabulary size"), ("nsp", "NSP pairs")):
+        if key in before and before[key] != meta.get(key):
+            raise ValueError(f"--resume: --data {data} has {what} {meta.get(key)}, the run started with "
+                             f"{before[key]} ({started.get('data', 'see run.json')}); resume with that data")
+
+
 def read_structure(tag_dir: Path) -> dict | None:
     """The model shape and structured-pruning state a checkpoint was written with (None for
     checkpoints of older versions, whose model is the preset)."""
@@ -397,9 +429,13 @@ def _load_checkpoint(engine, ckpt_dir: Path, tag: str, loader, args, meta, group
         raise ValueError(f"--resume: {ckpt_dir / tag} was not written by this version of dist_sparse")
     if client_state["model"] != args.model:
         raise ValueError(f"--resume: the checkpoint is of model {client_state['model']!r}, not {args.model!r}")
-    if client_state["data_meta"]["seq_len"] != meta["seq_len"] or \
-            client_state["data_meta"]["vocab_size"] != meta["vocab_size"]:
-        raise ValueError("--resume: --data has a different sequence length or vocabulary than the checkpoint")
+    for key, what in (("seq_len", "sequence length"), ("vocab_size", "vocabulary size")):
+        if client_state["data_meta"][key] != meta[key]:
+            run_json = ckpt_dir.parent / "run.json"
+            started = json.loads(run_json.read_text()).get("data") if run_json.is_file() else None
+            raise ValueError(f"--resume: --data {args.data} has {what} {meta[key]}, the checkpoint was trained "
+                             f"with {client_state['data_meta'][key]}; resume with the data the run started with"
+                             + (f" ({started})" if started else ""))
     if client_state["max_steps"] != max_steps:
         raise ValueError(f"--resume: the run was started for {client_state['max_steps']} steps, not {max_steps}; "
                          "the learning-rate and sparsity schedules depend on it (start a new run to change it)")

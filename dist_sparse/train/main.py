@@ -6,6 +6,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dist_sparse.distributed.comm import remove_shm_buffers
     from dist_sparse.train.loop import run
 
     try:
@@ -17,3 +18,6 @@ def main(argv: list[str] | None = None) -> int:
             raise  # the whole traceback, for reports of errors raised inside libraries
         print(f"error (rank {os.environ.get('RANK', '0')}): {err}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        # DeepSpeed's CPU backend leaves its shared-memory buffers behind (see remove_shm_buffers)
+        remove_shm_buffers()

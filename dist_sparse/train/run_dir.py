@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import zipfile
 from pathlib import Path
 
 RUN_FILES = ("run.json", "metrics.jsonl")
@@ -34,29 +36,103 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return tag if tag and (ckpt_dir / tag).is_dir() else None
 
 
+# DeepSpeed's per-rank files of a checkpoint tag: model states (one per TP rank, or per DP x TP
+# rank under ZeRO-3) and optimizer states (per DP x TP rank; ``bf16_`` for its BF16_Optimizer).
+MODEL_STATES = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
+OPTIM_STATES = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+
+
+def checkpoint_tags(ckpt_dir: Path) -> list[str]:
+    """Tags in ``ckpt_dir`` that hold model states, in step order."""
+    if not ckpt_dir.is_dir():
+        return []
+    tags = [p.name for p in ckpt_dir.iterdir()
+            if p.is_dir() and any(MODEL_STATES.match(f.name) for f in p.iterdir())]
+    return sorted(tags, key=lambda t: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", t)])
+
+
 def holds_a_run(run: Path) -> bool:
-    return any((run / f).exists() for f in RUN_FILES + RUN_DIRS)
+    """Whether ``run`` holds a run worth keeping: a logged step or a checkpoint. What a start that
+    failed before its first step leaves (run.json, an empty event directory) is not one."""
+    metrics = run / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        return True
+    ckpt = checkpoint_dir(run)
+    return ckpt.is_dir() and any(ckpt.iterdir())
 
 
-def check_run_dir(run: Path, resume: bool, overwrite: bool) -> str | None:
+def check_paths(run: Path, data: Path) -> None:
+    """The run directory may not be the dataset, nor lie inside it or contain it: checkpoints and
+    event files would be mixed into the dataset (and ``--overwrite`` would delete parts of it)."""
+    r, d = run.resolve(), data.resolve()
+    if r == d or d in r.parents or r in d.parents:
+        relation = "is" if r == d else ("lies inside" if d in r.parents else "contains")
+        raise ValueError(f"--output {run} {relation} --data {data}: give the run a directory of its own")
+
+
+def check_run_dir(run: Path, resume: bool, overwrite: bool, resume_tag: str | None = None) -> str | None:
     """Validate the start mode against the directory; return the tag to resume from.
 
     Raises ValueError that says what to do when the request and the directory disagree.
+    ``resume_tag``: resume from this checkpoint instead of the one ``latest`` names.
     """
+    resume = resume or resume_tag is not None
     if resume and overwrite:
         raise ValueError("--resume and --overwrite contradict each other: pick one")
     if run.exists() and not run.is_dir():
         raise ValueError(f"--output {run} exists and is not a directory")
     if resume:
-        tag = latest_tag(checkpoint_dir(run))
-        if tag is None:
-            raise ValueError(f"--resume: no checkpoint to resume from in {checkpoint_dir(run)} "
-                             "(no 'latest' naming an existing checkpoint); start without --resume")
+        ckpt = checkpoint_dir(run)
+        tags = checkpoint_tags(ckpt)
+        available = ", ".join(tags) or "none"
+        if resume_tag is not None:
+            if resume_tag not in tags:
+                raise ValueError(f"--resume-tag: no checkpoint {resume_tag!r} in {ckpt} (available: {available})")
+            tag = resume_tag
+        else:
+            latest = ckpt / "latest"
+            if not tags:
+                raise ValueError(f"--resume: {run} has no checkpoint yet ({ckpt} holds none); start the run "
+                                 "without --resume")
+            if not latest.is_file():
+                raise ValueError(f"--resume: {ckpt} has no 'latest' file naming the last complete checkpoint; "
+                                 f"pick one with --resume-tag (available: {available})")
+            tag = latest.read_text().strip()
+            if tag not in tags:
+                raise ValueError(f"--resume: {latest} names checkpoint {tag!r}, which is not in {ckpt} (deleted, "
+                                 f"moved or incomplete?); pick one with --resume-tag (available: {available})")
+        check_checkpoint_files(ckpt / tag, tags)
         return tag
     if holds_a_run(run) and not overwrite:
         raise ValueError(f"--output {run} already holds a run; pass --resume to continue it or "
                          "--overwrite to replace it")
     return None
+
+
+def check_checkpoint_files(tag_dir: Path, tags: list[str]) -> None:
+    """Every file torch wrote into the tag is a complete zip archive (torch.save's format; its
+    directory sits at the end, so a truncated file has none). Checked before any process starts
+    loading, so that a damaged file is named instead of failing deep inside DeepSpeed, on one
+    rank, while the others wait in a collective."""
+    earlier = [t for t in tags[:tags.index(tag_dir.name)]] if tag_dir.name in tags else []
+    hint = (f"resume from an earlier checkpoint with --resume-tag {earlier[-1]}" if earlier
+            else "no earlier checkpoint exists; start a new run")
+    for f in sorted(tag_dir.glob("*.pt")):
+        try:
+            with zipfile.ZipFile(f) as z:
+                z.namelist()
+        except (zipfile.BadZipFile, OSError) as err:
+            raise ValueError(f"--resume: {f} is damaged ({err}); {hint}") from None
+
+
+def checkpoint_layout(tag_dir: Path) -> tuple[int, int] | None:
+    """(data-parallel size, tensor-parallel size) a checkpoint was written with, read from its
+    optimizer-state file names; None if it has none (not written by a ZeRO run)."""
+    found = [OPTIM_STATES.match(f.name) for f in tag_dir.iterdir()]
+    pairs = {(int(m.group(1)), int(m.group(2))) for m in found if m}
+    if not pairs:
+        return None
+    return len({d for d, _ in pairs}), len({t for _, t in pairs})
 
 
 def clear_run(run: Path) -> None:

@@ -7,10 +7,10 @@ from dist_sparse.distributed import comm
 from dist_sparse.distributed.comm import ParallelGroups
 from dist_sparse.distributed.zero import ZeroAccess
 from dist_sparse.flops import training_flops_per_token
-from dist_sparse.sparsifier import Sparsifier, UpdateStats, config_fingerprint
-from dist_sparse.sparsity.targets import select_targets
+from dist_sparse.sparsifier import Sparsifier, UpdateStats, check_layout, config_fingerprint
+from dist_sparse.sparsity.targets import plan_targets, select_targets
 
-__all__ = ["build_sparsifier", "config_fingerprint", "sparsity_scalars"]
+__all__ = ["build_sparsifier", "config_fingerprint", "preflight_sparsity", "sparsity_scalars"]
 
 
 def build_sparsifier(engine, run_cfg: RunConfig, groups: ParallelGroups, max_steps: int) -> Sparsifier | None:
@@ -35,6 +35,19 @@ def build_sparsifier(engine, run_cfg: RunConfig, groups: ParallelGroups, max_ste
                              "training needs autotp_size to divide the head count and FFN width evenly")
     zero = ZeroAccess(run_cfg.zero_stage, groups.dp_group, groups.dp_rank, groups.dp_size)
     return Sparsifier(cfg, targets, zero, groups, max_steps)
+
+
+def preflight_sparsity(run_cfg: RunConfig, model_config, dp_size: int, max_steps: int) -> None:
+    """Check the sparsity section against the model's shapes before any process group or engine
+    exists, so a bad block size or N:M group fails in a second and leaves nothing behind."""
+    cfg = run_cfg.sparsity
+    if cfg is None:
+        return
+    if run_cfg.zero_stage not in (1, 2, 3):
+        raise ValueError("sparsity needs ZeRO stage 1, 2 or 3 (zero_optimization.stage)")
+    targets = plan_targets(model_config, cfg, run_cfg.tp_size)
+    check_layout(cfg, targets, tp_size=run_cfg.tp_size, dp_size=dp_size, zero_stage=run_cfg.zero_stage,
+                 max_steps=max_steps)
 
 
 def sparsity_scalars(sp: Sparsifier, update: UpdateStats | None, dense_forward_per_token: float,

@@ -64,13 +64,14 @@ def test_tp_degree_that_does_not_divide_the_world(data_dir, tmp_path, capsys, mo
 def test_resume_without_checkpoint(data_dir, tmp_path, capsys):
     err = run_main(capsys, "--deepspeed_config", CPU_CONFIG, "--data", data_dir, "--output", tmp_path / "r",
                    "--max-steps", 2, "--resume")
-    assert "--resume: no checkpoint to resume from" in err
+    assert "has no checkpoint yet" in err and "without --resume" in err
 
 
 def test_output_that_holds_another_run(data_dir, tmp_path, capsys):
     run = tmp_path / "r"
     run.mkdir()
     (run / "run.json").write_text("{}")
+    (run / "metrics.jsonl").write_text('{"split": "train", "step": 1}\n')
     err = run_main(capsys, "--deepspeed_config", CPU_CONFIG, "--data", data_dir, "--output", run, "--max-steps", 2)
     assert "already holds a run" in err and "--overwrite" in err
     assert (run / "run.json").read_text() == "{}"  # nothing touched
@@ -84,10 +85,23 @@ def test_missing_data_and_missing_steps(data_dir, tmp_path, capsys):
     assert "--max-steps" in err
 
 
+def fake_tag(ckpt_dir: Path, tag: str, dp: int = 1, tp: int = 1) -> Path:
+    """A checkpoint tag directory with DeepSpeed's file names, each a complete (tiny) torch file."""
+    import torch
+
+    d = ckpt_dir / tag
+    d.mkdir(parents=True, exist_ok=True)
+    for t in range(tp):
+        torch.save({}, d / f"mp_rank_{t:02d}_model_states.pt")
+        for r in range(dp):
+            torch.save({}, d / f"zero_pp_rank_{r}_mp_rank_{t:02d}_optim_states.pt")
+    return d
+
+
 def test_run_dir_rules(tmp_path):
     run = tmp_path / "r"
     assert rd.check_run_dir(run, resume=False, overwrite=False) is None  # new directory
-    (run / "checkpoints" / "global_step4").mkdir(parents=True)
+    fake_tag(run / "checkpoints", "global_step4")
     (run / "run.json").write_text("{}")
     with pytest.raises(ValueError, match="already holds a run"):
         rd.check_run_dir(run, resume=False, overwrite=False)
@@ -95,12 +109,13 @@ def test_run_dir_rules(tmp_path):
     with pytest.raises(ValueError, match="contradict"):
         rd.check_run_dir(run, resume=True, overwrite=True)
     # `latest` is what counts, and only when it names a checkpoint that exists.
-    with pytest.raises(ValueError, match="no checkpoint"):
+    with pytest.raises(ValueError, match="no 'latest' file"):
         rd.check_run_dir(run, resume=True, overwrite=False)
     rd.commit_latest(run / "checkpoints", "global_step4")
     assert rd.check_run_dir(run, resume=True, overwrite=False) == "global_step4"
-    (run / "checkpoints" / "global_step8").mkdir()  # a save that never committed
+    fake_tag(run / "checkpoints", "global_step8")  # a save that never committed
     assert rd.check_run_dir(run, resume=True, overwrite=False) == "global_step4"
+    assert rd.check_run_dir(run, resume=False, overwrite=False, resume_tag="global_step8") == "global_step8"
     rd.clear_run(run)
     assert not rd.holds_a_run(run)
     for step in (4, 8, 12):
@@ -114,3 +129,152 @@ def test_metrics_truncated_to_the_resumed_step(tmp_path):
     path.write_text("".join(json.dumps({"split": "train", "step": s, "loss": 1.0}) + "\n" for s in range(1, 9)))
     rd.truncate_metrics(path, 4)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+# -- issue 11: bad input that used to lose data, mislead or bury the message ---------------------
+
+@pytest.mark.parametrize("where", ["same", "inside", "contains"])
+def test_output_and_data_may_not_overlap(data_dir, tmp_path, capsys, where):
+    out = {"same": data_dir, "inside": data_dir / "run", "contains": data_dir.parent}[where]
+    before = sorted(p.name for p in data_dir.iterdir())
+    err = run_main(capsys, "--deepspeed_config", CPU_CONFIG, "--data", data_dir, "--output", out,
+                   "--max-steps", 2, "--overwrite")
+    assert {"same": "is --data", "inside": "lies inside --data", "contains": "contains --data"}[where] in err
+    assert sorted(p.name for p in data_dir.iterdir()) == before  # nothing added or removed
+
+
+def test_max_steps_zero_is_an_error_not_unset(data_dir, tmp_path, capsys):
+    err = run_main(capsys, "--deepspeed_config", CPU_CONFIG, "--data", data_dir, "--output", tmp_path / "r",
+                   "--max-steps", 0)
+    assert "--max-steps must be at least 1 (got 0)" in err
+
+
+def test_block_size_is_checked_with_the_config_before_anything_starts(data_dir, tmp_path, capsys, monkeypatch):
+    """bert-tiny's weights are 128 x 128 and 512 x 128: a block of 48 divides none. Refused before
+    any process group, without talking about tensor parallelism (there is none), leaving no
+    run.json; with TP 2 the message names the shard."""
+    cfg = config_with(tmp_path, sparsity={"method": "set", "sparsity": 0.8, "pattern": "block", "block_size": 48})
+    run = tmp_path / "r"
+    err = run_main(capsys, "--deepspeed_config", cfg, "--data", data_dir, "--output", run, "--max-steps", 4)
+    assert "sparsity.block_size 48 does not divide" in err and "its shape (128, 128)" in err
+    assert "tensor-parallel" not in err
+    assert not run.exists()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = config_with(tmp_path, tensor_parallel={"autotp_size": 2},
+                      sparsity={"method": "set", "sparsity": 0.5, "pattern": "block", "block_size": 128})
+    err = run_main(capsys, "--deepspeed_config", cfg, "--data", data_dir, "--output", run, "--max-steps", 4)
+    assert "tensor-parallel shard of shape (128, 64)" in err  # attention.output.dense: columns split
+
+
+def test_a_start_that_never_took_a_step_is_not_a_run(tmp_path):
+    run = tmp_path / "r"
+    (run / "tensorboard").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    (run / "run.json").write_text("{}")
+    assert not rd.holds_a_run(run)
+    assert rd.check_run_dir(run, resume=False, overwrite=False) is None
+    (run / "metrics.jsonl").write_text('{"split": "train", "step": 1}\n')
+    assert rd.holds_a_run(run)
+
+
+def test_damaged_checkpoint_file_is_named_and_the_previous_tag_suggested(data_dir, tmp_path, capsys):
+    run = tmp_path / "r"
+    fake_tag(run / "checkpoints", "global_step4")
+    tag8 = fake_tag(run / "checkpoints", "global_step8")
+    rd.commit_latest(run / "checkpoints", "global_step8")
+    victim = tag8 / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    victim.write_bytes(victim.read_bytes()[:40])  # truncated mid-write
+    err = run_main(capsys, "--deepspeed_config", CPU_CONFIG, "--data", data_dir, "--output", run,
+                   "--max-steps", 8, "--resume")
+    assert str(victim) in err and "is damaged" in err and "--resume-tag global_step4" in err
+    # and the suggested flag gets past the check (it fails later, on this fake checkpoint's layout)
+    assert rd.check_run_dir(run, resume=False, overwrite=False, resume_tag="global_step4") == "global_step4"
+    err = run_main(capsys, "--deepspeed_config", CPU_CONFIG, "--data", data_dir, "--output", run,
+                   "--max-steps", 8, "--resume-tag", "global_step6")
+    assert "no checkpoint 'global_step6'" in err and "available: global_step4, global_step8" in err
+
+
+def test_latest_naming_a_missing_tag_lists_the_checkpoints(data_dir, tmp_path, capsys):
+    run = tmp_path / "r"
+    fake_tag(run / "checkpoints", "global_step4")
+    rd.commit_latest(run / "checkpoints", "global_step12")
+    err = run_main(capsys, "--deepspeed_config", CPU_CONFIG, "--data", data_dir, "--output", run,
+                   "--max-steps", 8, "--resume")
+    assert "names checkpoint 'global_step12', which is not in" in err
+    assert "--resume-tag (available: global_step4)" in err and "without --resume" not in err
+
+
+def test_resume_at_another_data_parallel_size_is_one_line(data_dir, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "r"
+    fake_tag(run / "checkpoints", "global_step4", dp=2)
+    rd.commit_latest(run / "checkpoints", "global_step4")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    err = run_main(capsys, "--deepspeed_config", CPU_CONFIG, "--data", data_dir, "--output", run,
+                   "--max-steps", 8, "--resume")
+    assert "written by 2 data-parallel x 1 tensor-parallel ranks, this launch has 1 x 1" in err
+    assert rd.checkpoint_layout(run / "checkpoints" / "global_step4") == (2, 1)
+
+
+def test_resume_with_other_data_names_the_property(data_dir, tmp_path, capsys):
+    from dist_sparse.data.prepare import prepare_data
+
+    other = tmp_path / "other"
+    prepare_data(other, default_corpus=True, max_documents=6, vocab_size=400, seq_len=48)
+    capsys.readouterr()  # prepare_data's progress output
+    run = tmp_path / "r"
+    fake_tag(run / "checkpoints", "global_step4")
+    rd.commit_latest(run / "checkpoints", "global_step4")
+    (run / "run.json").write_text(json.dumps({"data": str(data_dir), "data_meta": {"seq_len": 32, "vocab_size": 400}}))
+    err = run_main(capsys, "--deepspeed_config", CPU_CONFIG, "--data", other, "--output", run,
+                   "--max-steps", 8, "--resume")
+    assert "has sequence length 48, the run started with 32" in err and str(data_dir) in err
+
+
+def test_changed_sparsity_section_names_the_keys():
+    from dist_sparse.sparsifier import section_changes
+
+    assert section_changes({"method": "set", "sparsity": 0.8, "seed": 1},
+                           {"method": "static", "sparsity": 0.8, "seed": 2}) == \
+        "method: 'set' -> 'static', seed: 1 -> 2"
+
+
+def test_shm_buffers_of_this_job_are_removed(monkeypatch):
+    import os
+
+    from dist_sparse.distributed.comm import remove_shm_buffers
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK):
+        pytest.skip("no writable /dev/shm on this machine")
+    port = 60000 + os.getpid() % 5000
+    ours = [shm / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{r}" for r in (0, 1)]
+    other = shm / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port + 1}_0"
+    for f in ours + [other]:
+        f.write_bytes(b"x")
+    try:
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(port))
+        assert sorted(remove_shm_buffers()) == sorted(f.name for f in ours)
+        assert not any(f.exists() for f in ours) and other.exists()  # another job's stay
+    finally:
+        for f in ours + [other]:
+            f.unlink(missing_ok=True)
+
+
+def test_the_entry_point_removes_the_buffers_on_an_error(data_dir, tmp_path, capsys, monkeypatch):
+    import os
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK):
+        pytest.skip("no writable /dev/shm on this machine")
+    port = 55000 + os.getpid() % 5000
+    buf = shm / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_0"
+    buf.write_bytes(b"x")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    try:
+        run_main(capsys, "--deepspeed_config", CPU_CONFIG, "--data", data_dir, "--output", tmp_path / "r",
+                 "--max-steps", 0)
+        assert not buf.exists()
+    finally:
+        buf.unlink(missing_ok=True)

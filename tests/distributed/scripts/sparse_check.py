@@ -34,7 +34,7 @@ from dist_sparse.masks.density import active_counts, erk_densities, uniform_dens
 from dist_sparse.masks.patterns import check_block_aligned, check_nm, nm_halo
 from dist_sparse.model.presets import build_config, build_model
 from dist_sparse.sparsifier import Sparsifier
-from dist_sparse.sparsity.targets import select_targets
+from dist_sparse.sparsity.targets import plan_targets, select_targets
 from dist_sparse.train.engine import build_engine
 from dist_sparse.train.step import StateLink, optimizer_step
 
@@ -236,6 +236,12 @@ def run_case(stage: int, section: dict, frozen: bool, tp: int, model: str = "def
     zero = ZeroAccess(stage, groups.dp_group, groups.dp_rank, groups.dp_size)
     targets = select_targets(engine.module, cfg, groups.tp_rank, groups.tp_size)
     steps = FROZEN_STEPS if frozen else STEPS
+    failures = []
+    # The start-up check plans the targets from the config alone; it must see AutoTP's real layout.
+    planned = {t.name: (tuple(t.shard_shape), t.shard_dim) for t in plan_targets(engine.module.config, cfg, tp)}
+    real = {t.name: (tuple(t.shard_shape), t.shard_dim) for t in targets}
+    if planned != real:
+        failures.append(f"planned targets {planned} differ from AutoTP's {real}")
     sp = Sparsifier(cfg, targets, zero, groups, max_steps=steps)
     planted = plant_masters(targets, stage) if bf16 and frozen else None
     sp.prepare()
@@ -251,7 +257,7 @@ def run_case(stage: int, section: dict, frozen: bool, tp: int, model: str = "def
     shapes = {t.name: t.full_shape for t in targets}
     dens = (erk_densities if cfg.distribution == "erk" else uniform_densities)(shapes, 1 - cfg.sparsity)
     expected_final = active_counts(shapes, dens)
-    failures, updates, fingerprints, logical, shard_counts = [], [], [], [], []
+    updates, fingerprints, logical, shard_counts = [], [], [], []
 
     changed = [0]
 
