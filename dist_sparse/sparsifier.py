@@ -1,9 +1,9 @@
 """The stateful part of dynamic sparse training: prepare / step / state_dict / load_state_dict.
 
 Everything that decides a mask is a pure function of values that are identical on every
-data-parallel rank (weights after the optimizer step, seeded random scores keyed by
-(seed, step, parameter)), with ties broken by global index, so every rank computes the same
-mask without receiving it. A checksum of every mask is compared across ranks after each update
+data-parallel rank (the fp32 master weights after the optimizer step, seeded random scores keyed
+by (seed, step, parameter)), with ties taken in a seeded order of the global index, so every rank
+computes the same mask without receiving it. A checksum of every mask is compared across ranks after each update
 to prove it. Between updates the masks are enforced for free: a gradient hook zeroes pruned
 gradients before ZeRO reduces them, and with zero moments an Adam/LAMB step leaves a zero
 weight at zero.
@@ -15,6 +15,12 @@ cross the network. Each mask bit then lives on exactly one rank, so there is not
 the exact active count per weight, summed over the ranks, is what ``verify`` checks there.
 N:M groups cut by a slice boundary are completed with the few scores of the neighbouring
 slices (``_nm``).
+
+Under ZeRO-1/2 with bf16 (or fp16) weights every rank keeps whole shard masks, but the fp32
+masters exist only as fragments, one per rank's optimizer partition. Decisions are then made like
+ZeRO-3's, on the fragments (count-only bisection over the data-parallel group), and the decided
+bits are exchanged once so that every rank holds the whole masks (``_as_masks``); N:M reads the
+whole fp32 masters instead. With fp32 weights the module weight is the master: no exchange.
 
 The methods differ only in their score rules (``dist_sparse.algorithms``): static masks never
 change; GMP shrinks the active set by magnitude on a cubic schedule; SET drops the smallest
