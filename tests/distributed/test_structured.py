@@ -71,8 +71,8 @@ def write_config(tmp_path: Path, base: str, stage: int, accumulation: int = 1, *
     return path
 
 
-def pretrain(config: Path, data: Path, run: Path, *extra, nproc: int = 2, **kw):
-    return launch([PRETRAIN, "--deepspeed_config", config, "--data", data, "--model", "bert-mini",
+def pretrain(config: Path, data: Path, run: Path, *extra, nproc: int = 2, model: str = "bert-mini", **kw):
+    return launch([PRETRAIN, "--deepspeed_config", config, "--data", data, "--model", model,
                    "--output", run, "--no-progress", *extra], nproc=nproc, timeout=900, **kw)
 
 
@@ -227,7 +227,7 @@ def test_bf16_zero1_search_shrink_and_continue_at_accumulation_2(data_dir, tmp_p
     path = tmp_path / "bf16.json"
     path.write_text(json.dumps(cfg))
     run = tmp_path / "run"
-    pretrain(path, data_dir, run, "--max-steps", 10)
+    pretrain(path, data_dir, run, "--max-steps", 10, model="bert-tiny")
     shrink = next(m for m in metrics(run, "structured") if "ticket_step" in m)
     assert shrink["ticket_step"] == 6
     assert 0 < shrink["shrink/relative_diff"] < 3e-2
