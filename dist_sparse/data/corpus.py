@@ -265,7 +265,22 @@ def load_corpus(
             "skipped_bytes": datasets.Value("int64"),
         }
     )
-    corpus = datasets.Dataset.from_generator(
+    try:
+        corpus = _from_generator(datasets, features, paths, text_field, max_documents, cache_dir)
+    except datasets.exceptions.DatasetGenerationError as err:
+        # The reader's own ValueError (file, line, what to set) is the message; datasets wraps
+        # it in a generation error with a long traceback.
+        cause = err.__cause__ or err.__context__
+        while cause is not None and not isinstance(cause, ValueError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise ValueError(str(cause)) from None
+    return _finish_corpus(corpus, source)
+
+
+def _from_generator(datasets, features, paths, text_field, max_documents, cache_dir):
+    return datasets.Dataset.from_generator(
         iter_documents,
         gen_kwargs={
             # a tuple, not a list: datasets splits list arguments into one generator call
@@ -277,6 +292,9 @@ def load_corpus(
         features=features,
         cache_dir=None if cache_dir is None else str(cache_dir),
     )
+
+
+def _finish_corpus(corpus, source: str):
     skipped = int(sum(corpus.with_format("arrow")["skipped_bytes"].to_pylist()))
     if skipped:
         warnings.warn(

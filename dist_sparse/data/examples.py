@@ -342,13 +342,25 @@ def split_documents(
         _can_make_example(taken, eval_tokens, seq_len, nsp)
         and _can_make_example(count - taken, train_tokens, seq_len, nsp)
     ):
-        need = "2 documents" if nsp else f"{seq_len - 2} tokens"
-        raise ValueError(
-            f"the corpus ({count} documents, {eval_tokens + train_tokens} tokens) is too small "
-            f"for a train and an eval split with at least one example each (each needs "
-            f"{need}); add text, lower --seq-len or --eval-fraction"
-        )
+        raise ValueError(_too_small(count, eval_tokens + train_tokens, seq_len, nsp))
     return sorted(order[taken:]), sorted(order[:taken])
+
+
+def _too_small(count: int, tokens: int, seq_len: int, nsp: bool) -> str:
+    """What a corpus too small for a train and an eval split lacks, and what to do about it.
+
+    The eval split holds out whole documents (at least one, two for NSP pairs, whatever
+    --eval-fraction says), so the number of documents is checked first: a single file is a
+    single document however long it is.
+    """
+    docs_per_split = 2 if nsp else 1
+    if count < 2 * docs_per_split:
+        return (f"the corpus has {count} document{'s' if count != 1 else ''}; the train and eval splits hold out "
+                f"whole documents and need at least {2 * docs_per_split} ({docs_per_split} each"
+                f"{', for NSP pairs' if nsp else ''}): add documents (one .txt file, JSON line or row per "
+                "document)")
+    return (f"the corpus ({count} documents, {tokens} tokens) is too small: the train and the eval split each "
+            f"need {seq_len - 2} tokens for one sequence of --seq-len {seq_len}; add text or lower --seq-len")
 
 
 def _can_make_example(num_documents: int, tokens: int, seq_len: int, nsp: bool) -> bool:

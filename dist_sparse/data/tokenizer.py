@@ -10,6 +10,7 @@ source of truth.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -99,10 +100,8 @@ def train_sentencepiece(
             num_threads=num_threads or os.cpu_count() or 1,
             minloglevel=2,
         )
-    except RuntimeError as err:  # e.g. "Vocabulary size is too high (8000). ... <= 1234."
-        raise ValueError(
-            f"sentencepiece training failed: {err}. For a small corpus, lower --vocab-size."
-        ) from err
+    except RuntimeError as err:
+        raise ValueError(sentencepiece_hint(str(err), vocab_size)) from None
     # The trainer writes a .vocab file too; only the .model is needed.
     model_path.with_suffix(".vocab").unlink(missing_ok=True)
     return model_path
@@ -115,6 +114,26 @@ def _nonempty(texts: Iterable[str]) -> Iterator[str]:
 
 
 # --------------------------------------------------------------------------- loading
+
+
+def sentencepiece_hint(message: str, vocab_size: int) -> str:
+    """One line for a sentencepiece training failure, with the fix that matches it.
+
+    sentencepiece fails in two opposite ways on a vocabulary size: too high for a small corpus
+    ("Vocabulary size is too high (8000). Please set it to a value <= 1234.") and too low for the
+    corpus' characters ("Vocabulary size is smaller than required_chars. 100 vs 409."), each
+    character being a piece of its own.
+    """
+    last_line = message.strip().splitlines()[-1] if message.strip() else message
+    high = re.search(r"too high \((\d+)\).*?<= (\d+)", message)
+    if high:
+        return (f"--vocab-size {vocab_size} is too large for this corpus: sentencepiece can make at most "
+                f"{high.group(2)} pieces from it; lower --vocab-size to {high.group(2)} or less, or add text")
+    low = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
+    if low:
+        return (f"--vocab-size {vocab_size} is too small for this corpus: its {low.group(2)} distinct characters "
+                f"each need a piece; raise --vocab-size above {low.group(2)}")
+    return f"sentencepiece training failed: {last_line}"
 
 
 def resolve_sentencepiece_model(path: str | os.PathLike) -> Path:

@@ -211,10 +211,12 @@ def test_split_guarantees_an_eval_example():
 
 
 def test_split_errors_when_corpus_too_small():
-    with pytest.raises(ValueError, match="too small"):
+    with pytest.raises(ValueError, match=r"the corpus has 1 document; .* need at least 2 \(1 each\)"):
         split_documents([100], eval_fraction=0.01, seed=0, seq_len=64, nsp=False)
-    with pytest.raises(ValueError, match="too small"):
+    with pytest.raises(ValueError, match=r"the corpus has 3 documents; .* need at least 4 \(2 each, for NSP"):
         split_documents([100, 100, 100], eval_fraction=0.01, seed=0, seq_len=64, nsp=True)
+    with pytest.raises(ValueError, match=r"\(3 documents, 60 tokens\) is too small: .* each need 62 tokens"):
+        split_documents([20, 20, 20], eval_fraction=0.01, seed=0, seq_len=64, nsp=False)
     with pytest.raises(ValueError, match="eval-fraction"):
         split_documents([100, 100], eval_fraction=1.0, seed=0, seq_len=64, nsp=False)
     train, held = split_documents([70, 70], eval_fraction=0.5, seed=0, seq_len=64, nsp=False)

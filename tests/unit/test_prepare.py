@@ -303,8 +303,69 @@ def test_user_errors(prepared, tmp_path):
     with pytest.raises(ValueError, match="--seq-len must be at least 16"):
         prepare_data(tmp_path / "O", default_corpus=True, seq_len=8)
     (tmp_path / "one.txt").write_text("A single document.\n\nWith two paragraphs.")
-    with pytest.raises(ValueError, match="too small"):
+    with pytest.raises(ValueError, match="the corpus has 1 document"):
         prepare_data(tmp_path / "O", inputs=[tmp_path / "one.txt"], tokenizer=src, nsp=True)
     with pytest.raises(ValueError, match="not a prepared dataset"):
         load_prepared(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blank.txt", "one.txt"]
+
+
+# -- issue 11: one line and exit code 2, with the hint that matches the error -----------------------
+
+def cli_error(capsys, *argv) -> str:
+    from dist_sparse.cli import main
+
+    capsys.readouterr()
+    assert main(["prepare-data", *[str(a) for a in argv]]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(lines) == 1, lines  # (datasets' progress bars aside) one line, no traceback
+    return lines[0]
+
+
+def test_jsonl_errors_are_one_line_naming_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "onebad.jsonl"
+    bad.write_text("".join(json.dumps({"text": f"document {i} has words."}) + "\n" if i != 20 else "{bad json\n"
+                           for i in range(30)))
+    err = cli_error(capsys, "--input", bad, "--output", tmp_path / "O", "--seq-len", 32)
+    assert err.startswith("dist-sparse prepare-data: error: ") and "onebad.jsonl:21: invalid JSON" in err
+    other = tmp_path / "field.jsonl"
+    other.write_text("".join(json.dumps({"body": f"document {i}"}) + "\n" for i in range(5)))
+    err = cli_error(capsys, "--input", other, "--output", tmp_path / "O", "--seq-len", 32)
+    assert "field.jsonl:1: no field 'text'" in err and "--text-field" in err
+    assert not (tmp_path / "O").exists()
+
+
+def test_vocabulary_hints_match_the_failure(tmp_path, capsys):
+    from dist_sparse.data.tokenizer import sentencepiece_hint
+
+    assert sentencepiece_hint("Vocabulary size is smaller than required_chars. 100 vs 409. Increase vocab_size "
+                              "or decrease character_coverage with --character_coverage option.", 100) == (
+        "--vocab-size 100 is too small for this corpus: its 409 distinct characters each need a piece; raise "
+        "--vocab-size above 409")
+    assert "lower --vocab-size to 1234 or less" in sentencepiece_hint(
+        "Vocabulary size is too high (8000). Please set it to a value <= 1234.", 8000)
+    # for real: 400 distinct CJK characters against a vocabulary of 100
+    import random
+    r = random.Random(0)
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text(" ".join("".join(chr(0x4E00 + r.randrange(400)) for _ in range(5))
+                                              for _ in range(3000)))
+    err = cli_error(capsys, "--input", tmp_path / "a.txt", tmp_path / "b.txt", "--output", tmp_path / "O",
+                    "--vocab-size", 100, "--seq-len", 32)
+    assert "is too small for this corpus" in err and "raise --vocab-size above" in err
+    assert "lower --vocab-size" not in err
+
+
+def test_a_single_document_says_what_is_needed_whatever_the_eval_fraction(prepared, tmp_path, capsys):
+    src, _ = prepared
+    one = tmp_path / "one.txt"
+    one.write_text("\n\n".join(f"Paragraph {i} has many words in it, and more words. " * 10 for i in range(40)))
+    for extra in ((), ("--eval-fraction", "0")):
+        err = cli_error(capsys, "--input", one, "--output", tmp_path / "O", "--tokenizer", src, "--seq-len", 32,
+                        *extra)
+        assert "the corpus has 1 document; the train and eval splits hold out whole documents and need at " \
+               "least 2 (1 each): add documents" in err
+        assert "--eval-fraction" not in err
+    err = cli_error(capsys, "--input", one, "--output", tmp_path / "O", "--tokenizer", src, "--seq-len", 32, "--nsp")
+    assert "need at least 4 (2 each, for NSP pairs)" in err
+    assert not (tmp_path / "O").exists()
