@@ -190,9 +190,12 @@ def nsp_instances(
 ) -> list[dict]:
     """NSP examples of one document, following BERT's create_instances_from_document.
 
-    Difference from Google's code: the random target length is drawn again for every
-    example rather than once per document, so short examples are spread over all documents.
-    Segments of the current chunk not used by A after a random B are put back, as there.
+    Differences from Google's code: the random target length is drawn again for every
+    example rather than once per document, so short examples are spread over all documents;
+    the label is drawn before looking at the chunk, so "is next" and "random next" are equally
+    likely (a one-segment chunk is cut inside its segment). Segments of the current chunk not
+    used by A after a random B are put back, as there. Segments are sentences
+    (``data.sentences``).
     """
     if num_documents < 2:
         raise ValueError(
@@ -211,9 +214,21 @@ def nsp_instances(
         chunk.append(document[i])
         chunk_tokens += len(document[i])
         if i == len(document) - 1 or chunk_tokens >= target:
-            a_end = rng.randint(1, len(chunk) - 1) if len(chunk) >= 2 else 1
-            tokens_a = _flatten(chunk[:a_end])
-            if len(chunk) == 1 or rng.random() < 0.5:
+            # The label is drawn first, whatever the chunk looks like: Google's code forces
+            # "random next" on every one-segment chunk (a sentence longer than the target, the
+            # last sentence of a document), which tilts the labels towards random. A one-sentence
+            # chunk is cut at a random token instead; only a one-token chunk cannot be continued.
+            random_next = rng.random() < 0.5 or (len(chunk) == 1 and len(chunk[0]) < 2)
+            if len(chunk) >= 2:
+                a_end = rng.randint(1, len(chunk) - 1)
+                tokens_a, continuation = _flatten(chunk[:a_end]), _flatten(chunk[a_end:])
+            elif random_next:
+                a_end = 1
+                tokens_a, continuation = list(chunk[0]), []
+            else:
+                a_end, cut = 1, rng.randint(1, len(chunk[0]) - 1)
+                tokens_a, continuation = list(chunk[0][:cut]), list(chunk[0][cut:])
+            if random_next:
                 label = NSP_RANDOM_NEXT
                 other_index = _other_document(document_index, num_documents, rng)
                 other = [segment for segment in get_document(other_index) if len(segment)]
@@ -223,7 +238,7 @@ def nsp_instances(
                 i -= len(chunk) - a_end  # reuse the unused segments in the next chunk
             else:
                 label = NSP_IS_NEXT
-                tokens_b = _flatten(chunk[a_end:])
+                tokens_b = continuation
             truncate_pair(tokens_a, tokens_b, max_tokens, rng)
             input_ids, token_type_ids = make_pair(tokens_a, tokens_b, cls_id, sep_id)
             instances.append(

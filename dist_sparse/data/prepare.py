@@ -21,6 +21,7 @@ from pathlib import Path
 
 from dist_sparse.data import corpus as corpus_mod
 from dist_sparse.data import examples as ex
+from dist_sparse.data.sentences import split_sentences
 from dist_sparse.data.tokenizer import (
     SPECIAL_IDS,
     SPECIAL_TOKENS,
@@ -336,7 +337,7 @@ def _build(
     hf_tokenizer = save_tokenizer(spm_model, tokenizer_dir, seq_len)
     tokenizer_type = sentencepiece_model_type(tokenizer_dir / SPM_MODEL_NAME)
 
-    documents = tokenize_corpus(corpus, hf_tokenizer, num_proc)
+    documents = tokenize_corpus(corpus, hf_tokenizer, num_proc, sentences=nsp)
     if len(documents) == 0:
         raise ValueError(f"the corpus ({source}) contains no tokens")
     num_tokens = int_column(documents, "num_tokens")
@@ -412,9 +413,16 @@ def _id_features(nsp: bool):
     return datasets.Features(features)
 
 
-def tokenize_batch(batch: dict, tokenizer) -> dict:
-    """`map` function: segments (strings) -> segment_ids (token ids, no special tokens)."""
-    flat = [segment for segments in batch["segments"] for segment in segments]
+def tokenize_batch(batch: dict, tokenizer, sentences: bool = False) -> dict:
+    """`map` function: segments (strings) -> segment_ids (token ids, no special tokens).
+
+    ``sentences``: split every paragraph into sentences first, each its own segment (the units
+    NSP pairs are built from, see ``data.sentences``).
+    """
+    documents = batch["segments"]
+    if sentences:
+        documents = [[s for paragraph in segments for s in split_sentences(paragraph)] for segments in documents]
+    flat = [segment for segments in documents for segment in segments]
     # The backend of the very tokenizer saved to DATA/tokenizer (what AutoTokenizer loads),
     # called directly: encode_batch_fast skips offsets and the per-sequence Python
     # conversion of __call__, ~3x faster, same ids.
@@ -425,7 +433,7 @@ def tokenize_batch(batch: dict, tokenizer) -> dict:
         )
     ]
     out_ids, out_counts, position = [], [], 0
-    for segments in batch["segments"]:
+    for segments in documents:
         ids = [seg for seg in encoded[position : position + len(segments)] if seg]
         position += len(segments)
         out_ids.append(ids)
@@ -433,9 +441,10 @@ def tokenize_batch(batch: dict, tokenizer) -> dict:
     return {"segment_ids": out_ids, "num_tokens": out_counts}
 
 
-def tokenize_corpus(corpus, tokenizer, num_proc: int = 1):
+def tokenize_corpus(corpus, tokenizer, num_proc: int = 1, sentences: bool = False):
     """Dataset of documents with `segment_ids` and `num_tokens`; documents without tokens
-    (text the normaliser removes entirely) are dropped."""
+    (text the normaliser removes entirely) are dropped. ``sentences``: segments are sentences,
+    not paragraphs (for NSP)."""
     import datasets
 
     features = datasets.Features(
@@ -449,7 +458,7 @@ def tokenize_corpus(corpus, tokenizer, num_proc: int = 1):
         batched=True,
         batch_size=256,
         num_proc=_workers(num_proc, len(corpus)),
-        fn_kwargs={"tokenizer": tokenizer},
+        fn_kwargs={"tokenizer": tokenizer, "sentences": sentences},
         remove_columns=corpus.column_names,
         features=features,
         desc="tokenizing",

@@ -141,6 +141,9 @@ def test_nsp_pairs_exact(seq_len):
     segment_starts = {
         (d, origin[segment[0]][2]) for d, doc in enumerate(documents) for segment in doc
     }
+    segment_of = {(d, origin[t][2]): (d, j) for d, doc in enumerate(documents)
+                  for j, segment in enumerate(doc) for t in segment}
+    cut_inside = 0
     for example in examples:
         a, b = _check_pair(example, seq_len)
         assert _contiguous(a, origin) and _contiguous(b, origin)
@@ -148,13 +151,18 @@ def test_nsp_pairs_exact(seq_len):
         if example["next_sentence_label"] == NSP_IS_NEXT:
             # B is the true continuation: same document, after A, and A/B were split at a
             # segment boundary lying between A's last and B's first token (truncation may
-            # have trimmed A's back or B's front, never the order).
+            # have trimmed A's back or B's front, never the order) -- or, for a chunk of one
+            # segment, inside that segment (then A and B lie in the same segment).
             assert doc_a == doc_b
             end_a, start_b = origin[a[-1]][2], origin[b[0]][2]
             assert start_b > end_a
-            assert any((doc_a, p) in segment_starts for p in range(end_a + 1, start_b + 1))
+            at_boundary = any((doc_a, p) in segment_starts for p in range(end_a + 1, start_b + 1))
+            assert at_boundary or segment_of[(doc_a, end_a)] == segment_of[(doc_a, start_b)]
+            cut_inside += not at_boundary
         else:
             assert doc_a != doc_b
+    if seq_len == 16:  # segments of up to 40 tokens: one-segment chunks, cut inside, do occur
+        assert cut_inside > 0
 
 
 def test_nsp_deterministic_and_seeded():
@@ -221,3 +229,16 @@ def test_split_errors_when_corpus_too_small():
         split_documents([100, 100], eval_fraction=1.0, seed=0, seq_len=64, nsp=False)
     train, held = split_documents([70, 70], eval_fraction=0.5, seed=0, seq_len=64, nsp=False)
     assert len(train) == len(held) == 1 and set(train + held) == {0, 1}
+
+
+def test_sentence_splitting_keeps_abbreviations_and_initials_together():
+    from dist_sparse.data.sentences import split_sentences
+
+    text = ('Mr. Smith went to Washington. He said "Hello!" Then he left. The U.S. Congress met on Jan. 5. '
+            'We have 3.5 percent growth. And J. F. Kennedy spoke? (This was noted.) Yes.')
+    assert split_sentences(text) == [
+        "Mr. Smith went to Washington.", 'He said "Hello!"', "Then he left.", "The U.S. Congress met on Jan. 5.",
+        "We have 3.5 percent growth.", "And J. F. Kennedy spoke?", "(This was noted.)", "Yes."]
+    assert split_sentences("no end here") == ["no end here"]
+    assert split_sentences("  ") == []
+    assert " ".join(split_sentences(text)) == text

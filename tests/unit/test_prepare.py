@@ -141,7 +141,10 @@ def test_nsp_dataset_matches_reference_with_two_workers(prepared, tmp_path):
     labels = dataset["train"]["next_sentence_label"]
     assert 0 in labels and 1 in labels
     raw, _ = read_documents(default_corpus_files()[:NUM_DOCS])
-    train_docs, eval_docs = split_like_prepare(tokenized_documents(out, raw), 0.25, nsp=True)
+    # NSP pairs are built from sentences: the reference splits the paragraphs the same way
+    from dist_sparse.data.sentences import split_sentences
+    sentences = [[s for paragraph in doc for s in split_sentences(paragraph)] for doc in raw]
+    train_docs, eval_docs = split_like_prepare(tokenized_documents(out, sentences), 0.25, nsp=True)
     for split, docs in (("train", train_docs), ("eval", eval_docs)):
         expected = nsp_examples(docs, seq_len=SEQ_LEN, cls_id=2, sep_id=3, seed=SEED)
         assert dataset[split].to_list() == expected
@@ -369,3 +372,14 @@ def test_a_single_document_says_what_is_needed_whatever_the_eval_fraction(prepar
     err = cli_error(capsys, "--input", one, "--output", tmp_path / "O", "--tokenizer", src, "--seq-len", 32, "--nsp")
     assert "need at least 4 (2 each, for NSP pairs)" in err
     assert not (tmp_path / "O").exists()
+
+
+def test_nsp_labels_are_balanced_on_the_default_corpus(tmp_path):
+    """Pairs built from sentences, the label drawn before the chunk is looked at: 50% +- 2% of the
+    pairs are "random next" (paragraph units gave about 67%)."""
+    out = tmp_path / "N"
+    prepare_data(out, default_corpus=True, max_documents=80, vocab_size=1000, seq_len=64, nsp=True, num_proc=1)
+    dataset, _ = load_prepared(out)
+    labels = list(dataset["train"]["next_sentence_label"]) + list(dataset["eval"]["next_sentence_label"])
+    assert len(labels) > 10_000
+    assert abs(sum(labels) / len(labels) - 0.5) <= 0.02, sum(labels) / len(labels)
