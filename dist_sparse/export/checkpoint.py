@@ -38,7 +38,9 @@ SPARSITY_FILE_PREFIX = "sparsity_rank"     # dist_sparse.train.loop.SPARSITY_FIL
 LATEST_FILE = "latest"
 TIED_KEYS = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
 _MODEL_STATES = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
-_OPTIM_STATES = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+# ``bf16_``: DeepSpeed's BF16_Optimizer (ZeRO-1 with bf16 weights and fp32 gradient accumulation,
+# the BERT-large recipe) names its files so.
+_OPTIM_STATES = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 
 
 def _tags(ckpt_dir: Path) -> list[str]:
@@ -123,10 +125,10 @@ def _rank0_model_states(tag_dir: Path) -> Path:
                      "zero_pp_rank_0_mp_rank_00_model_states.pt): the checkpoint is incomplete")
 
 
-def _expected_files(stage: int, dp: int, tp: int) -> dict[int, list[str]]:
+def _expected_files(stage: int, dp: int, tp: int, optim_prefix: str = "") -> dict[int, list[str]]:
     out: dict[int, list[str]] = {}
     for t in range(tp):
-        names = [f"zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt" for d in range(dp)]
+        names = [f"{optim_prefix}zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt" for d in range(dp)]
         if stage == 3:  # ZeRO-3 partitions the module states too: one file per rank
             names += [f"zero_pp_rank_{d}_mp_rank_{t:02d}_model_states.pt" for d in range(dp)]
         else:
@@ -157,7 +159,8 @@ def read_info(tag_dir: Path) -> CheckpointInfo:
     if int(state.get("mp_world_size", tp)) != tp:
         raise ValueError(f"{path}: dist_sparse recorded tensor-parallel size {tp}, DeepSpeed {state['mp_world_size']}")
 
-    expected = _expected_files(stage, dp, tp)
+    bf16_optimizer = any(p.name.startswith("bf16_zero_pp_rank_") for p in tag_dir.iterdir())
+    expected = _expected_files(stage, dp, tp, "bf16_" if bf16_optimizer else "")
     missing = [n for names in expected.values() for n in names if not (tag_dir / n).is_file()]
     if missing:
         total = sum(len(v) for v in expected.values())
@@ -184,6 +187,24 @@ def read_info(tag_dir: Path) -> CheckpointInfo:
                           files={t: [tag_dir / n for n in names] for t, names in expected.items()})
 
 
+def _bf16_optimizer_view(src: Path, dst: Path) -> None:
+    """A copy of a BF16_Optimizer optimizer file that ``zero_to_fp32`` reads as ZeRO-1.
+
+    DeepSpeed's BF16_Optimizer (ZeRO-1 with bf16 weights and fp32 gradient accumulation) saves the
+    fp32 master partitions under the keys ZeRO-1/2 use (``single_partition_of_fp32_groups``,
+    ``group_paddings``, ``partition_count``), flattened and padded the same way, but without the
+    ``zero_stage`` key, so zero_to_fp32 (deepspeed 0.19.8) refuses the file. The copy adds the key
+    and leaves out the optimizer moments, which consolidation does not read.
+    """
+    state = torch.load(src, map_location="cpu", weights_only=False)
+    inner = state["optimizer_state_dict"]
+    if "single_partition_of_fp32_groups" not in inner:
+        raise ValueError(f"{src} is not an optimizer file of DeepSpeed's BF16_Optimizer that export can read")
+    inner.pop("base_optimizer_state", None)
+    inner["zero_stage"] = 1
+    torch.save(state, dst)
+
+
 def _consolidate_rank(info: CheckpointInfo, tp_rank: int) -> dict[str, torch.Tensor]:
     """zero_to_fp32 over one TP rank's data-parallel partitions (a view of only its files)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -192,7 +213,10 @@ def _consolidate_rank(info: CheckpointInfo, tp_rank: int) -> dict[str, torch.Ten
         view = Path(tmp) / info.tag_dir.name
         view.mkdir()
         for f in info.files[tp_rank]:
-            (view / f.name).symlink_to(f.resolve())
+            if f.name.startswith("bf16_"):
+                _bf16_optimizer_view(f, view / f.name)
+            else:
+                (view / f.name).symlink_to(f.resolve())
         log = io.StringIO()  # zero_to_fp32 narrates every file it reads; keep it for errors only
         try:
             with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):

@@ -235,6 +235,21 @@ def test_bf16_zero1_search_shrink_and_continue_at_accumulation_2(data_dir, tmp_p
     train = metrics(run, "train")
     assert [m["step"] for m in train] == list(range(1, 11))
     assert all(math.isfinite(m["loss"]) for m in train)
+    # The checkpoint of DeepSpeed's BF16_Optimizer (bf16_zero_pp_rank_* files) exports, and the
+    # consolidated fp32 masters round exactly to the bf16 module weights the checkpoint holds.
+    from dist_sparse.export.checkpoint import consolidate, read_info
+    from dist_sparse.export.hf import export
+    from dist_sparse.model import DistSparseBertConfig
+
+    tag = run / "checkpoints" / "global_step10"
+    assert sorted(p.name for p in tag.glob("*optim_states.pt")) == [
+        f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
+    info = read_info(tag)
+    masters = consolidate(info, DistSparseBertConfig.from_dict(info.model_config))
+    module = info.client_state["module"]
+    assert len(masters) > 20 and all(torch.equal(masters[k].to(torch.bfloat16), module[k]) for k in masters)
+    assert export(run, tmp_path / "hf")["max_diff"] < 1e-4
+
     run_cfg = load_run_config(path)
     peak = cfg["optimizer"]["params"]["lr"]
     for m in train:
