@@ -30,8 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dense: stock BertForPreTraining, removed heads/neurons as zeros (default); compact: "
                         "per-layer sizes physically smaller, loaded with trust_remote_code=True")
     p.add_argument("--tag", help="checkpoint tag to export, e.g. global_step20 (default: the one 'latest' names)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it holds a previous export")
     p.add_argument("--tokenizer", help="tokenizer folder (default: the run's DATA/tokenizer)")
+    p.add_argument("--force-tokenizer", action="store_true",
+                   help="accept a --tokenizer that differs from the run's (its size and special ids must still "
+                        "match the model)")
     p.set_defaults(func=lambda args: __import__("dist_sparse.export.hf", fromlist=["run_export"]).run_export(args))
     return parser
 

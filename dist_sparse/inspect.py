@@ -35,6 +35,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
                 raise ValueError(f"{latest} is empty; pass a checkpoint tag directory instead")
             raise ValueError(f"{latest} names the checkpoint {tag!r}, which is not in {latest.parent} "
                              "(deleted or moved?); pass a checkpoint tag directory instead")
+    if (path / "run.json").is_file() or (path / "checkpoints").is_dir():
+        raise ValueError(f"{path} has no checkpoint yet: the run has not saved one (see --save-interval); "
+                         "inspect it after its first save")
     raise ValueError(f"{path} is neither a run directory, a checkpoints directory with 'latest', "
                      "nor a checkpoint directory")
 

@@ -32,6 +32,7 @@ import torch
 
 from dist_sparse.export.tp_merge import merge_tp_shards
 from dist_sparse.structure import HEAD_COEF, NEURON_COEF, layer_key
+from dist_sparse.train.run_dir import damaged
 
 STRUCTURE_FILE = "structure.json"          # dist_sparse.train.loop.STRUCTURE_FILE
 SPARSITY_FILE_PREFIX = "sparsity_rank"     # dist_sparse.train.loop.SPARSITY_FILE_PREFIX
@@ -68,6 +69,9 @@ def locate(path: str | Path, tag: str | None = None) -> Path:
     tags = _tags(ckpt_dir)
     latest = ckpt_dir / LATEST_FILE
     if not tags and not latest.is_file():
+        if (path / "run.json").is_file() or (path / "checkpoints").is_dir():
+            raise ValueError(f"{path} has no checkpoint yet: the run has not saved one (see --save-interval); "
+                             "export or inspect it after its first save")
         siblings = _tags(path.parent) if path.parent != path else []
         if siblings or (path.parent / LATEST_FILE).is_file():
             # A tag directory of a checkpoints/ folder, but without DeepSpeed's files: a save that
@@ -168,6 +172,12 @@ def read_info(tag_dir: Path) -> CheckpointInfo:
                          f"ZeRO-{stage} DP {dp} x TP {tp} checkpoint are missing ({', '.join(missing[:4])}"
                          f"{', ...' if len(missing) > 4 else ''}); was it copied whole? Another checkpoint can be "
                          "picked with --tag")
+    for names in expected.values():
+        for name in names:
+            why = damaged(tag_dir / name)
+            if why is not None:
+                raise ValueError(f"{tag_dir / name} is damaged ({why}); export another checkpoint with --tag "
+                                 f"(available: {', '.join(_tags(tag_dir.parent)) or 'none'})")
     extra = sorted(p.name for p in tag_dir.iterdir()
                    if (_MODEL_STATES.match(p.name) or _OPTIM_STATES.match(p.name))
                    and p.name not in {n for names in expected.values() for n in names})

@@ -47,24 +47,83 @@ PRETRAINING_ONLY_KEYS = {"bert.pooler.dense.weight", "bert.pooler.dense.bias",
                          "cls.seq_relationship.weight", "cls.seq_relationship.bias"}
 
 
+def _run_tokenizer_dir(tag_dir: Path) -> Path | None:
+    """The tokenizer the run trained with (DATA/tokenizer of run.json's data), if it can be found."""
+    run_json = tag_dir.parent.parent / "run.json"
+    if not run_json.exists():
+        return None
+    path = Path(json.loads(run_json.read_text())["data"]) / "tokenizer"
+    return path if (path / "tokenizer.json").exists() else None
+
+
 def _tokenizer_dir(tag_dir: Path, tokenizer: str | None) -> Path:
     if tokenizer:
         path = Path(tokenizer)
     else:
-        run_json = tag_dir.parent.parent / "run.json"
-        if not run_json.exists():
-            raise ValueError(f"cannot find the run's tokenizer ({run_json} is missing): pass --tokenizer DIR")
-        path = Path(json.loads(run_json.read_text())["data"]) / "tokenizer"
+        path = _run_tokenizer_dir(tag_dir)
+        if path is None:
+            raise ValueError(f"cannot find the run's tokenizer (no {tag_dir.parent.parent / 'run.json'} naming a "
+                             "dataset with one): pass --tokenizer DATA/tokenizer")
     if not (path / "tokenizer.json").exists():
         raise ValueError(f"no tokenizer at {path}: pass --tokenizer DATA/tokenizer")
     return path
 
 
+def _check_tokenizer(tok_dir: Path, run_tok_dir: Path | None, info: CheckpointInfo, vocab_size: int,
+                     force: bool) -> None:
+    """The tokenizer must give the ids the model was trained on: its size and special-token ids
+    must be the model's (always), and it must be the run's own tokenizer unless ``force``."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    if len(tok) != vocab_size:
+        raise ValueError(f"--tokenizer {tok_dir} has {len(tok)} tokens, the model's vocabulary has {vocab_size}: "
+                         "it is not the tokenizer this model was trained with")
+    special = (info.client_state.get("data_meta") or {}).get("special_ids") or {}
+    wrong = {name: (tok.convert_tokens_to_ids(name), i) for name, i in special.items()
+             if tok.convert_tokens_to_ids(name) != i}
+    if wrong:
+        raise ValueError(f"--tokenizer {tok_dir} gives the special tokens other ids than the model's "
+                         + ", ".join(f"{n}: {got} instead of {want}" for n, (got, want) in wrong.items()))
+    if run_tok_dir is None or run_tok_dir.resolve() == tok_dir.resolve() or force:
+        return
+    if (tok_dir / "tokenizer.json").read_bytes() != (run_tok_dir / "tokenizer.json").read_bytes():
+        raise ValueError(f"--tokenizer {tok_dir} differs from the run's tokenizer ({run_tok_dir}) although size and "
+                         "special ids match: the same text may get other ids; pass --force-tokenizer if it is "
+                         "meant to")
+
+
+def is_export_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds an export of ours: what every export writes, config.json and a
+    sparsity.json naming the checkpoint it came from."""
+    report = folder / "sparsity.json"
+    if not (folder / "config.json").is_file() or not report.is_file():
+        return False
+    try:
+        content = json.loads(report.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(content, dict) and "checkpoint" in content
+
+
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """OUT_DIR is new, empty, or (with --overwrite) a previous export: --overwrite means "replace
+    what this command wrote before", never "delete whatever is there" (prepare-data's and the
+    training run's --overwrite mean the same). The folder around it must be writable."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir} exists and is not a directory; pick another OUT_DIR")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ValueError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise ValueError(f"{out_dir} exists and is not empty; pass --overwrite to replace a previous export there")
+        if not is_export_folder(out_dir):
+            found = sorted(p.name for p in out_dir.iterdir())
+            raise ValueError(f"--overwrite replaces only a previous export, and {out_dir} is not one (it holds "
+                             f"{', '.join(found[:4])}{', ...' if len(found) > 4 else ''}); pick another OUT_DIR")
+    parent = out_dir.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write into {parent}: permission denied; pick an OUT_DIR in a folder you can write to")
 
 
 def _check_not_inside(out_dir: Path, protected: dict[str, Path]) -> None:
@@ -342,7 +401,8 @@ def _commit(tmp: Path, out_dir: Path) -> None:
 
 
 def export(checkpoint: str | Path, out_dir: str | Path, fmt: str = "dense", overwrite: bool = False,
-           tokenizer: str | None = None, tolerance: float = TOLERANCE, tag: str | None = None) -> dict:
+           tokenizer: str | None = None, tolerance: float = TOLERANCE, tag: str | None = None,
+           force_tokenizer: bool = False) -> dict:
     """Export one checkpoint; see the module docstring. Returns a summary (paths, max_diff)."""
     from transformers import AutoTokenizer
 
@@ -357,6 +417,8 @@ def export(checkpoint: str | Path, out_dir: str | Path, fmt: str = "dense", over
     _check_not_inside(out_dir, {"checkpoint": tag_dir, "tokenizer": tok_dir})
     info = read_info(tag_dir)
     config = DistSparseBertConfig.from_dict(info.model_config)
+    run_tok_dir = _run_tokenizer_dir(tag_dir)
+    _check_tokenizer(tok_dir, run_tok_dir, info, config.vocab_size, force_tokenizer)
     structure = TrainedStructure(config, info.structured)
     if fmt == "dense":
         structure.kept_units()  # a shrunk model without a usable ticket: refuse before the heavy part
@@ -366,8 +428,12 @@ def export(checkpoint: str | Path, out_dir: str | Path, fmt: str = "dense", over
     masks = _sparse_info(tag_dir)
     report = sparsity_report(info, structure, masks, model, fmt)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    except OSError as err:
+        raise ValueError(f"cannot write into {out_dir.parent}: {err.strerror}; pick an OUT_DIR in a folder you can "
+                         "write to") from None
     try:
         if fmt == "compact":
             from dist_sparse.export.remote_code import save_compact
@@ -377,7 +443,8 @@ def export(checkpoint: str | Path, out_dir: str | Path, fmt: str = "dense", over
             model.save_pretrained(tmp, safe_serialization=True)
         AutoTokenizer.from_pretrained(tok_dir).save_pretrained(tmp)
         (tmp / "sparsity.json").write_text(json.dumps(report, indent=2) + "\n")
-        max_diff = verify_folder(tmp, reference, fmt, tok_dir)
+        # The written tokenizer must tokenize like the one the run trained with (when known).
+        max_diff = verify_folder(tmp, reference, fmt, run_tok_dir if run_tok_dir and not force_tokenizer else tok_dir)
         print(f"verified: plain transformers reproduces the trained model's logits to {max_diff:.3g} "
               f"(tolerance {tolerance:g})")
         if not max_diff <= tolerance:
@@ -393,6 +460,6 @@ def export(checkpoint: str | Path, out_dir: str | Path, fmt: str = "dense", over
 
 def run_export(args) -> int:
     result = export(args.checkpoint, args.out_dir, fmt=args.format, overwrite=args.overwrite,
-                    tokenizer=args.tokenizer, tag=args.tag)
+                    tokenizer=args.tokenizer, tag=args.tag, force_tokenizer=args.force_tokenizer)
     print(f"exported {result['checkpoint']} -> {result['out_dir']} ({result['format']})")
     return 0

@@ -118,11 +118,20 @@ def check_checkpoint_files(tag_dir: Path, tags: list[str]) -> None:
     hint = (f"resume from an earlier checkpoint with --resume-tag {earlier[-1]}" if earlier
             else "no earlier checkpoint exists; start a new run")
     for f in sorted(tag_dir.glob("*.pt")):
-        try:
-            with zipfile.ZipFile(f) as z:
-                z.namelist()
-        except (zipfile.BadZipFile, OSError) as err:
-            raise ValueError(f"--resume: {f} is damaged ({err}); {hint}") from None
+        why = damaged(f)
+        if why is not None:
+            raise ValueError(f"--resume: {f} is damaged ({why}); {hint}")
+
+
+def damaged(path: Path) -> str | None:
+    """Why the torch file ``path`` cannot be complete, or None. torch.save writes a zip archive
+    whose directory sits at the end, so a truncated file has none; reading it is cheap."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            z.namelist()
+    except (zipfile.BadZipFile, OSError) as err:
+        return str(err)
+    return None
 
 
 def checkpoint_layout(tag_dir: Path) -> tuple[int, int] | None:
