@@ -8,14 +8,17 @@ import pytest
 from dist_sparse.data.examples import (
     NSP_IS_NEXT,
     NSP_RANDOM_NEXT,
+    chunk_end,
     document_starts,
     document_stream,
     make_pair,
     nsp_batch,
     nsp_examples,
+    nsp_rng,
     num_packed_examples,
     packed_batch,
     packed_examples,
+    pair_spans,
     split_documents,
     truncate_pair,
 )
@@ -132,37 +135,94 @@ def _contiguous(tokens, origin):
     return len(docs) == 1 and positions == list(range(positions[0], positions[0] + len(tokens)))
 
 
-@pytest.mark.parametrize("seq_len", [16, 64, 128])
-def test_nsp_pairs_exact(seq_len):
-    documents, origin = unique_token_corpus(40, seed=seq_len)
-    examples = nsp_examples(documents, seq_len=seq_len, cls_id=CLS, sep_id=SEP, seed=7)
-    labels = [e["next_sentence_label"] for e in examples]
-    assert labels.count(NSP_IS_NEXT) > 0 and labels.count(NSP_RANDOM_NEXT) > 0
-    segment_starts = {
-        (d, origin[segment[0]][2]) for d, doc in enumerate(documents) for segment in doc
-    }
-    segment_of = {(d, origin[t][2]): (d, j) for d, doc in enumerate(documents)
-                  for j, segment in enumerate(doc) for t in segment}
-    cut_inside = 0
-    for example in examples:
-        a, b = _check_pair(example, seq_len)
-        assert _contiguous(a, origin) and _contiguous(b, origin)
-        doc_a, doc_b = origin[a[0]][0], origin[b[0]][0]
-        if example["next_sentence_label"] == NSP_IS_NEXT:
-            # B is the true continuation: same document, after A, and A/B were split at a
-            # segment boundary lying between A's last and B's first token (truncation may
-            # have trimmed A's back or B's front, never the order) -- or, for a chunk of one
-            # segment, inside that segment (then A and B lie in the same segment).
-            assert doc_a == doc_b
-            end_a, start_b = origin[a[-1]][2], origin[b[0]][2]
-            assert start_b > end_a
-            at_boundary = any((doc_a, p) in segment_starts for p in range(end_a + 1, start_b + 1))
-            assert at_boundary or segment_of[(doc_a, end_a)] == segment_of[(doc_a, start_b)]
-            cut_inside += not at_boundary
-        else:
-            assert doc_a != doc_b
-    if seq_len == 16:  # segments of up to 40 tokens: one-segment chunks, cut inside, do occur
-        assert cut_inside > 0
+def test_chunk_end_needs_the_target_and_two_segments():
+    lengths = [5, 5, 5, 1, 1, 20]
+    assert chunk_end(lengths, 0, 3) == 2  # 5 >= 3 already, but A|B needs a second segment
+    assert chunk_end(lengths, 0, 10) == 2
+    assert chunk_end(lengths, 0, 11) == 3
+    assert chunk_end(lengths, 2, 7) == 5
+    assert chunk_end(lengths, 3, 1000) == 6  # the document ends first
+    assert chunk_end(lengths, 5, 2) == 6  # a lone last segment
+    assert chunk_end(lengths, 6, 2) == 6
+
+
+def _sentence_lengths(rng, count, longest):
+    return [rng.randint(1, longest) for _ in range(count)]
+
+
+@pytest.mark.parametrize("max_tokens", [13, 61, 125])
+def test_pair_spans_use_every_segment_once_in_order(max_tokens):
+    rng = random.Random(max_tokens)
+    documents = [_sentence_lengths(rng, rng.randint(1, 30), 80) for _ in range(1000)]
+    coins = []
+    for d, lengths in enumerate(documents):
+        spans = pair_spans(lengths, max_tokens, random.Random(d), short_seq_prob=0.1)
+        used, start = [], 0
+        for k, span in enumerate(spans):
+            assert span.start == start and span.start < span.split <= span.end <= len(lengths)
+            assert 2 <= span.target <= max_tokens
+            # the chunk closes as soon as it holds the target and two segments
+            assert span.end == chunk_end(lengths, span.start, span.target)
+            if span.end - span.start == 1:  # only a document's lone last segment
+                assert span.end == len(lengths) and k == len(spans) - 1
+                assert span.split == span.end and not span.is_next
+            else:
+                assert span.split < span.end
+            used += range(span.start, span.split)
+            if span.is_next:
+                used += range(span.split, span.end)
+            start = span.end if span.is_next else span.split  # a random B puts the rest back
+            if span.end - span.start >= 2:
+                coins.append(span.is_next)
+        # A and "is next" B take each segment exactly once, in document order
+        assert used == list(range(len(lengths))) and start == len(lengths)
+    # the label is an even coin for every chunk, including those whose segments are longer
+    # than the target or than max_tokens (Google's code makes these all "random next")
+    assert abs(coins.count(False) / len(coins) - 0.5) <= 0.02, coins.count(False) / len(coins)
+
+
+def test_nsp_pairs_exact():
+    """Every pair is [CLS] A [SEP] B [SEP] within seq_len; A is the text of its span and an "is
+    next" B the text right after it (exactly, or a contiguous part where the pair had to be
+    truncated); a random B is contiguous text of another document."""
+    exact = truncated = 0
+    for seq_len in (16, 64, 128):
+        documents, origin = unique_token_corpus(40, seed=seq_len)
+        examples = nsp_examples(documents, seq_len=seq_len, cls_id=CLS, sep_id=SEP, seed=7)
+        labels = [e["next_sentence_label"] for e in examples]
+        assert labels.count(NSP_IS_NEXT) > 0 and labels.count(NSP_RANDOM_NEXT) > 0
+        segment_starts = {t for doc in documents for segment in doc for t in segment[:1]}
+        position = 0
+        for d, document in enumerate(documents):
+            spans = pair_spans([len(s) for s in document], seq_len - 3, nsp_rng(7, d), 0.1)
+            mine = examples[position : position + len(spans)]
+            for span, example in zip(spans, mine, strict=True):
+                a, b = _check_pair(example, seq_len)
+                assert _contiguous(a, origin) and _contiguous(b, origin)
+                full_a = [t for segment in document[span.start : span.split] for t in segment]
+                assert _is_part(a, full_a)
+                if span.is_next:
+                    assert example["next_sentence_label"] == NSP_IS_NEXT
+                    full_b = [t for segment in document[span.split : span.end] for t in segment]
+                    assert _is_part(b, full_b)
+                    if len(full_a) + len(full_b) <= seq_len - 3:
+                        assert (a, b) == (full_a, full_b)  # consecutive sentences, untouched
+                        exact += 1
+                    else:
+                        truncated += 1
+                else:
+                    assert example["next_sentence_label"] == NSP_RANDOM_NEXT
+                    assert origin[b[0]][0] != d
+                    # B starts at a segment of the other document unless truncation trimmed it
+                    assert b[0] in segment_starts or len(a) + len(b) == seq_len - 3
+            position += len(spans)
+        assert position == len(examples)
+    assert exact > 0 and truncated > 0
+
+
+def _is_part(tokens, full):
+    """`tokens` is a non-empty contiguous run of `full`."""
+    return bool(tokens) and any(full[i : i + len(tokens)] == tokens for i in range(len(full)))
 
 
 def test_nsp_deterministic_and_seeded():
@@ -239,6 +299,12 @@ def test_sentence_splitting_keeps_abbreviations_and_initials_together():
     assert split_sentences(text) == [
         "Mr. Smith went to Washington.", 'He said "Hello!"', "Then he left.", "The U.S. Congress met on Jan. 5.",
         "We have 3.5 percent growth.", "And J. F. Kennedy spoke?", "(This was noted.)", "Yes."]
+    # "no", "art" and the pronoun "I" end sentences; "No." before a number does not
+    text = ("The answer is no. We go on. See No. 5 and Art. 2 of it. It is state of the art. "
+            "Then came I. The G.I. Bill passed. He said \"No.\" Then left.")
+    assert split_sentences(text) == [
+        "The answer is no.", "We go on.", "See No. 5 and Art. 2 of it.", "It is state of the art.",
+        "Then came I.", "The G.I. Bill passed.", 'He said "No."', "Then left."]
     assert split_sentences("no end here") == ["no end here"]
     assert split_sentences("  ") == []
     assert " ".join(split_sentences(text)) == text
