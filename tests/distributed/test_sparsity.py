@@ -15,11 +15,16 @@ from dslaunch import run_script
 pytestmark = pytest.mark.distributed
 
 
+def script_report(tmp_path_factory, mode: str, *args, **kw) -> dict:
+    """Run ``sparse_check.py MODE`` on its ranks and read the report rank 0 wrote."""
+    out = tmp_path_factory.mktemp(mode) / "report.json"
+    run_script("sparse_check.py", mode, out, *args, **kw)
+    return json.loads(out.read_text())
+
+
 @pytest.fixture(scope="module")
 def train_report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sparse") / "train.json"
-    run_script("sparse_check.py", "train", out)
-    return json.loads(out.read_text())
+    return script_report(tmp_path_factory, "train")
 
 
 def cases(report):
@@ -40,9 +45,7 @@ def test_every_stage_and_method_ran(train_report):
 
 @pytest.fixture(scope="module")
 def bf16_report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sparse_bf16") / "train.json"
-    run_script("sparse_check.py", "train-bf16", out)
-    return json.loads(out.read_text())
+    return script_report(tmp_path_factory, "train-bf16")
 
 
 def test_bf16_with_fp32_accumulation_keeps_every_invariant(bf16_report):
@@ -68,9 +71,7 @@ def test_bf16_with_fp32_accumulation_keeps_every_invariant(bf16_report):
 
 @pytest.fixture(scope="module")
 def frozen_bf16_report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("frozen_bf16") / "frozen.json"
-    run_script("sparse_check.py", "frozen-bf16", out)
-    return json.loads(out.read_text())
+    return script_report(tmp_path_factory, "frozen-bf16")
 
 
 def test_bf16_masks_are_decided_on_the_fp32_masters_alike_on_every_zero_stage(frozen_bf16_report):
@@ -234,9 +235,7 @@ def balance_report(tmp_path_factory):
     """DP2 x TP2 (AutoTP on gloo), SET at 70% with different data on each DP rank: balance
     "shard" under ZeRO-2 and ZeRO-3, "global" under ZeRO-2, on weights whose TP shard 0 is
     planted 4x larger than shard 1."""
-    out = tmp_path_factory.mktemp("balance") / "balance.json"
-    run_script("sparse_check.py", "balance", out, 2, nproc=4)
-    return json.loads(out.read_text())
+    return script_report(tmp_path_factory, "balance", 2, nproc=4)
 
 
 def kept(density, numel):
