@@ -6,10 +6,11 @@ What a mask update needs from ZeRO:
   flat slice of it, read as fp32 with ``safe_get_local_fp32_param``;
 - a way to make pruned weights exactly zero everywhere they live: the module weight, the fp32
   master copy and the optimizer moments. ZeRO-3 has local setters for its slices. ZeRO-1/2
-  has only full-tensor getters (an all-reduce over the DP group) and setters (each rank copies
-  its own fragment). For an fp32 module the module weight *is* the master value, so it is set
-  without communication; for bf16 modules the fp32 master is fetched, which costs an fp32
-  all-reduce of the weight per update and is counted in ``bytes_applied``.
+  has only full-tensor getters (an all-reduce over the DP group each); but every rank holds
+  the whole mask there, so each zeroes its own fragments of the master and the moments in
+  place, through the fragment views DeepSpeed's setters use: no communication. What the
+  sparsifier still reads whole (RigL's dense gradient under ZeRO-1/2) is counted in
+  ``bytes_applied``.
 """
 
 from __future__ import annotations
@@ -105,22 +106,25 @@ class ZeroAccess:
     def apply_mask(self, param: torch.nn.Parameter, mask: torch.Tensor, moments: bool) -> None:
         """Zero ``param`` where ``mask`` (its TP-shard shape) is False, in every copy ZeRO keeps.
 
-        ``moments``: whether the optimizer has state yet (not before its first step). Every rank
-        must pass the same value: the full-state getters are collectives.
+        ZeRO-1/2: every rank holds the whole mask, so it zeroes the module weight, and in place,
+        its own fragment of the fp32 master and of each moment (``_hp_mapping``'s views into the
+        optimizer's flat partitions, what the full-tensor setters write into): no communication.
+        ``moments``: whether the optimizer has state yet (not before its first step).
         """
         assert not self.partitioned, "ZeRO-3 masks are slices: use apply_local_mask"
-        keep = mask.to(param.dtype)
-        param.data.mul_(keep)
-        if param.dtype == torch.float32:
-            safe_set_full_fp32_param(param, param.data)
-        else:
-            master = safe_get_full_fp32_param(param)
-            self.bytes_applied += master.numel() * 4
-            safe_set_full_fp32_param(param, master * mask)
+        param.data.mul_(mask.to(param.device, param.dtype))
+        mapping = getattr(param, "_hp_mapping", None)
+        if mapping is None:
+            return  # no part of this parameter lives in this rank's optimizer partition
+        address = mapping.lp_fragment_address
+        keep = mask.reshape(-1)[address.start:address.start + address.numel]
+        targets = [mapping.get_hp_fragment()]
         for key in MOMENT_KEYS if moments else ():
-            state = safe_get_full_optimizer_state(param, key)
-            self.bytes_applied += state.numel() * 4
-            safe_set_full_optimizer_state(param, state * mask, key)
+            if key not in mapping.get_optim_state_keys():
+                raise ValueError(f"{key} not found in optimizer state fragment (optimizer state not linked?)")
+            targets.append(mapping.get_hp_fragment(key))
+        for fragment in targets:
+            fragment.data.mul_(keep.to(fragment.device, fragment.dtype).view_as(fragment))
 
     def _padded_local(self, param, local_mask: torch.Tensor) -> torch.Tensor:
         """The local mask slice padded to ZeRO-3's partition size (padding is pruned: it is zero)."""
