@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="a checkpoint as a Hugging Face folder that stock transformers loads")
     p.add_argument("checkpoint", help="RUN, RUN/checkpoints, or RUN/checkpoints/<tag>")
-    p.add_argument("out_dir", help="folder to write (refused if it exists, unless --overwrite)")
+    p.add_argument("out_dir", help="folder to write: new, empty, or a previous export (with --overwrite)")
     p.add_argument("--format", choices=["dense", "compact"], default="dense",
                    help="dense: stock BertForPreTraining, removed heads/neurons as zeros (default); compact: "
                         "per-layer sizes physically smaller, loaded with trust_remote_code=True")
