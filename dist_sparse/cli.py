@@ -21,20 +21,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="per-layer masks and sparsity state of a run or checkpoint")
     p.add_argument("path", help="RUN, RUN/checkpoints, or RUN/checkpoints/<tag>")
+    p.add_argument("--tag", help="checkpoint tag to inspect, e.g. global_step20 (default: the one 'latest' names)")
     p.set_defaults(func=lambda args: __import__("dist_sparse.inspect", fromlist=["run_inspect"]).run_inspect(args))
 
     p = sub.add_parser("export", help="a checkpoint as a Hugging Face folder that stock transformers loads")
     p.add_argument("checkpoint", help="RUN, RUN/checkpoints, or RUN/checkpoints/<tag>")
-    p.add_argument("out_dir", help="folder to write (refused if it exists, unless --overwrite)")
+    p.add_argument("out_dir", help="folder to write: new, empty, or a previous export (with --overwrite)")
     p.add_argument("--format", choices=["dense", "compact"], default="dense",
                    help="dense: stock BertForPreTraining, removed heads/neurons as zeros (default); compact: "
                         "per-layer sizes physically smaller, loaded with trust_remote_code=True")
     p.add_argument("--tag", help="checkpoint tag to export, e.g. global_step20 (default: the one 'latest' names)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it holds a previous export")
-    p.add_argument("--tokenizer", help="tokenizer folder (default: the run's DATA/tokenizer)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT_DIR if it holds a previous export (any other folder is refused)")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the run's DATA/tokenizer, as run.json records it); "
+                                       "must be the run's own tokenizer")
     p.add_argument("--force-tokenizer", action="store_true",
-                   help="accept a --tokenizer that differs from the run's (its size and special ids must still "
-                        "match the model)")
+                   help="accept a --tokenizer that is not the run's own, or that cannot be compared with it (run.json "
+                        "or the data moved); its size and special-token ids must still be the model's")
     p.set_defaults(func=lambda args: __import__("dist_sparse.export.hf", fromlist=["run_export"]).run_export(args))
     return parser
 

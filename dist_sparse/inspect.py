@@ -12,41 +12,33 @@ from pathlib import Path
 
 import torch
 
+# Not dist_sparse.train.loop (where these names come from): importing it imports DeepSpeed, which
+# prints its accelerator warning before any error inspect reports.
+from dist_sparse.export.checkpoint import SPARSITY_FILE_PREFIX, STRUCTURE_FILE, locate
 from dist_sparse.masks.checksum import unpack_mask
-from dist_sparse.train import run_dir as rd
-from dist_sparse.train.loop import SPARSITY_FILE_PREFIX
+from dist_sparse.train.run_dir import damaged
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A run directory, its checkpoints/ directory, or one checkpoint tag directory."""
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"{path} does not exist")
-    for ckpt_dir in (path / "checkpoints", path):
-        tag = rd.latest_tag(ckpt_dir)
-        if tag is not None:
-            return ckpt_dir / tag
-    if any(path.glob("*model_states.pt")):
-        return path
-    for latest in (path / "checkpoints" / "latest", path / "latest"):
-        if latest.is_file():
-            tag = latest.read_text().strip()
-            if not tag:
-                raise ValueError(f"{latest} is empty; pass a checkpoint tag directory instead")
-            raise ValueError(f"{latest} names the checkpoint {tag!r}, which is not in {latest.parent} "
-                             "(deleted or moved?); pass a checkpoint tag directory instead")
-    if (path / "run.json").is_file() or (path / "checkpoints").is_dir():
-        raise ValueError(f"{path} has no checkpoint yet: the run has not saved one (see --save-interval); "
-                         "inspect it after its first save")
-    raise ValueError(f"{path} is neither a run directory, a checkpoints directory with 'latest', "
-                     "nor a checkpoint directory")
+def resolve_checkpoint(path: str | Path, tag: str | None = None) -> Path:
+    """A run directory, its checkpoints/ directory, or one checkpoint tag directory (``tag``: another
+    checkpoint than the one ``latest`` names). The same rules and messages as export's."""
+    return locate(path, tag)
+
+
+def _load(path: Path) -> dict:
+    """A per-rank sparsity file, or a one-line error naming it (a truncated copy, a full disk)."""
+    why = damaged(path)
+    if why is not None:
+        raise ValueError(f"{path} is damaged (not a complete torch file: {why}; truncated?); inspect another "
+                         "checkpoint with --tag")
+    return torch.load(path, weights_only=False)
 
 
 def collect(tag_dir: Path) -> dict:
     files = sorted(tag_dir.glob(f"{SPARSITY_FILE_PREFIX}*.pt"))
     if not files:
         return {}
-    states = [torch.load(f, weights_only=False) for f in files]
+    states = [_load(f) for f in files]
     first = states[0]
     layers: dict[str, dict] = {}
     for st in states:
@@ -68,7 +60,7 @@ def logical_masks(tag_dir: Path) -> dict[str, torch.Tensor]:
     """The whole mask of every sparse weight, put together from the ranks' files."""
     out: dict[str, torch.Tensor] = {}
     for f in sorted(tag_dir.glob(f"{SPARSITY_FILE_PREFIX}*.pt")):
-        st = torch.load(f, weights_only=False)
+        st = _load(f)
         lay = st["layout"]
         for name, (packed, shape) in st["masks"].items():
             info = lay["targets"][name]
@@ -129,9 +121,8 @@ def format_structure(tag_dir: Path) -> str | None:
     checkpoint of a structured-pruning run (None for other checkpoints)."""
     from dist_sparse.model.config import DistSparseBertConfig
     from dist_sparse.model.presets import dense_flops_per_token
-    from dist_sparse.train.loop import read_structure
-
-    structure = read_structure(tag_dir)
+    path = tag_dir / STRUCTURE_FILE
+    structure = json.loads(path.read_text()) if path.exists() else None
     if structure is None or structure.get("structured") is None:
         return None
     st = structure["structured"]
@@ -157,7 +148,7 @@ def format_structure(tag_dir: Path) -> str | None:
 
 
 def run_inspect(args) -> int:
-    tag_dir = resolve_checkpoint(args.path)
+    tag_dir = resolve_checkpoint(args.path, getattr(args, "tag", None))
     structure = format_structure(tag_dir)
     info = collect(tag_dir)
     if structure is None or info:

@@ -53,6 +53,23 @@ def _is_tag_dir(path: Path) -> bool:
     return any(_MODEL_STATES.match(p.name) for p in path.iterdir()) if path.is_dir() else False
 
 
+def _run_of(path: Path) -> Path | None:
+    """The run directory ``path`` is, or whose checkpoints/ it is; None if it is neither."""
+    if (path / "run.json").is_file() or (path / "checkpoints").is_dir():
+        return path
+    if path.name == "checkpoints" and (path.parent / "run.json").is_file():
+        return path.parent
+    return None
+
+
+def no_checkpoint_yet(run: Path, ckpt_dir: Path) -> str:
+    """The message for a run that has not written a checkpoint (or only unfinished ones)."""
+    unfinished = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir()) if ckpt_dir.is_dir() else []
+    partial = f"; {', '.join(unfinished)}: a save that did not finish" if unfinished else ""
+    return (f"run {run} has no checkpoint yet (a run saves one every --save-interval steps and at its last "
+            f"step{partial}); try again after its first save")
+
+
 def locate(path: str | Path, tag: str | None = None) -> Path:
     """The checkpoint tag directory that ``path`` (and ``tag``) name, or a ValueError saying why not."""
     path = Path(path)
@@ -69,9 +86,9 @@ def locate(path: str | Path, tag: str | None = None) -> Path:
     tags = _tags(ckpt_dir)
     latest = ckpt_dir / LATEST_FILE
     if not tags and not latest.is_file():
-        if (path / "run.json").is_file() or (path / "checkpoints").is_dir():
-            raise ValueError(f"{path} has no checkpoint yet: the run has not saved one (see --save-interval); "
-                             "export or inspect it after its first save")
+        run = _run_of(path)
+        if run is not None:
+            raise ValueError(no_checkpoint_yet(run, ckpt_dir))
         siblings = _tags(path.parent) if path.parent != path else []
         if siblings or (path.parent / LATEST_FILE).is_file():
             # A tag directory of a checkpoints/ folder, but without DeepSpeed's files: a save that
@@ -93,6 +110,8 @@ def locate(path: str | Path, tag: str | None = None) -> Path:
         raise ValueError(f"{ckpt_dir} has no 'latest' file naming the last complete checkpoint; pick one with "
                          f"--tag (available: {available})")
     name = latest.read_text().strip()
+    if not name:
+        raise ValueError(f"{latest} is empty; pick a checkpoint with --tag (available: {available})")
     if not (ckpt_dir / name).is_dir():
         raise ValueError(f"{latest} names checkpoint {name!r}, which does not exist in {ckpt_dir}; pick one with "
                          f"--tag (available: {available})")
@@ -141,9 +160,31 @@ def _expected_files(stage: int, dp: int, tp: int, optim_prefix: str = "") -> dic
     return out
 
 
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _check_whole(path: Path) -> None:
+    """Refuse a shard file that torch.save did not finish (truncated by a full disk, a killed copy):
+    named, with the checkpoint to export instead, before anything is loaded from it."""
+    why = damaged(path)
+    if why is None:
+        return
+    tag_dir = path.parent
+    tags = _tags(tag_dir.parent)
+    earlier = tags[:tags.index(tag_dir.name)] if tag_dir.name in tags else []
+    others = [t for t in tags if t != tag_dir.name]
+    hint = (f"export an earlier checkpoint with --tag {earlier[-1]}" if earlier
+            else f"export another checkpoint with --tag {others[0]}" if others
+            else "the run has no other checkpoint to export")
+    raise ValueError(f"{path} is damaged (not a complete torch file: {why}; truncated?); {hint}")
+
+
 def read_info(tag_dir: Path) -> CheckpointInfo:
     """Client state, layout and file list of a checkpoint; every shard file must be present."""
     path = _rank0_model_states(tag_dir)
+    _check_whole(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # a truncated or foreign file: say which one
@@ -174,10 +215,7 @@ def read_info(tag_dir: Path) -> CheckpointInfo:
                          "picked with --tag")
     for names in expected.values():
         for name in names:
-            why = damaged(tag_dir / name)
-            if why is not None:
-                raise ValueError(f"{tag_dir / name} is damaged ({why}); export another checkpoint with --tag "
-                                 f"(available: {', '.join(_tags(tag_dir.parent)) or 'none'})")
+            _check_whole(tag_dir / name)
     extra = sorted(p.name for p in tag_dir.iterdir()
                    if (_MODEL_STATES.match(p.name) or _OPTIM_STATES.match(p.name))
                    and p.name not in {n for names in expected.values() for n in names})
@@ -227,13 +265,17 @@ def _consolidate_rank(info: CheckpointInfo, tp_rank: int) -> dict[str, torch.Ten
                 _bf16_optimizer_view(f, view / f.name)
             else:
                 (view / f.name).symlink_to(f.resolve())
-        log = io.StringIO()  # zero_to_fp32 narrates every file it reads; keep it for errors only
+        log = io.StringIO()  # zero_to_fp32 narrates every file it reads (and draws progress bars)
         try:
             with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
                 weights = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=view.name)
         except (FileNotFoundError, ValueError, KeyError, RuntimeError) as err:
+            # One line: the captured narration is mostly zero_to_fp32's progress bars, which would
+            # print after the error as if the export went on. Files are named where they really
+            # are, not in the temporary view.
+            why = _one_line(err).replace(str(view), str(info.tag_dir))
             raise ValueError(f"cannot consolidate the ZeRO partitions of tensor-parallel rank {tp_rank} of "
-                             f"{info.tag_dir}: {err}\n{log.getvalue()[-2000:]}") from None
+                             f"{info.tag_dir}: {why}") from None
     # Some entries come back as views with requires_grad set; plain tensors are what we merge.
     return {k: v.detach() for k, v in weights.items()}
 

@@ -23,6 +23,7 @@ failure or an interruption leaves nothing half-written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from dist_sparse import folders
 from dist_sparse.export.checkpoint import TIED_KEYS, CheckpointInfo, consolidate, locate, read_info
 from dist_sparse.export.structured import TrainedStructure, compact_state_dict, dense_state_dict
 
@@ -47,83 +49,150 @@ PRETRAINING_ONLY_KEYS = {"bert.pooler.dense.weight", "bert.pooler.dense.bias",
                          "cls.seq_relationship.weight", "cls.seq_relationship.bias"}
 
 
-def _run_tokenizer_dir(tag_dir: Path) -> Path | None:
-    """The tokenizer the run trained with (DATA/tokenizer of run.json's data), if it can be found."""
+# ---------------------------------------------------------------------------------------------
+# the tokenizer: the one the model was trained with, or refused
+
+# The parts of tokenizer.json that decide which ids a text gets (not its padding or truncation
+# settings, nor how a transformers version lays the file out), with what to call them.
+TOKENIZER_ID_PARTS = {"model": "vocabulary (pieces, ids, scores)", "normalizer": "normalizer",
+                      "pre_tokenizer": "pre-tokenizer", "post_processor": "[CLS]/[SEP] template",
+                      "added_tokens": "special tokens"}
+
+
+def recorded_tokenizer(tag_dir: Path) -> tuple[Path, Path | None]:
+    """(run.json, the tokenizer the run trained with as run.json records it: DATA/tokenizer).
+    The second is None when there is no run.json (a checkpoint copied out of its run)."""
     run_json = tag_dir.parent.parent / "run.json"
-    if not run_json.exists():
-        return None
-    path = Path(json.loads(run_json.read_text())["data"]) / "tokenizer"
-    return path if (path / "tokenizer.json").exists() else None
+    if not run_json.is_file():
+        return run_json, None
+    try:
+        return run_json, Path(json.loads(run_json.read_text())["data"]) / "tokenizer"
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{run_json} is damaged ({err!r}): pass --tokenizer DATA/tokenizer --force-tokenizer "
+                         "with the tokenizer the run trained with") from None
 
 
-def _tokenizer_dir(tag_dir: Path, tokenizer: str | None) -> Path:
-    if tokenizer:
-        path = Path(tokenizer)
-    else:
-        path = _run_tokenizer_dir(tag_dir)
-        if path is None:
-            raise ValueError(f"cannot find the run's tokenizer (no {tag_dir.parent.parent / 'run.json'} naming a "
-                             "dataset with one): pass --tokenizer DATA/tokenizer")
-    if not (path / "tokenizer.json").exists():
-        raise ValueError(f"no tokenizer at {path}: pass --tokenizer DATA/tokenizer")
-    return path
+def _has_tokenizer(path: Path | None) -> bool:
+    return path is not None and (path / "tokenizer.json").is_file()
 
 
-def _check_tokenizer(tok_dir: Path, run_tok_dir: Path | None, info: CheckpointInfo, vocab_size: int,
-                     force: bool) -> None:
-    """The tokenizer must give the ids the model was trained on: its size and special-token ids
-    must be the model's (always), and it must be the run's own tokenizer unless ``force``."""
+def tokenizer_dirs(tag_dir: Path, tokenizer: str | None, force: bool) -> tuple[Path, Path | None]:
+    """(the tokenizer to write, the run's own tokenizer to check it against, or None when forced).
+
+    Without --tokenizer: the run's own. With it: checked against the run's own, which must then be
+    found, unless the user vouches for it with --force-tokenizer (then run.json is not read).
+    """
+    path = None if tokenizer is None else Path(tokenizer)
+    if path is not None and not _has_tokenizer(path):
+        raise ValueError(f"--tokenizer {path}: no tokenizer.json in it; pass the run's DATA/tokenizer (or a "
+                         "previous export of the run)")
+    if path is not None and force:
+        return path, None
+    run_json, recorded = recorded_tokenizer(tag_dir)
+    where = (f"{recorded}, as {run_json} records it" if recorded is not None
+             else f"no {run_json}: a checkpoint copied out of its run?")
+    if path is None:
+        if not _has_tokenizer(recorded):
+            raise ValueError(f"cannot find the tokenizer the run trained with ({where}): pass --tokenizer DIR "
+                             "--force-tokenizer with that tokenizer")
+        return recorded, recorded
+    if not _has_tokenizer(recorded):
+        raise ValueError(f"--tokenizer {path} cannot be checked against the tokenizer the run trained with ({where}): "
+                         "pass --force-tokenizer if it is that tokenizer")
+    return path, recorded
+
+
+def expected_special_ids(info: CheckpointInfo) -> dict[str, int]:
+    """Special token -> id as the run's data recorded it (the fixed ids of prepare-data for
+    checkpoints whose client state does not carry them)."""
+    from dist_sparse.data.tokenizer import SPECIAL_IDS, SPECIAL_TOKENS
+
+    recorded = (info.client_state.get("data_meta") or {}).get("special_ids")
+    return dict(recorded) if recorded else {SPECIAL_TOKENS[role]: i for role, i in SPECIAL_IDS.items()}
+
+
+def describe_tokenizer(tok) -> dict:
+    """What decides whether a tokenizer fits a model: its size, the ids of the special tokens and
+    the tokens in its special roles (what fill-mask and padding use). Plain data, so the verifying
+    process can report the written tokenizer's in the same form."""
+    from dist_sparse.data.tokenizer import SPECIAL_TOKENS
+
+    return {"size": len(tok), "roles": {role: getattr(tok, f"{role}_token") for role in SPECIAL_TOKENS},
+            "ids": {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS.values()}}
+
+
+def tokenizer_mismatch(found: dict, vocab_size: int, special_ids: dict[str, int]) -> str | None:
+    """Why a tokenizer (``describe_tokenizer``) does not fit the model, or None."""
+    from dist_sparse.data.tokenizer import SPECIAL_TOKENS
+
+    if found["size"] != vocab_size:
+        return f"has {found['size']} tokens, the model's vocabulary has {vocab_size}"
+    wrong_ids = [f"{t} is {found['ids'].get(t)}, not {i}" for t, i in special_ids.items() if found["ids"].get(t) != i]
+    if wrong_ids:
+        return f"gives the special tokens other ids than the model's ({', '.join(wrong_ids)})"
+    wrong_roles = [f"{role} token is {found['roles'].get(role)!r}, not {token!r}"
+                   for role, token in SPECIAL_TOKENS.items() if found["roles"].get(role) != token]
+    if wrong_roles:
+        return f"has other special tokens than the model's ({', '.join(wrong_roles)})"
+    return None
+
+
+def tokenizer_difference(a: Path, b: Path) -> list[str]:
+    """The parts of tokenizer.json (TOKENIZER_ID_PARTS) in which two tokenizer folders differ."""
+    ja, jb = (json.loads((d / "tokenizer.json").read_text()) for d in (a, b))
+    return [name for part, name in TOKENIZER_ID_PARTS.items() if ja.get(part) != jb.get(part)]
+
+
+def check_tokenizer(tok_dir: Path, run_tok_dir: Path | None, info: CheckpointInfo, vocab_size: int,
+                    given: bool = True) -> None:
+    """Refuse a tokenizer that would give the exported model other ids than it was trained on: one
+    of another size or other special ids (always), or other than the run's own (``run_tok_dir``;
+    None when the user forced the tokenizer). ``given``: ``tok_dir`` came from --tokenizer (not
+    from run.json), for the message."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    if len(tok) != vocab_size:
-        raise ValueError(f"--tokenizer {tok_dir} has {len(tok)} tokens, the model's vocabulary has {vocab_size}: "
-                         "it is not the tokenizer this model was trained with")
-    special = (info.client_state.get("data_meta") or {}).get("special_ids") or {}
-    wrong = {name: (tok.convert_tokens_to_ids(name), i) for name, i in special.items()
-             if tok.convert_tokens_to_ids(name) != i}
-    if wrong:
-        raise ValueError(f"--tokenizer {tok_dir} gives the special tokens other ids than the model's "
-                         + ", ".join(f"{n}: {got} instead of {want}" for n, (got, want) in wrong.items()))
-    if run_tok_dir is None or run_tok_dir.resolve() == tok_dir.resolve() or force:
+    why = tokenizer_mismatch(describe_tokenizer(AutoTokenizer.from_pretrained(tok_dir)), vocab_size,
+                             expected_special_ids(info))
+    if why and given:
+        raise ValueError(f"--tokenizer {tok_dir} {why}: it is not the tokenizer this model was trained with")
+    if why:
+        raise ValueError(f"the run's tokenizer {tok_dir} {why}: was the data prepared again since the run started? "
+                         "Pass --tokenizer DIR --force-tokenizer with the tokenizer the run trained with")
+    if run_tok_dir is None or run_tok_dir.resolve() == tok_dir.resolve():
         return
-    if (tok_dir / "tokenizer.json").read_bytes() != (run_tok_dir / "tokenizer.json").read_bytes():
-        raise ValueError(f"--tokenizer {tok_dir} differs from the run's tokenizer ({run_tok_dir}) although size and "
-                         "special ids match: the same text may get other ids; pass --force-tokenizer if it is "
-                         "meant to")
+    differ = tokenizer_difference(tok_dir, run_tok_dir)
+    if differ:
+        raise ValueError(f"--tokenizer {tok_dir} differs from the tokenizer the run trained with ({run_tok_dir}) in "
+                         f"its {', '.join(differ)}, although size and special ids match: the same text would get "
+                         "other ids; pass that tokenizer, or --force-tokenizer if this one is meant")
 
 
-def is_export_folder(folder: Path) -> bool:
-    """Whether ``folder`` holds an export of ours: what every export writes, config.json and a
-    sparsity.json naming the checkpoint it came from."""
-    report = folder / "sparsity.json"
-    if not (folder / "config.json").is_file() or not report.is_file():
-        return False
-    try:
-        content = json.loads(report.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(content, dict) and "checkpoint" in content
+# ---------------------------------------------------------------------------------------------
+# OUT_DIR: new, empty, or a previous export (--overwrite)
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """OUT_DIR is new, empty, or (with --overwrite) a previous export: --overwrite means "replace
-    what this command wrote before", never "delete whatever is there" (prepare-data's and the
-    training run's --overwrite mean the same). The folder around it must be writable."""
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """OUT_DIR is new, empty, or (with --overwrite) a previous export that holds nothing else.
+
+    --overwrite means "replace what export wrote there before", never "delete whatever is there":
+    the same rule as prepare-data's --overwrite (see dist_sparse.folders). Called again just before
+    the new folder is put in place, as OUT_DIR may have changed during a long export.
+    """
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir} exists and is not a directory; pick another OUT_DIR")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise ValueError(f"{out_dir} exists and is not empty; pass --overwrite to replace a previous export there")
-        if not is_export_folder(out_dir):
-            found = sorted(p.name for p in out_dir.iterdir())
-            raise ValueError(f"--overwrite replaces only a previous export, and {out_dir} is not one (it holds "
-                             f"{', '.join(found[:4])}{', ...' if len(found) > 4 else ''}); pick another OUT_DIR")
-    parent = out_dir.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write into {parent}: permission denied; pick an OUT_DIR in a folder you can write to")
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    record = folders.export_record(out_dir)
+    if record is None:
+        raise ValueError(f"{out_dir} exists and is {folders.describe(out_dir)}; pick another OUT_DIR (--overwrite "
+                         "replaces only a previous export)")
+    if not overwrite:
+        raise ValueError(f"{out_dir} holds a previous export; pass --overwrite to replace it")
+    extra = folders.unlisted(out_dir, record.get("files"))
+    if extra:
+        raise ValueError(f"{out_dir} is a previous export, but holds files the export did not write "
+                         f"({', '.join(extra[:4])}{', ...' if len(extra) > 4 else ''}) that --overwrite would delete; "
+                         "move them out of it or pick another OUT_DIR")
 
 
 def _check_not_inside(out_dir: Path, protected: dict[str, Path]) -> None:
@@ -301,46 +370,93 @@ def model_card(info: CheckpointInfo, report: dict, fmt: str, trained_params: int
 # ---------------------------------------------------------------------------------------------
 # verification in a fresh process
 
+# Text the written tokenizer and model are checked on, as the model saw text in training: single
+# segments (MLM) and sentence pairs ([SEP] between, token type 1 for the second: NSP), with
+# digits, punctuation, accents and runs of spaces for the normaliser.
+SAMPLES = {
+    "single": SAMPLE_TEXT + ["In 1946 the  budget grew by 3.5% -- a naïve estimate, said the café owners."],
+    "pair": [["The State of the Union is strong.", "The people of this nation are at work."],
+             ["Congress shall have the power to lay and collect taxes.", "We will pay the common defence."]],
+}
+
 VERIFY_SCRIPT = r"""
 import json, sys, torch
 from transformers import AutoModelForMaskedLM, AutoModelForPreTraining, AutoTokenizer, BertForPreTraining
-folder, texts, out, fmt = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
+folder, out, fmt = sys.argv[1], sys.argv[4], sys.argv[5]
+samples, special = json.loads(sys.argv[2]), json.loads(sys.argv[3])
 remote = fmt == "compact"
 tok = AutoTokenizer.from_pretrained(folder)
-batch = tok(texts, padding=True, return_tensors="pt")
 if remote:
     pre, pre_info = AutoModelForPreTraining.from_pretrained(folder, trust_remote_code=True, output_loading_info=True)
 else:
     pre, pre_info = BertForPreTraining.from_pretrained(folder, output_loading_info=True)
 mlm, mlm_info = AutoModelForMaskedLM.from_pretrained(folder, trust_remote_code=remote, output_loading_info=True)
-with torch.no_grad():
-    p = pre.eval()(**batch)
-    m = mlm.eval()(**batch)
-torch.save({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-            "token_type_ids": batch.get("token_type_ids"), "pretraining": p.prediction_logits,
-            "nsp": p.seq_relationship_logits, "masked_lm": m.logits,
-            "pre_info": {k: sorted(map(str, v)) for k, v in pre_info.items() if k != "error_msgs"},
-            "mlm_info": {k: sorted(map(str, v)) for k, v in mlm_info.items() if k != "error_msgs"},
-            "classes": [type(pre).__name__, type(mlm).__name__],
-            "dist_sparse_modules": sorted(n for n in sys.modules if n.split(".")[0] == "dist_sparse")}, out)
+result = {"pre_info": {k: sorted(map(str, v)) for k, v in pre_info.items() if k != "error_msgs"},
+          "mlm_info": {k: sorted(map(str, v)) for k, v in mlm_info.items() if k != "error_msgs"},
+          "classes": [type(pre).__name__, type(mlm).__name__],
+          "tokenizer": {"size": len(tok), "roles": {role: getattr(tok, role + "_token") for role in special},
+                        "ids": {t: tok.convert_tokens_to_ids(t) for t in special.values()}}}
+for kind, texts in samples.items():
+    batch = tok(*zip(*texts), padding=True, truncation=True, return_tensors="pt") if kind == "pair" else \
+        tok(texts, padding=True, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        p = pre.eval()(**batch)
+        m = mlm.eval()(**batch)
+    result[kind] = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                    "token_type_ids": batch.get("token_type_ids"), "pretraining": p.prediction_logits,
+                    "nsp": p.seq_relationship_logits, "masked_lm": m.logits}
+result["dist_sparse_modules"] = sorted(n for n in sys.modules if n.split(".")[0] == "dist_sparse")
+torch.save(result, out)
 """
 
 
-def verify_folder(folder: Path, reference, fmt: str = "dense", tokenizer_dir: Path | None = None) -> float:
-    """Load ``folder`` with plain transformers in a fresh process; the largest |logit difference|
-    (MLM logits of both models, NSP logits) to ``reference`` on the sample text.
+def _tokenize(tok, kind: str, texts: list):
+    """A batch of SAMPLES[kind] as the verifying process makes it (cut at the tokenizer's maximum
+    length, the sequence length the model was trained at)."""
+    if kind == "pair":
+        return tok([a for a, _ in texts], [b for _, b in texts], padding=True, truncation=True, return_tensors="pt")
+    return tok(texts, padding=True, truncation=True, return_tensors="pt")
+
+
+def _rows(batch, key: str) -> list:
+    """Each text's ``key`` (ids or token types) without its padding, as a list (None if absent)."""
+    mask, values = batch["attention_mask"].bool(), batch.get(key)
+    return [None if values is None else values[i][mask[i]].tolist() for i in range(mask.shape[0])]
+
+
+def tokenization_difference(got, want, texts: list) -> str | None:
+    """Where the written tokenizer's batch (``got``) differs from the reference tokenizer's
+    (``want``): what differs for which text; None if nothing does. Compared text by text without
+    padding, so a different padding side or length is no difference."""
+    for key in ("input_ids", "token_type_ids"):
+        for text, mine, theirs in zip(texts, _rows(got, key), _rows(want, key)):
+            if mine != theirs:
+                return f"other {key} for {text!r}"
+    return None
+
+
+def verify_folder(folder: Path, reference, fmt: str = "dense", tokenizer_dir: Path | None = None,
+                  special_ids: dict[str, int] | None = None) -> float:
+    """Load ``folder`` with plain transformers in a fresh process, tokenize SAMPLES with its
+    tokenizer and run them through its models; the largest |logit difference| (MLM logits of both
+    models, NSP logits) to ``reference`` fed the same text tokenized by ``tokenizer_dir`` (the
+    tokenizer the model was trained with; the written one's own ids when None).
 
     Raises ValueError when the folder does not load, loads with missing/unexpected keys, imports
-    dist_sparse (compact), or tokenizes differently from ``tokenizer_dir``.
+    dist_sparse (compact), or its tokenizer does not fit the model (size, ``special_ids``) or
+    tokenizes the samples differently from ``tokenizer_dir``.
     """
+    from dist_sparse.data.tokenizer import SPECIAL_IDS, SPECIAL_TOKENS
+
+    special_ids = special_ids or {SPECIAL_TOKENS[role]: i for role, i in SPECIAL_IDS.items()}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.pt"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK"))}
         # Offline: the folder must load from itself; a remote-code cache in a temporary HF_HOME so
         # the check is not served by modules another export left behind.
         env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(Path(tmp) / "modules"))
-        proc = subprocess.run([sys.executable, "-c", VERIFY_SCRIPT, str(folder), json.dumps(SAMPLE_TEXT), str(out), fmt],
-                              capture_output=True, text=True, env=env)
+        proc = subprocess.run([sys.executable, "-c", VERIFY_SCRIPT, str(folder), json.dumps(SAMPLES),
+                               json.dumps(SPECIAL_TOKENS), str(out), fmt], capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise ValueError(f"the exported folder does not load with plain transformers:\n{proc.stderr[-3000:]}")
         got = torch.load(out, weights_only=False)
@@ -353,19 +469,32 @@ def verify_folder(folder: Path, reference, fmt: str = "dense", tokenizer_dir: Pa
                          f"unexpected {mlm['unexpected_keys']}, mismatched {mlm.get('mismatched_keys')}")
     if got["dist_sparse_modules"]:
         raise ValueError(f"loading the exported folder imported {got['dist_sparse_modules'][:3]}: it is not standalone")
+    why = tokenizer_mismatch(got["tokenizer"], reference.config.vocab_size, special_ids)
+    if why:
+        raise ValueError(f"the exported tokenizer {why}")
+    ref_tok = None
     if tokenizer_dir is not None:
         from transformers import AutoTokenizer
 
-        ref = AutoTokenizer.from_pretrained(tokenizer_dir)(SAMPLE_TEXT, padding=True, return_tensors="pt")
-        if not torch.equal(ref["input_ids"], got["input_ids"]):
-            raise ValueError("the exported tokenizer gives different token ids than the run's tokenizer")
-    with torch.no_grad():
-        ref = reference(input_ids=got["input_ids"], attention_mask=got["attention_mask"],
-                        token_type_ids=got["token_type_ids"])
-    keep = got["attention_mask"].bool()
-    return max((got["pretraining"] - ref.prediction_logits)[keep].abs().max().item(),
-               (got["masked_lm"] - ref.prediction_logits)[keep].abs().max().item(),
-               (got["nsp"] - ref.seq_relationship_logits).abs().max().item())
+        ref_tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    diffs = []
+    for kind, texts in SAMPLES.items():
+        mine = got[kind]
+        want = _tokenize(ref_tok, kind, texts) if ref_tok is not None else mine
+        differ = tokenization_difference(mine, want, texts)
+        if differ:
+            raise ValueError(f"the exported tokenizer gives {differ} than the tokenizer the model was trained with "
+                             f"({tokenizer_dir})")
+        with torch.no_grad():  # the trained model on the text as its own tokenizer gives it
+            ref = reference(input_ids=want["input_ids"], attention_mask=want["attention_mask"],
+                            token_type_ids=want.get("token_type_ids"))
+        # the real tokens of each text, in order (the same ids on both sides, as just checked)
+        ours, theirs = mine["attention_mask"].bool(), want["attention_mask"].bool()
+        expected = ref.prediction_logits[theirs]
+        diffs += [(mine["pretraining"][ours] - expected).abs().max().item(),
+                  (mine["masked_lm"][ours] - expected).abs().max().item(),
+                  (mine["nsp"] - ref.seq_relationship_logits).abs().max().item()]
+    return max(diffs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,10 +529,41 @@ def _commit(tmp: Path, out_dir: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _make_parents(folder: Path) -> list[Path]:
+    """mkdir -p ``folder``; the folders it created, innermost first (to remove them on failure)."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _remove_empty(folders_: list[Path]) -> None:
+    for f in folders_:
+        with contextlib.suppress(OSError):  # not empty (something else was put there): keep it
+            f.rmdir()
+
+
+def _nearest_existing(path: Path) -> Path:
+    return next((p for p in (path, *path.parents) if p.exists()), path)
+
+
+@contextlib.contextmanager
+def _writing_into(out_dir: Path):
+    """Writes below OUT_DIR's parent: an OSError (permissions, a read-only or full file system)
+    becomes one line naming the folder, not a traceback."""
+    try:
+        yield
+    except OSError as err:
+        raise ValueError(f"cannot write into {_nearest_existing(out_dir.absolute().parent)}: "
+                         f"{err.strerror or err}; pick an OUT_DIR in a folder you can write to") from None
+
+
 def export(checkpoint: str | Path, out_dir: str | Path, fmt: str = "dense", overwrite: bool = False,
            tokenizer: str | None = None, tolerance: float = TOLERANCE, tag: str | None = None,
            force_tokenizer: bool = False) -> dict:
-    """Export one checkpoint; see the module docstring. Returns a summary (paths, max_diff)."""
+    """Export one checkpoint; see the module docstring. Returns a summary (paths, max_diff).
+
+    Every refusal of the input (OUT_DIR, the checkpoint and its files, the tokenizer, a parent
+    folder that cannot be written) comes before the consolidation, which is the slow part."""
     from transformers import AutoTokenizer
 
     from dist_sparse.model import DistSparseBertConfig
@@ -411,49 +571,58 @@ def export(checkpoint: str | Path, out_dir: str | Path, fmt: str = "dense", over
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir, overwrite)
+    check_out_dir(out_dir, overwrite)
     tag_dir = locate(checkpoint, tag)
-    tok_dir = _tokenizer_dir(tag_dir, tokenizer)
-    _check_not_inside(out_dir, {"checkpoint": tag_dir, "tokenizer": tok_dir})
+    _check_not_inside(out_dir, {"checkpoint": tag_dir})
     info = read_info(tag_dir)
     config = DistSparseBertConfig.from_dict(info.model_config)
-    run_tok_dir = _run_tokenizer_dir(tag_dir)
-    _check_tokenizer(tok_dir, run_tok_dir, info, config.vocab_size, force_tokenizer)
+    tok_dir, run_tok_dir = tokenizer_dirs(tag_dir, tokenizer, force_tokenizer)
+    _check_not_inside(out_dir, {"tokenizer": tok_dir})
+    check_tokenizer(tok_dir, run_tok_dir, info, config.vocab_size, given=tokenizer is not None)
     structure = TrainedStructure(config, info.structured)
     if fmt == "dense":
         structure.kept_units()  # a shrunk model without a usable ticket: refuse before the heavy part
-    weights = consolidate(info, config)
-    reference = trained_model(weights, config)
-    model, out_cfg = _export_model(weights, structure, fmt)
-    masks = _sparse_info(tag_dir)
-    report = sparsity_report(info, structure, masks, model, fmt)
 
+    # The folder is made now, before the heavy part: this is the real test that OUT_DIR's parent
+    # can be written (permission bits say nothing for root, nor on a read-only mount).
+    created: list[Path] = []
+    tmp = None
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    except OSError as err:
-        raise ValueError(f"cannot write into {out_dir.parent}: {err.strerror}; pick an OUT_DIR in a folder you can "
-                         "write to") from None
-    try:
-        if fmt == "compact":
-            from dist_sparse.export.remote_code import save_compact
+        with _writing_into(out_dir):
+            created = _make_parents(out_dir.parent)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        weights = consolidate(info, config)
+        reference = trained_model(weights, config)
+        model, out_cfg = _export_model(weights, structure, fmt)
+        report = sparsity_report(info, structure, _sparse_info(tag_dir), model, fmt)
+        with _writing_into(out_dir):
+            if fmt == "compact":
+                from dist_sparse.export.remote_code import save_compact
 
-            save_compact(model, tmp)
-        else:
-            model.save_pretrained(tmp, safe_serialization=True)
-        AutoTokenizer.from_pretrained(tok_dir).save_pretrained(tmp)
-        (tmp / "sparsity.json").write_text(json.dumps(report, indent=2) + "\n")
-        # The written tokenizer must tokenize like the one the run trained with (when known).
-        max_diff = verify_folder(tmp, reference, fmt, run_tok_dir if run_tok_dir and not force_tokenizer else tok_dir)
+                save_compact(model, tmp)
+            else:
+                model.save_pretrained(tmp, safe_serialization=True)
+            AutoTokenizer.from_pretrained(tok_dir).save_pretrained(tmp)
+            (tmp / "sparsity.json").write_text(json.dumps(report, indent=2) + "\n")
+        # The written tokenizer must give the ids of the one the model was trained with: the run's
+        # own, or the one the user vouched for with --force-tokenizer.
+        max_diff = verify_folder(tmp, reference, fmt, run_tok_dir or tok_dir, expected_special_ids(info))
         print(f"verified: plain transformers reproduces the trained model's logits to {max_diff:.3g} "
               f"(tolerance {tolerance:g})")
         if not max_diff <= tolerance:
             raise ValueError(f"exported model differs from the trained one by {max_diff:.3g} > {tolerance:g}")
-        (tmp / "README.md").write_text(model_card(info, report, fmt, sum(p.numel() for p in reference.parameters()),
-                                                  _numel(model), max_diff, tolerance))
-        _commit(tmp, out_dir)
+        with _writing_into(out_dir):
+            (tmp / "README.md").write_text(model_card(info, report, fmt, _numel(reference), _numel(model),
+                                                      max_diff, tolerance))
+            # What this export wrote, so that a later --overwrite finds files added to the folder since.
+            report["files"] = sorted(p.name for p in tmp.iterdir())
+            (tmp / "sparsity.json").write_text(json.dumps(report, indent=2) + "\n")
+            check_out_dir(out_dir, overwrite)  # OUT_DIR may have changed during the export
+            _commit(tmp, out_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
     return {"out_dir": str(out_dir), "max_diff": max_diff, "checkpoint": str(tag_dir), "format": fmt}
 

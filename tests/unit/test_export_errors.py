@@ -2,9 +2,15 @@
 
 The checkpoints here are fakes with DeepSpeed's file names; every refusal happens before any
 shard is consolidated. (Refusals on real checkpoints -- a shard file deleted, a verification
-that fails after the folder was written -- are in tests/distributed/test_export_roundtrip.py.)
+that fails after the folder was written -- are in tests/distributed/test_export_roundtrip.py.
+The tokenizer checks are in test_export_tokenizer.py.)
+
+Through the CLI each refusal must be exactly one line on stderr, nothing on stdout (no progress
+bar, no warning), exit code 2, and leave every folder as it was.
 """
 
+import json
+import os
 import re
 from pathlib import Path
 
@@ -13,12 +19,12 @@ import torch
 
 from dist_sparse.cli import main
 from dist_sparse.export.checkpoint import locate, read_info
-from dist_sparse.export.hf import export
+from dist_sparse.export.hf import check_out_dir, export
 from dist_sparse.model import DistSparseBertConfig
 
 
-def model_states(stage: int = 2, dp: int = 2, tp: int = 2, dist_sparse: bool = True) -> dict:
-    cfg = DistSparseBertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+def model_states(stage: int = 2, dp: int = 2, tp: int = 2, dist_sparse: bool = True, vocab: int = 40) -> dict:
+    cfg = DistSparseBertConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                intermediate_size=8)
     state = {"module": {}, "ds_config": {"zero_optimization": {"stage": stage}}, "mp_world_size": tp,
              "dp_size": dp, "tp_size": tp}
@@ -28,7 +34,7 @@ def model_states(stage: int = 2, dp: int = 2, tp: int = 2, dist_sparse: bool = T
 
 
 def fake_checkpoint(run: Path, tags=("global_step4", "global_step8"), latest="global_step8", stage=2, dp=2, tp=2,
-                    skip=()) -> Path:
+                    skip=(), vocab=40) -> Path:
     ckpt = run / "checkpoints"
     for tag in tags:
         d = ckpt / tag
@@ -40,7 +46,7 @@ def fake_checkpoint(run: Path, tags=("global_step4", "global_step8"), latest="gl
             if name in skip:
                 continue
             if "model_states" in name:
-                torch.save(model_states(stage, dp, tp), d / name)
+                torch.save(model_states(stage, dp, tp, vocab=vocab), d / name)
             else:
                 torch.save({}, d / name)
     if latest is not None:
@@ -50,6 +56,29 @@ def fake_checkpoint(run: Path, tags=("global_step4", "global_step8"), latest="gl
 
 def leftovers(parent: Path) -> list[str]:
     return [p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every entry below ``folder`` with its bytes (None for a directory): equal before and after
+    a refusal means nothing was lost, changed or added."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
+
+
+def cli(capfd, *args) -> tuple[int, str, str]:
+    """Run `dist-sparse ARGS`; (exit code, stdout, stderr) as written to the file descriptors, so a
+    progress bar or warning from any library would show."""
+    capfd.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def refused(capfd, command: str, *args) -> str:
+    """The one-line message of a refusal (exit code 2, nothing else printed)."""
+    code, out, err = cli(capfd, command, *args)
+    assert (code, out) == (2, ""), (code, out, err)
+    assert err.startswith(f"dist-sparse {command}: error: ") and err.count("\n") == 1 and err.endswith("\n"), err
+    return err[len(f"dist-sparse {command}: error: "):-1]
 
 
 def test_locate_names_what_is_wrong(tmp_path):
@@ -107,7 +136,8 @@ def test_checkpoints_export_cannot_read(tmp_path):
     with pytest.raises(ValueError, match="trained without ZeRO"):
         read_info(d)
     (d / "mp_rank_00_model_states.pt").write_bytes(b"not a torch file")
-    with pytest.raises(ValueError, match="cannot read .*mp_rank_00_model_states.pt"):
+    with pytest.raises(ValueError, match=re.escape(f"{d / 'mp_rank_00_model_states.pt'} is damaged (not a complete "
+                                                   "torch file")):
         read_info(d)
     # shard files of a larger layout copied into the directory
     ckpt = fake_checkpoint(tmp_path / "b", tags=("global_step8",), dp=1, tp=1)
@@ -125,7 +155,8 @@ def test_out_dir_is_refused_before_anything_is_read(tmp_path):
     out = tmp_path / "hf"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(ValueError, match="exists and is not empty; pass --overwrite"):
+    with pytest.raises(ValueError, match=re.escape(f"{out} exists and is a folder holding keep.txt; pick another "
+                                                   "OUT_DIR (--overwrite replaces only a previous export)")):
         export(run, out, tokenizer=str(tok))
     assert (out / "keep.txt").read_text() == "mine"
     (tmp_path / "file").write_text("x")
@@ -133,15 +164,17 @@ def test_out_dir_is_refused_before_anything_is_read(tmp_path):
         export(run, tmp_path / "file", overwrite=True, tokenizer=str(tok))
     # --overwrite would replace the folder that holds the checkpoint (or the tokenizer): neither is
     # a previous export, which is all --overwrite replaces
-    with pytest.raises(ValueError, match="replaces only a previous export, and .*run is not one"):
+    with pytest.raises(ValueError, match=re.escape(f"{run} exists and is a training run (checkpoints/)")):
         export(run, run, overwrite=True, tokenizer=str(tok))
-    with pytest.raises(ValueError, match="replaces only a previous export, and .*tok is not one"):
+    with pytest.raises(ValueError, match=re.escape(f"{tok} exists and is a folder holding tokenizer.json")):
         export(run, tok, overwrite=True, tokenizer=str(tok))
     with pytest.raises(ValueError, match="is inside the checkpoint"):
         export(run, run / "checkpoints" / "global_step8" / "hf", tokenizer=str(tok))
     with pytest.raises(ValueError, match="unknown format 'onnx'"):
         export(run, tmp_path / "new", fmt="onnx", tokenizer=str(tok))
-    with pytest.raises(ValueError, match=r"run\.json naming a dataset with one\): pass --tokenizer"):
+    with pytest.raises(ValueError, match=re.escape(f"cannot find the tokenizer the run trained with (no {run / 'run.json'}"
+                                                   ": a checkpoint copied out of its run?): pass --tokenizer DIR "
+                                                   "--force-tokenizer with that tokenizer")):
         export(run, tmp_path / "new")
     assert (run / "checkpoints" / "global_step8").is_dir() and not (tmp_path / "new").exists()
     assert leftovers(tmp_path) == [] and leftovers(run / "checkpoints") == []
@@ -157,120 +190,224 @@ def test_cli_reports_errors_with_exit_code_2(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+# -- shared by the tests below: a run whose checkpoint passes every check before consolidation --
 
-# -- issue 11 ---------------------------------------------------------------------------------------
+VOCAB = 300
 
-def test_overwrite_replaces_only_a_previous_export(tmp_path, capsys):
-    """A folder of the user's notes, or another training run, survives `export --overwrite` intact
-    (exit code 2, one line); a folder a previous export wrote is recognised as one."""
-    from dist_sparse.export.hf import is_export_folder
 
-    fake_checkpoint(tmp_path / "run")
-    notes = tmp_path / "notes"
+def make_tokenizer(folder: Path, documents: slice, vocab: int = VOCAB) -> Path:
+    """A prepare-data tokenizer folder (tokenizer.json + spm.model) trained on a few speeches."""
+    from dist_sparse.data.corpus import default_corpus_files, read_documents
+    from dist_sparse.data.tokenizer import save_tokenizer, train_sentencepiece
+
+    docs, _ = read_documents(default_corpus_files()[documents])
+    model = train_sentencepiece([s for doc in docs for s in doc], folder.parent / "spm-train" / "spm.model",
+                                vocab_size=vocab)
+    save_tokenizer(model, folder, 32)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run_tokenizer(tmp_path_factory) -> Path:
+    return make_tokenizer(tmp_path_factory.mktemp("data") / "DATA" / "tokenizer", slice(0, 3))
+
+
+def fake_run(root: Path, tokenizer: Path, **kwargs) -> Path:
+    """A run directory as pretrain leaves it: run.json naming its data, metrics, checkpoints."""
+    run = root / "run"
+    fake_checkpoint(run, vocab=VOCAB, **kwargs)
+    (run / "run.json").write_text(json.dumps({"data": str(tokenizer.parent)}))
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.1}\n')
+    return run
+
+
+def fake_export(folder: Path, extra: dict[str, str] | None = None) -> Path:
+    """A folder as `dist-sparse export` leaves it (the files it lists in sparsity.json)."""
+    folder.mkdir(parents=True)
+    files = {"config.json": "{}", "model.safetensors": "weights", "tokenizer.json": "{}",
+             "tokenizer_config.json": "{}", "README.md": "# card"}
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    record = {"format": "dense", "checkpoint": {"tag": "global_step4", "step": 4}, "layers": {},
+              "files": sorted([*files, "sparsity.json"])}
+    (folder / "sparsity.json").write_text(json.dumps(record))
+    for name, text in (extra or {}).items():
+        (folder / name).write_text(text)
+    return folder
+
+
+# -- item 1: --overwrite replaces only a previous export -----------------------------------------
+
+def victims(root: Path) -> dict[str, tuple[Path, str]]:
+    """Folders `export --overwrite` must not replace, with how the refusal names each."""
+    notes = root / "notes"
     notes.mkdir()
     (notes / "ideas.txt").write_text("keep me")
-    other_run = tmp_path / "other_run"
+    other_run = root / "other_run"
     fake_checkpoint(other_run)
     (other_run / "run.json").write_text("{}")
-    for victim in (notes, other_run):
-        before = sorted(str(p) for p in victim.rglob("*"))
-        assert main(["export", str(tmp_path / "run"), str(victim), "--overwrite", "--tokenizer", str(tmp_path)]) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "--overwrite replaces only a previous export" in err
-        assert sorted(str(p) for p in victim.rglob("*")) == before
-    assert (notes / "ideas.txt").read_text() == "keep me"
-    previous = tmp_path / "previous"
-    previous.mkdir()
-    (previous / "config.json").write_text("{}")
-    (previous / "sparsity.json").write_text('{"checkpoint": {"tag": "global_step4"}}')
-    assert is_export_folder(previous) and not is_export_folder(notes) and not is_export_folder(other_run)
+    (other_run / "metrics.jsonl").write_text('{"step": 8}\n')
+    dataset = root / "dataset"
+    (dataset / "train").mkdir(parents=True)
+    (dataset / "meta.json").write_text("{}")
+    (dataset / "dataset_dict.json").write_text("{}")
+    hf_model = root / "hf_model"  # somebody else's Hugging Face folder: config.json but no export record
+    hf_model.mkdir()
+    (hf_model / "config.json").write_text("{}")
+    (hf_model / "sparsity.json").write_text('{"layers": {}}')
+    many = root / "many"
+    many.mkdir()
+    for i in range(6):
+        (many / f"f{i}.txt").write_text(str(i))
+    return {"notes": (notes, "a folder holding ideas.txt"),
+            "run": (other_run, "a training run (run.json, metrics.jsonl, checkpoints/)"),
+            "dataset": (dataset, "a prepared dataset (meta.json)"),
+            "hf_model": (hf_model, "a folder holding config.json, sparsity.json"),
+            "many": (many, "a folder holding f0.txt, f1.txt, f2.txt, f3.txt, ... (6 entries)")}
 
 
-def test_run_without_a_checkpoint_yet(tmp_path, capsys):
-    from dist_sparse.inspect import resolve_checkpoint
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_overwrite_refuses_every_folder_that_is_not_a_previous_export(tmp_path, capfd, run_tokenizer, overwrite):
+    run = fake_run(tmp_path, run_tokenizer)
+    for folder, what in victims(tmp_path).values():
+        before = snapshot(folder)
+        msg = refused(capfd, "export", run, folder, *(["--overwrite"] if overwrite else []))
+        assert msg == f"{folder} exists and is {what}; pick another OUT_DIR (--overwrite replaces only a previous export)"
+        assert snapshot(folder) == before
+    assert leftovers(tmp_path) == []
 
+
+def test_overwrite_refuses_an_export_with_files_added_since(tmp_path, capfd, run_tokenizer):
+    run = fake_run(tmp_path, run_tokenizer)
+    previous = fake_export(tmp_path / "hf", extra={"eval_results.json": "{}", "notes.txt": "mine"})
+    before = snapshot(previous)
+    assert refused(capfd, "export", run, previous, "--overwrite") == (
+        f"{previous} is a previous export, but holds files the export did not write (eval_results.json, notes.txt) "
+        "that --overwrite would delete; move them out of it or pick another OUT_DIR")
+    assert snapshot(previous) == before and leftovers(tmp_path) == []
+
+
+def test_a_previous_export_is_replaced_only_with_overwrite(tmp_path, capfd, run_tokenizer):
+    from dist_sparse.folders import describe, export_record
+
+    run = fake_run(tmp_path, run_tokenizer)
+    previous = fake_export(tmp_path / "hf")
+    before = snapshot(previous)
+    assert refused(capfd, "export", run, previous) == f"{previous} holds a previous export; pass --overwrite to replace it"
+    check_out_dir(previous, overwrite=True)  # accepted: what --overwrite is for
+    assert export_record(previous)["checkpoint"]["tag"] == "global_step4" and describe(previous) == "a dist_sparse export"
+    # an export written before exports listed their files: recognised by its record alone
+    record = json.loads((previous / "sparsity.json").read_text())
+    del record["files"]
+    (previous / "sparsity.json").write_text(json.dumps(record))
+    check_out_dir(previous, overwrite=True)
+    # accepted, but a later refusal (here: the checkpoint's damaged shard) still leaves it whole
+    (previous / "sparsity.json").write_text(json.dumps({**record, "files": sorted(before)}))
+    before = snapshot(previous)
+    shard = run / "checkpoints" / "global_step8" / "zero_pp_rank_1_mp_rank_01_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[:20])
+    assert "is damaged" in refused(capfd, "export", run, previous, "--overwrite")
+    assert snapshot(previous) == before and leftovers(tmp_path) == []
+
+
+# -- item 12: a run with no checkpoint yet -------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["run", "checkpoints"])
+@pytest.mark.parametrize("command", ["export", "inspect"])
+def test_a_run_without_a_checkpoint_yet_says_so(tmp_path, capfd, command, where):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
+    (run / "tensorboard").mkdir()
     (run / "run.json").write_text("{}")
-    with pytest.raises(ValueError, match=r"run has no checkpoint yet: the run has not saved one"):
-        locate(run)
-    with pytest.raises(ValueError, match=r"run has no checkpoint yet"):
-        resolve_checkpoint(run)
-    assert main(["inspect", str(run)]) == 2
-    assert "has no checkpoint yet" in capsys.readouterr().err
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = snapshot(run)
+    path = run if where == "run" else run / "checkpoints"
+    out = [tmp_path / "hf"] if command == "export" else []
+    assert refused(capfd, command, path, *out) == (
+        f"run {run} has no checkpoint yet (a run saves one every --save-interval steps and at its last step); "
+        "try again after its first save")
+    # a save that died before DeepSpeed wrote its model states
+    (run / "checkpoints" / "global_step2").mkdir()
+    assert refused(capfd, command, path, *out) == (
+        f"run {run} has no checkpoint yet (a run saves one every --save-interval steps and at its last step; "
+        "global_step2: a save that did not finish); try again after its first save")
+    (run / "checkpoints" / "global_step2").rmdir()
+    assert snapshot(run) == before and not (tmp_path / "hf").exists()
 
 
-def test_read_only_parent_is_one_line(tmp_path, capsys):
-    import os
+# -- item 13: a parent folder that cannot be written ----------------------------------------------
 
-    if os.geteuid() == 0:
-        pytest.skip("root ignores directory permissions, so a read-only parent cannot be made here")
-    fake_checkpoint(tmp_path / "run")
+def test_a_parent_that_cannot_be_written_is_one_line(tmp_path, capfd, run_tokenizer):
+    """/proc takes no new folders, even from root (for whom permission bits say nothing): the write
+    is tried before the slow part and named in one line."""
+    run = fake_run(tmp_path, run_tokenizer)
+    before = snapshot(run)
+    for out in (Path("/proc/dist_sparse_hf"), Path("/proc/dist_sparse_a/b/hf")):
+        msg = refused(capfd, "export", run, out)
+        assert msg.startswith("cannot write into /proc: ") and msg.endswith(
+            "; pick an OUT_DIR in a folder you can write to"), msg
+    assert snapshot(run) == before
+
+
+def test_a_failed_write_removes_the_folders_it_made(tmp_path, capfd, run_tokenizer, monkeypatch):
+    import tempfile
+
+    run = fake_run(tmp_path, run_tokenizer)
+    parent = tmp_path / "new" / "exports"
+
+    def read_only(*args, dir=None, **kwargs):
+        raise PermissionError(13, "Permission denied", str(dir))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    assert refused(capfd, "export", run, parent / "hf") == (
+        f"cannot write into {parent}: Permission denied; pick an OUT_DIR in a folder you can write to")
+    assert not (tmp_path / "new").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_a_read_only_parent_is_named(tmp_path, capfd, run_tokenizer):
+    run = fake_run(tmp_path, run_tokenizer)
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
     try:
-        assert main(["export", str(tmp_path / "run"), str(locked / "hf"), "--tokenizer", str(tmp_path)]) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and f"cannot write into {locked}" in err
+        assert refused(capfd, "export", run, locked / "hf") == (
+            f"cannot write into {locked}: Permission denied; pick an OUT_DIR in a folder you can write to")
+        assert list(locked.iterdir()) == []
     finally:
         locked.chmod(0o755)
 
 
-def test_read_only_parent_message_without_permissions(tmp_path, monkeypatch):
-    """The same check where the tests run as root (which ignores permissions): os.access says no."""
-    import os
+# -- item 14: a truncated shard -------------------------------------------------------------------
 
-    from dist_sparse.export import hf
-
-    fake_checkpoint(tmp_path / "run")
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    real = os.access
-    monkeypatch.setattr(hf.os, "access", lambda p, mode: False if Path(p) == locked else real(p, mode))
-    with pytest.raises(ValueError, match=f"cannot write into {locked}: permission denied"):
-        export(tmp_path / "run", locked / "hf")
-    assert list(locked.iterdir()) == []
-
-
-def test_truncated_shard_is_named(tmp_path, capsys):
-    ckpt = fake_checkpoint(tmp_path / "run")
-    victim = ckpt / "global_step8" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
-    victim.write_bytes(victim.read_bytes()[:30])
-    with pytest.raises(ValueError, match=re.escape(str(victim)) + r" is damaged .*--tag \(available: global_step4, "
-                                         r"global_step8\)"):
-        read_info(ckpt / "global_step8")
-    capsys.readouterr()
-    tok = tmp_path / "tok"
-    tok.mkdir()
-    (tok / "tokenizer.json").write_text("{}")
-    assert main(["export", str(tmp_path / "run"), str(tmp_path / "out"), "--tokenizer", str(tok)]) == 2
-    captured = capsys.readouterr()
-    assert str(victim) in captured.err and captured.err.count("\n") == 1
-    assert "Loading" not in captured.out + captured.err  # nothing after (or before) the error
+@pytest.mark.parametrize("name", ["zero_pp_rank_1_mp_rank_00_optim_states.pt", "mp_rank_00_model_states.pt",
+                                  "mp_rank_01_model_states.pt"])
+def test_a_truncated_shard_is_named_in_one_line(tmp_path, capfd, run_tokenizer, name):
+    run = fake_run(tmp_path, run_tokenizer)
+    shard = run / "checkpoints" / "global_step8" / name
+    shard.write_bytes(shard.read_bytes()[:100])  # what a full disk or a killed copy leaves
+    before = snapshot(run)
+    assert refused(capfd, "export", run, tmp_path / "hf") == (
+        f"{shard} is damaged (not a complete torch file: File is not a zip file; truncated?); export an earlier "
+        "checkpoint with --tag global_step4")
+    # the oldest checkpoint damaged: the next one is offered
+    shard4 = run / "checkpoints" / "global_step4" / name
+    shard4.write_bytes(b"")
+    assert refused(capfd, "export", run, tmp_path / "hf", "--tag", "global_step4").endswith(
+        "export another checkpoint with --tag global_step8")
+    shard4.write_bytes(before[str(shard4.relative_to(run))])
+    assert snapshot(run) == before and not (tmp_path / "hf").exists() and leftovers(tmp_path) == []
 
 
-def test_a_tokenizer_that_gives_other_ids_is_refused(tmp_path):
-    """--tokenizer of another vocabulary size is refused outright; one of the same size but other
-    pieces (trained on other text) unless --force-tokenizer; the run's own passes."""
-    from dist_sparse.data.prepare import prepare_data
-    from dist_sparse.export.checkpoint import CheckpointInfo
-    from dist_sparse.export.hf import _check_tokenizer
+def test_a_consolidation_error_is_one_line_naming_real_files(tmp_path):
+    """zero_to_fp32 draws progress bars while it reads; its error must not bring them along, nor
+    name the temporary view it was pointed at."""
+    from dist_sparse.export.checkpoint import consolidate
 
-    toks = {}
-    for name, docs, vocab in (("run", 6, 400), ("small", 6, 300), ("other", 10, 400)):
-        prepare_data(tmp_path / name, default_corpus=True, max_documents=docs, vocab_size=vocab, seq_len=32)
-        toks[name] = tmp_path / name / "tokenizer"
-    special = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4}
-    info = CheckpointInfo(tag_dir=tmp_path, client_state={"data_meta": {"special_ids": special}}, zero_stage=2,
-                          dp_size=1, tp_size=1, model_config={}, structured=None)
-    _check_tokenizer(toks["run"], toks["run"], info, 400, force=False)
-    with pytest.raises(ValueError, match="has 300 tokens, the model's vocabulary has 400"):
-        _check_tokenizer(toks["small"], toks["run"], info, 400, force=True)
-    with pytest.raises(ValueError, match="differs from the run's tokenizer .* pass --force-tokenizer"):
-        _check_tokenizer(toks["other"], toks["run"], info, 400, force=False)
-    _check_tokenizer(toks["other"], toks["run"], info, 400, force=True)
-    bad = CheckpointInfo(tag_dir=tmp_path, client_state={"data_meta": {"special_ids": {**special, "[MASK]": 7}}},
-                         zero_stage=2, dp_size=1, tp_size=1, model_config={}, structured=None)
-    with pytest.raises(ValueError, match=r"\[MASK\]: 4 instead of 7"):
-        _check_tokenizer(toks["run"], toks["run"], bad, 400, force=True)
+    ckpt = fake_checkpoint(tmp_path / "run", dp=1, tp=1)  # files whole, but no weights in them
+    info = read_info(ckpt / "global_step8")
+    with pytest.raises(ValueError) as err:
+        consolidate(info, DistSparseBertConfig.from_dict(info.model_config))
+    msg = str(err.value)
+    assert msg.startswith(f"cannot consolidate the ZeRO partitions of tensor-parallel rank 0 of {info.tag_dir}: ")
+    assert "\n" not in msg and "%|" not in msg and "dist_sparse_export_" not in msg, msg
