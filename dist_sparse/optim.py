@@ -30,9 +30,10 @@ from typing import Callable, Iterable
 
 import torch
 
+from dist_sparse.structure import COEF_SUFFIX, is_coefficient
+
 # Slimming coefficients (structured pruning) have their own L1 penalty: no weight decay on top.
-SLIMMING_SUFFIX = "slimming_coef"
-NO_DECAY_SUFFIXES = ("bias", "LayerNorm.weight", "LayerNorm.bias", SLIMMING_SUFFIX)
+NO_DECAY_SUFFIXES = ("bias", "LayerNorm.weight", "LayerNorm.bias", COEF_SUFFIX)
 
 
 class Lamb(torch.optim.Optimizer):
@@ -142,7 +143,7 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, one_per_parame
     if one_per_parameter:
         return ([{"params": [p], "weight_decay": weight_decay, "name": n} for n, p in decay]
                 + [{"params": [p], "weight_decay": 0.0, "name": n,
-                    **({"l1": l1} if l1 and n.endswith(SLIMMING_SUFFIX) else {})} for n, p in no_decay])
+                    **({"l1": l1} if l1 and is_coefficient(n) else {})} for n, p in no_decay])
     groups = []
     if decay:
         groups.append({"params": [p for _, p in decay], "weight_decay": weight_decay})

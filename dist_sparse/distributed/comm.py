@@ -8,6 +8,7 @@ process and the communication volume of a feature can be read off one file.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from dataclasses import dataclass
 
@@ -206,7 +207,8 @@ def remove_shm_buffers() -> list[str]:
             removed.append(path.name)
         except FileNotFoundError:  # another rank of the job got there first
             pass
-        except OSError:
-            pass
+        except OSError as err:
+            # Cleanup at exit must not turn a finished run into a failed one; say what is left.
+            print(f"dist_sparse: could not remove {path}: {err.strerror}", file=sys.stderr)
     return removed
 

@@ -62,6 +62,21 @@ def link_optimizer_state(zero_optimizer, stage: int) -> None:
     link()
 
 
+def _fragment(param: torch.nn.Parameter):
+    """(mapping, start, stop) of the part of ``param`` this rank's ZeRO-1/2 optimizer partition
+    owns, flat positions [start, stop) of the (TP-shard) tensor; (None, 0, 0) if none.
+
+    DeepSpeed keeps it in ``param._hp_mapping`` (``deepspeed.utils.tensor_fragment``): the fp32
+    master and moment fragments are views into the optimizer's flat partitions, which is what
+    its full-tensor getters and setters read and write. No public call exposes the local part.
+    """
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is None:
+        return None, 0, 0
+    address = mapping.lp_fragment_address
+    return mapping, int(address.start), int(address.start + address.numel)
+
+
 @dataclass
 class ZeroAccess:
     stage: int
@@ -88,18 +103,14 @@ class ZeroAccess:
         [start, stop) of its TP shard that this rank's optimizer partition owns (possibly none).
 
         The fragment API has whole-tensor getters only for ZeRO-1/2 (an fp32 all-reduce each);
-        DeepSpeed keeps each parameter's fragment address and fp32 view in ``_hp_mapping``
-        (``deepspeed.utils.tensor_fragment``, the same object its ``safe_get_full_fp32_param``
-        reads), so this reads that, without communication. Fragments of one parameter are
-        disjoint over the data-parallel ranks and together cover it.
+        this reads the local view (``_fragment``) without communication. Fragments of one
+        parameter are disjoint over the data-parallel ranks and together cover it.
         """
         assert not self.partitioned, "ZeRO-3 slices: use local_slice"
-        mapping = getattr(param, "_hp_mapping", None)
+        mapping, start, stop = _fragment(param)
         if mapping is None:
             return LocalSlice(torch.zeros(0, dtype=torch.float32, device=param.device), 0, 0)
-        address = mapping.lp_fragment_address
         values = mapping.get_hp_fragment().detach().flatten().float()
-        start, stop = int(address.start), int(address.start + address.numel)
         assert values.numel() == stop - start and stop <= shard_numel, "unexpected ZeRO fragment layout"
         return LocalSlice(values, start, stop)
 
@@ -113,15 +124,14 @@ class ZeroAccess:
         """
         assert not self.partitioned, "ZeRO-3 masks are slices: use apply_local_mask"
         param.data.mul_(mask.to(param.device, param.dtype))
-        mapping = getattr(param, "_hp_mapping", None)
+        mapping, start, stop = _fragment(param)
         if mapping is None:
             return  # no part of this parameter lives in this rank's optimizer partition
-        address = mapping.lp_fragment_address
-        keep = mask.reshape(-1)[address.start:address.start + address.numel]
+        keep = mask.reshape(-1)[start:stop]
         targets = [mapping.get_hp_fragment()]
         for key in MOMENT_KEYS if moments else ():
-            if key not in mapping.get_optim_state_keys():
-                raise ValueError(f"{key} not found in optimizer state fragment (optimizer state not linked?)")
+            if key not in mapping.get_optim_state_keys():  # an internal fault, not bad input
+                raise RuntimeError(f"{key} not found in optimizer state fragment (optimizer state not linked?)")
             targets.append(mapping.get_hp_fragment(key))
         for fragment in targets:
             fragment.data.mul_(keep.to(fragment.device, fragment.dtype).view_as(fragment))

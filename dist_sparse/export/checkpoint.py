@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,25 +31,16 @@ import torch
 
 from dist_sparse.export.tp_merge import merge_tp_shards
 from dist_sparse.structure import HEAD_COEF, NEURON_COEF, layer_key
-from dist_sparse.train.run_dir import damaged
+from dist_sparse.train.run_dir import MODEL_STATES, OPTIM_STATES, checkpoint_tags, damaged
 
 STRUCTURE_FILE = "structure.json"          # dist_sparse.train.loop.STRUCTURE_FILE
 SPARSITY_FILE_PREFIX = "sparsity_rank"     # dist_sparse.train.loop.SPARSITY_FILE_PREFIX
 LATEST_FILE = "latest"
 TIED_KEYS = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
-_MODEL_STATES = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
-# ``bf16_``: DeepSpeed's BF16_Optimizer (ZeRO-1 with bf16 weights and fp32 gradient accumulation,
-# the BERT-large recipe) names its files so.
-_OPTIM_STATES = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
-
-
-def _tags(ckpt_dir: Path) -> list[str]:
-    return sorted((p.name for p in ckpt_dir.iterdir() if p.is_dir() and _is_tag_dir(p)),
-                  key=lambda t: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", t)])
 
 
 def _is_tag_dir(path: Path) -> bool:
-    return any(_MODEL_STATES.match(p.name) for p in path.iterdir()) if path.is_dir() else False
+    return any(MODEL_STATES.match(p.name) for p in path.iterdir()) if path.is_dir() else False
 
 
 def _run_of(path: Path) -> Path | None:
@@ -83,13 +73,13 @@ def locate(path: str | Path, tag: str | None = None) -> Path:
                              "pass the run directory with --tag, or the tag directory alone")
         return path
     ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    tags = _tags(ckpt_dir)
+    tags = checkpoint_tags(ckpt_dir)
     latest = ckpt_dir / LATEST_FILE
     if not tags and not latest.is_file():
         run = _run_of(path)
         if run is not None:
             raise ValueError(no_checkpoint_yet(run, ckpt_dir))
-        siblings = _tags(path.parent) if path.parent != path else []
+        siblings = checkpoint_tags(path.parent) if path.parent != path else []
         if siblings or (path.parent / LATEST_FILE).is_file():
             # A tag directory of a checkpoints/ folder, but without DeepSpeed's files: a save that
             # never finished (``latest`` would not name it) or a partial copy.
@@ -172,7 +162,7 @@ def _check_whole(path: Path) -> None:
     if why is None:
         return
     tag_dir = path.parent
-    tags = _tags(tag_dir.parent)
+    tags = checkpoint_tags(tag_dir.parent)
     earlier = tags[:tags.index(tag_dir.name)] if tag_dir.name in tags else []
     others = [t for t in tags if t != tag_dir.name]
     hint = (f"export an earlier checkpoint with --tag {earlier[-1]}" if earlier
@@ -217,7 +207,7 @@ def read_info(tag_dir: Path) -> CheckpointInfo:
         for name in names:
             _check_whole(tag_dir / name)
     extra = sorted(p.name for p in tag_dir.iterdir()
-                   if (_MODEL_STATES.match(p.name) or _OPTIM_STATES.match(p.name))
+                   if (MODEL_STATES.match(p.name) or OPTIM_STATES.match(p.name))
                    and p.name not in {n for names in expected.values() for n in names})
     if extra:
         raise ValueError(f"checkpoint {tag_dir} holds shard files a DP {dp} x TP {tp} run does not write "

@@ -368,14 +368,15 @@ def _shrink(ctx: RunContext, handed: list, model_config, pruner, step: int):
     return engine, small_config
 
 
-def _check_resumed_data(run: Path, data: str, meta: dict) -> None:
-    """--resume with data of another shape than the run started with: say which property changed
-    (from run.json, before any process starts; the checkpoint's own record is checked on load)."""
+def _check_resumed_data(run: Path, data: str, meta: dict, recorded: dict | None = None) -> None:
+    """--resume with data of another shape than the run started with: say which property changed.
+
+    ``recorded``: the data description to compare with; by default run.json's (read before any
+    process starts), on load the checkpoint's own record. The message names the run's data.
+    """
     run_json = run / "run.json"
-    if not run_json.is_file():
-        return
-    started = json.loads(run_json.read_text())
-    before = started.get("data_meta") or {}
+    started = json.loads(run_json.read_text()) if run_json.is_file() else {}
+    before = recorded if recorded is not None else started.get("data_meta") or {}
     for key, what in (("seq_len", "sequence length"), ("vocab_size", "vocabulary size"), ("nsp", "NSP pairs")):
         if key in before and before[key] != meta.get(key):
             raise ValueError(f"--resume: --data {data} has {what} {meta.get(key)}, the run started with "
@@ -429,13 +430,7 @@ def _load_checkpoint(engine, ckpt_dir: Path, tag: str, loader, args, meta, group
         raise ValueError(f"--resume: {ckpt_dir / tag} was not written by this version of dist_sparse")
     if client_state["model"] != args.model:
         raise ValueError(f"--resume: the checkpoint is of model {client_state['model']!r}, not {args.model!r}")
-    for key, what in (("seq_len", "sequence length"), ("vocab_size", "vocabulary size")):
-        if client_state["data_meta"][key] != meta[key]:
-            run_json = ckpt_dir.parent / "run.json"
-            started = json.loads(run_json.read_text()).get("data") if run_json.is_file() else None
-            raise ValueError(f"--resume: --data {args.data} has {what} {meta[key]}, the checkpoint was trained "
-                             f"with {client_state['data_meta'][key]}; resume with the data the run started with"
-                             + (f" ({started})" if started else ""))
+    _check_resumed_data(ckpt_dir.parent, args.data, meta, recorded=client_state["data_meta"])
     if client_state["max_steps"] != max_steps:
         raise ValueError(f"--resume: the run was started for {client_state['max_steps']} steps, not {max_steps}; "
                          "the learning-rate and sparsity schedules depend on it (start a new run to change it)")

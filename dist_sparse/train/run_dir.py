@@ -114,7 +114,7 @@ def check_checkpoint_files(tag_dir: Path, tags: list[str]) -> None:
     directory sits at the end, so a truncated file has none). Checked before any process starts
     loading, so that a damaged file is named instead of failing deep inside DeepSpeed, on one
     rank, while the others wait in a collective."""
-    earlier = [t for t in tags[:tags.index(tag_dir.name)]] if tag_dir.name in tags else []
+    earlier = tags[:tags.index(tag_dir.name)] if tag_dir.name in tags else []
     hint = (f"resume from an earlier checkpoint with --resume-tag {earlier[-1]}" if earlier
             else "no earlier checkpoint exists; start a new run")
     for f in sorted(tag_dir.glob("*.pt")):
@@ -145,7 +145,8 @@ def checkpoint_layout(tag_dir: Path) -> tuple[int, int] | None:
 
 
 def clear_run(run: Path) -> None:
-    """Remove what a previous run left (rank 0, only with --overwrite); other files stay."""
+    """Remove what a previous run left (rank 0: with --overwrite, or after a start that never took
+    a step, see ``holds_a_run``); other files stay."""
     for f in RUN_FILES:
         (run / f).unlink(missing_ok=True)
     for d in RUN_DIRS:

@@ -3,8 +3,9 @@ benchmarks share, so that what is tested is what runs.
 
 DeepSpeed's ``engine.step()`` is called after every micro batch; only the last one of an
 accumulation cycle is a boundary, where ZeRO reduces gradients and the optimizer runs. Whatever
-must touch the reduced gradients (the sparsifier's masking, RigL's dense-gradient read) runs between the last backward and that ``step()``, which is
-the only moment ``engine.is_gradient_accumulation_boundary()`` is true *before* the step: after
+must touch the reduced gradients (the sparsifier's masking, RigL's dense-gradient read) runs
+between the last backward and that ``step()``, the only moment at which
+``engine.is_gradient_accumulation_boundary()`` answers for the step about to happen: after
 ``step()`` DeepSpeed has advanced its micro-step counter and the same call answers for the next
 micro batch. Whether the optimizer really changed the weights (fp16 skips a step on overflow)
 is read from ``engine.was_step_applied()``.
