@@ -150,9 +150,10 @@ def run(argv: list[str] | None = None) -> int:
 
     if is_rank0:
         run.mkdir(parents=True, exist_ok=True)
-        if resume_tag is None:
-            # --overwrite, or what a start that never took a step left (check_run_dir let it through)
+        if args.overwrite:
             rd.clear_run(run)
+        elif resume_tag is None:
+            rd.clear_failed_start(run)  # check_run_dir let it through: nothing of value is there
         rd.checkpoint_dir(run).mkdir(exist_ok=True)
         if resume_tag is None:
             rd.write_json_atomic(run / "run.json", {

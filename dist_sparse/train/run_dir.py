@@ -51,14 +51,30 @@ def checkpoint_tags(ckpt_dir: Path) -> list[str]:
     return sorted(tags, key=lambda t: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", t)])
 
 
+def _our_run_json(run: Path) -> bool:
+    """Whether ``run/run.json`` is one a run of ours wrote (the first thing a start writes)."""
+    try:
+        content = json.loads((run / "run.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(content, dict) and {"argv", "deepspeed_config", "data_meta"} <= content.keys()
+
+
 def holds_a_run(run: Path) -> bool:
-    """Whether ``run`` holds a run worth keeping: a logged step or a checkpoint. What a start that
-    failed before its first step leaves (run.json, an empty event directory) is not one."""
+    """Whether ``run`` holds something a new start must not replace without --overwrite: a logged
+    step, a checkpoint, or run files that are not ours (a foreign run.json, event files without
+    our run.json). What a start of ours that failed before its first step left (its run.json, an
+    empty checkpoints/, its first event files) is not a run: ``clear_failed_start`` removes it."""
     metrics = run / "metrics.jsonl"
     if metrics.is_file() and metrics.stat().st_size > 0:
         return True
     ckpt = checkpoint_dir(run)
-    return ckpt.is_dir() and any(ckpt.iterdir())
+    if ckpt.is_dir() and any(ckpt.iterdir()):
+        return True
+    if (run / "run.json").exists():
+        return not _our_run_json(run)
+    events = run / "tensorboard"
+    return events.is_dir() and any(events.iterdir())
 
 
 def check_paths(run: Path, data: Path) -> None:
@@ -145,12 +161,19 @@ def checkpoint_layout(tag_dir: Path) -> tuple[int, int] | None:
 
 
 def clear_run(run: Path) -> None:
-    """Remove what a previous run left (rank 0: with --overwrite, or after a start that never took
-    a step, see ``holds_a_run``); other files stay."""
+    """Remove what a previous run left (rank 0, only with --overwrite); other files stay."""
     for f in RUN_FILES:
         (run / f).unlink(missing_ok=True)
     for d in RUN_DIRS:
         shutil.rmtree(run / d, ignore_errors=True)
+
+
+def clear_failed_start(run: Path) -> None:
+    """Remove what a start that never took a step left (``holds_a_run`` said it is ours and holds
+    no step): its run.json, an empty metrics file, empty checkpoints/ and its event files."""
+    assert not holds_a_run(run), f"{run} holds a run; clear_failed_start must not touch it"
+    if (run / "run.json").exists():
+        clear_run(run)
 
 
 def write_json_atomic(path: Path, obj) -> None:

@@ -167,14 +167,29 @@ def test_block_size_is_checked_with_the_config_before_anything_starts(data_dir, 
 
 
 def test_a_start_that_never_took_a_step_is_not_a_run(tmp_path):
+    """What a start of ours left before its first step is replaced without --overwrite; a user's
+    own folder with run-like names (a foreign run.json, event files of other tools) is not."""
     run = tmp_path / "r"
     (run / "tensorboard").mkdir(parents=True)
+    (run / "tensorboard" / "events.out.tfevents.1").write_bytes(b"x")
     (run / "checkpoints").mkdir()
-    (run / "run.json").write_text("{}")
+    (run / "run.json").write_text(json.dumps({"argv": [], "deepspeed_config": {}, "data_meta": {}}))
+    (run / "notes.txt").write_text("mine")
     assert not rd.holds_a_run(run)
     assert rd.check_run_dir(run, resume=False, overwrite=False) is None
+    rd.clear_failed_start(run)
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
     (run / "metrics.jsonl").write_text('{"split": "train", "step": 1}\n')
     assert rd.holds_a_run(run)
+
+    user = tmp_path / "u"
+    (user / "tensorboard").mkdir(parents=True)
+    (user / "tensorboard" / "events.out.tfevents.2").write_bytes(b"theirs")
+    assert rd.holds_a_run(user)  # event files without our run.json: not ours to replace
+    (user / "run.json").write_text('{"experiment": "theirs"}')
+    assert rd.holds_a_run(user)
+    with pytest.raises(ValueError, match="already holds a run"):
+        rd.check_run_dir(user, resume=False, overwrite=False)
 
 
 def test_damaged_checkpoint_file_is_named_and_the_previous_tag_suggested(data_dir, tmp_path, capsys):
