@@ -76,6 +76,15 @@ def barrier(group=None) -> None:
         dist.barrier(group=group)
 
 
+def shutdown() -> None:
+    """End this process's part of the job cleanly: wait for every rank, then destroy the process
+    groups. Left to the interpreter's exit, gloo's background threads can be torn down while a
+    peer still talks to them ("terminate called without an active exception", exit -6)."""
+    if torch.distributed.is_initialized():
+        dist.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def all_reduce_sum_(tensor: torch.Tensor, group=None) -> torch.Tensor:
     """Sum ``tensor`` in place over ``group``; returns it. A no-op in a single process."""
     if dist.is_initialized() and world_size(group) > 1:

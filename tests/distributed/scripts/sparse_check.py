@@ -368,6 +368,7 @@ def main():
     if mode == "diverge":
         comm.init()
         planted_divergence(out_path)
+        comm.shutdown()
         return
     tp = int(args[2]) if len(args) > 2 else 1
     stages = tuple(int(x) for x in args[3].split(",")) if len(args) > 3 else (1, 2, 3)
@@ -395,7 +396,7 @@ def main():
     if comm.rank() == 0:
         with open(out_path, "w") as f:
             json.dump({"world": comm.world_size(), "tp": tp, "mode": mode, "ranks": everyone}, f)
-    comm.barrier()
+    comm.shutdown()
 
 
 if __name__ == "__main__":
