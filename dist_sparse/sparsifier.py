@@ -583,6 +583,44 @@ class Sparsifier:
         s = self._slices[name]
         return self.zero.gather_shard_mask(self.masks[name], s.start, s.stop, t.shard_shape, [0])
 
+    def logical_masks(self) -> dict[str, torch.Tensor]:
+        """Every target's whole logical mask (its ``full_shape``), on every rank.
+
+        The layout-independent form of the masks: what another engine of the same run (the
+        model after a physical shrink) or another parallel layout starts from. Collective over
+        the data-parallel group under ZeRO-3 and over the tensor-parallel group with TP.
+        """
+        out = {}
+        for t in self.targets:
+            shard = self.shard_mask(t.name)
+            if self.groups.tp_size > 1 and t.shard_dim is not None:
+                shard = comm.all_gather_cat(shard, self.groups.tp_group, t.shard_dim)
+            out[t.name] = shard.reshape(t.full_shape)
+        return out
+
+    def install_logical_masks(self, masks: dict[str, torch.Tensor], step: int, history: list | None = None) -> None:
+        """Take over whole logical masks decided elsewhere (``logical_masks`` of an earlier engine,
+        cut to this model's shapes): each rank keeps its part and zeroes what they prune in
+        weights and optimizer state. Call after ``prepare(draw=False)``; ``step`` is the number
+        of optimizer steps done, ``history`` the updates made so far."""
+        if set(masks) != {t.name for t in self.targets}:
+            raise RuntimeError(f"masks for {sorted(set(masks) ^ {t.name for t in self.targets})[:4]} do not match "
+                               "this model's sparse targets")
+        self._slices = self._local_slices()
+        mine = {}
+        for t in self.targets:
+            full = masks[t.name].to(torch.bool).cpu()
+            if tuple(full.shape) != tuple(t.full_shape):
+                raise RuntimeError(f"mask of {t.name} has shape {tuple(full.shape)}, the weight {tuple(t.full_shape)}")
+            shard = t.slice_full(full)
+            mine[t.name] = shard.flatten()[self._slices[t.name].start:self._slices[t.name].stop] \
+                if self._mask_sliced else shard.contiguous()
+        self.step_count = step
+        self._optimizer_has_state = step > 0
+        self.history = list(history or [])
+        self._install(mine, UpdateStats(step=step))
+        self.history.pop()  # taking masks over is not an update
+
     # -------------------------------------------------------------- persistence
     def state_dict(self) -> dict:
         """This rank's masks (bit-packed) and the method's state; ``layout`` says which part of
