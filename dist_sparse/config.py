@@ -135,6 +135,10 @@ class SparsityConfig(_Section):
     verify: bool = True
     """After every mask update, compare a checksum of every mask across data-parallel ranks."""
 
+    after_shrink: bool = False
+    """With a ``"structured_pruning"`` section: train dense through the search and draw the first
+    masks on the shrunk model (false: masks from the start, carried through the shrink)."""
+
     @model_validator(mode="after")
     def _check(self):
         if self.pattern == "nm":
@@ -257,9 +261,9 @@ def parse_run_config(raw: dict[str, Any], source: str = "<dict>") -> RunConfig:
     sparsity = parse_section(raw, "sparsity", SparsityConfig, source) if "sparsity" in raw else None
     structured = (parse_section(raw, "structured_pruning", StructuredPruningConfig, source)
                   if "structured_pruning" in raw else None)
-    if sparsity is not None and structured is not None:
-        raise ValueError(f'{source}: "sparsity" and "structured_pruning" cannot be combined yet (the physical '
-                         "shrink would have to carry the masks over); use one of them per run")
+    if sparsity is not None and sparsity.after_shrink and structured is None:
+        raise ValueError(f'{source}: "sparsity.after_shrink" needs a "structured_pruning" section (there is no '
+                         "shrink to wait for); remove it")
     return RunConfig(deepspeed=ds, training=parse_section(raw, "training", TrainingConfig, source),
                      sparsity=sparsity, structured_pruning=structured)
 

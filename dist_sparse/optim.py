@@ -59,16 +59,6 @@ class Lamb(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.norm_reducer = norm_reducer
 
-    def set_step_count(self, step: int) -> None:
-        """Set every parameter's step count (bias correction) to ``step``.
-
-        Used when training continues on a new engine (the physical shrink of structured pruning):
-        its first, priming, step created the state; the run's step count carries on from here.
-        """
-        for state in self.state.values():
-            if "step" in state:
-                state["step"] = int(step)
-
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -90,7 +80,7 @@ class Lamb(torch.optim.Optimizer):
                     continue
                 grad = p.grad.float()
                 if group["l1"]:
-                    grad = grad + group["l1"] * torch.sign(p.float())
+                    grad = grad + l1_subgradient(p, group["l1"])
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
@@ -127,13 +117,58 @@ class Lamb(torch.optim.Optimizer):
         return loss
 
 
+def l1_subgradient(p: torch.Tensor, l1: float) -> torch.Tensor:
+    """``l1 * sign(p)`` in fp32: the subgradient of the penalty ``l1 * sum|p|``."""
+    return l1 * torch.sign(p.float())
+
+
+def add_l1_to_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Make any torch optimizer apply its param groups' ``l1`` the way ``Lamb`` does: a step
+    pre-hook adds ``l1 * sign(p)`` to the gradient of every parameter of those groups, in fp32.
+
+    Registered on the optimizer ZeRO drives (``engine.basic_optimizer``), the hook runs where
+    ZeRO has reduced, unscaled and clipped the fp32 gradient of the fp32 master partition, once
+    per optimizer step and group, so AdamW (torch's on the CPU, DeepSpeed's FusedAdam on CUDA)
+    gets the same penalty as LAMB at every ZeRO stage and accumulation. ``Lamb`` applies ``l1``
+    itself and must not get the hook too.
+    """
+    if isinstance(optimizer, Lamb):
+        raise TypeError("Lamb applies l1 itself")
+
+    def pre_hook(opt, args, kwargs):
+        for group in opt.param_groups:
+            if group.get("l1"):
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.add_(l1_subgradient(p, group["l1"]).to(p.grad.dtype))
+    optimizer.register_step_pre_hook(pre_hook)
+
+
+def set_step_count(optimizer: torch.optim.Optimizer, step: int) -> None:
+    """Set the optimizer's step count (Adam/LAMB bias correction) to ``step``.
+
+    Used when training continues on a new engine (the physical shrink of structured pruning): its
+    first, priming, step created the state; the run's count carries on from here. Per-parameter
+    counts (``Lamb``: an int; torch's Adam/AdamW: a tensor) and per-group ones (DeepSpeed's
+    FusedAdam keeps ``group["step"]``) are both set.
+    """
+    for state in optimizer.state.values():
+        if "step" in state:
+            old = state["step"]
+            state["step"] = (torch.full_like(old, step) if isinstance(old, torch.Tensor) else int(step))
+    for group in optimizer.param_groups:
+        if "step" in group:
+            group["step"] = int(step)
+
+
 def parameter_groups(model: torch.nn.Module, weight_decay: float, one_per_parameter: bool,
                      l1: float = 0.0) -> list[dict]:
     """Param groups with BERT's weight-decay exclusions (biases and LayerNorm).
 
     ``one_per_parameter`` gives every tensor its own group, which layer-wise optimizers need
     under ZeRO (see the module docstring); ``l1`` goes to the slimming coefficients' groups
-    (``Lamb`` applies it; only with ``one_per_parameter``).
+    (``Lamb`` applies it, other optimizers through ``add_l1_to_gradients``); without
+    ``one_per_parameter`` the coefficients then form a group of their own.
     """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -144,9 +179,13 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, one_per_parame
         return ([{"params": [p], "weight_decay": weight_decay, "name": n} for n, p in decay]
                 + [{"params": [p], "weight_decay": 0.0, "name": n,
                     **({"l1": l1} if l1 and is_coefficient(n) else {})} for n, p in no_decay])
+    coefs = [(n, p) for n, p in no_decay if l1 and is_coefficient(n)]
+    no_decay = [(n, p) for n, p in no_decay if not (l1 and is_coefficient(n))]
     groups = []
     if decay:
         groups.append({"params": [p for _, p in decay], "weight_decay": weight_decay})
     if no_decay:
         groups.append({"params": [p for _, p in no_decay], "weight_decay": 0.0})
+    if coefs:
+        groups.append({"params": [p for _, p in coefs], "weight_decay": 0.0, "l1": l1})
     return groups

@@ -65,9 +65,10 @@ def validate(cfg: StructuredPruningConfig, model_config, tp_size: int, run_cfg) 
         raise ValueError('structured_pruning continues the learning-rate schedule on the shrunk model\'s new engine, '
                          'which works with the "training" section\'s schedule only: remove the DeepSpeed "scheduler"')
     opt = str(run_cfg.deepspeed.get("optimizer", {}).get("type", "")).lower()
-    if opt != "lamb":
-        raise ValueError("structured_pruning carries optimizer state across the shrink for LAMB only; set "
-                         f'optimizer.type to "Lamb" (got {opt or "nothing"!r})')
+    if opt not in ("lamb", "adam", "adamw"):
+        # The shrink carries Adam's two moments (exp_avg, exp_avg_sq), which LAMB keeps too.
+        raise ValueError("structured_pruning carries the optimizer's Adam moments across the shrink: set "
+                         f'optimizer.type to "Lamb", "Adam" or "AdamW" (got {opt or "nothing"!r})')
     heads = [model_config.heads_of(i) for i in range(model_config.num_hidden_layers)]
     neurons = [model_config.intermediate_of(i) for i in range(model_config.num_hidden_layers)]
     plan = PrunePlan(cfg, tp_size)

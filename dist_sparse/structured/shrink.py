@@ -7,9 +7,9 @@
 2. Zero the coefficients of the removed units (this is the masked model), fold the coefficients
    into the consumers' columns (weights with c, Adam moments with 1/c and 1/c^2: the gradient of
    the folded weight is the old one divided by c), and keep only the ticket's rows and columns.
-3. Release the old engine (the caller holds the last reference and drops it) and build a new
-   one on the small model: AutoTP and ZeRO re-shard it, a priming step (a whole accumulation
-   cycle) at learning rate 0 creates the optimizer state, the LR schedule and LAMB's step count
+3. The trainer releases the old engine and builds a new one on the small model
+   (``build_shrunk_engine``): AutoTP and ZeRO re-shard it, a priming step (a whole accumulation
+   cycle) at learning rate 0 creates the optimizer state, the LR schedule and the optimizer's step count
    continue at the current step, and the carried fp32 masters and moments are written through
    the fragment API.
 4. Verify: the new engine's outputs on a fixed batch must equal the masked model's (computed
@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 from dataclasses import dataclass
 
@@ -28,6 +27,7 @@ from dist_sparse.distributed import comm
 from dist_sparse.distributed.comm import ParallelGroups
 from dist_sparse.distributed.tp_layout import split_dim
 from dist_sparse.distributed.zero import MOMENT_KEYS, ZeroAccess, link_optimizer_state
+from dist_sparse.optim import set_step_count
 from dist_sparse.structure import (HEAD_COEF, NEURON_COEF, Ticket, fold_coefficients, is_coefficient, layer_key,
                                    shrink_state_dict, shrunk_model_config)
 
@@ -186,21 +186,12 @@ def plan_shrink(engine, config, ticket: Ticket, *, groups: ParallelGroups, zero:
                       params_before=params_before, device=device)
 
 
-def release_engine(engine) -> None:
-    """Free what DeepSpeed holds for ``engine``; the caller drops its own reference."""
-    engine.destroy()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def build_shrunk_engine(plan: ShrinkPlan, *, run_cfg, groups: ParallelGroups, zero: ZeroAccess, step: int,
-                        global_batch: int, lr_lambda):
+def build_shrunk_engine(plan: ShrinkPlan, *, build_engine, zero_stage: int, groups: ParallelGroups, zero: ZeroAccess,
+                        step: int, global_batch: int, lr_lambda):
     """The engine of the shrunk model, standing at optimizer step ``step`` with the carried fp32
-    masters and moments. Returns (engine, report)."""
+    masters and moments. ``build_engine(model, lr_lambda=, start_step=)`` builds an engine as
+    the run builds its first one. Returns (engine, report)."""
     from dist_sparse.model import DistSparseBertForPreTraining
-    from dist_sparse.optim import Lamb
-    from dist_sparse.train.engine import build_engine
 
     device, small_config = plan.device, plan.small_config
     model = DistSparseBertForPreTraining(small_config)
@@ -208,7 +199,7 @@ def build_shrunk_engine(plan: ShrinkPlan, *, run_cfg, groups: ParallelGroups, ze
     # The optimizer state must exist before carried moments can be written through the fragment
     # API, and ZeRO creates it only in an optimizer step (ZeRO-3 keeps it on flat partitions it
     # alone knows). So the new engine takes one priming step, a whole accumulation cycle of zero
-    # losses at learning rate 0, which leaves every weight as loaded (LAMB: p += 0 * update) and
+    # losses at learning rate 0, which leaves every weight as loaded (LAMB: p += 0 * update; AdamW's decay is lr-scaled) and
     # ends on an accumulation boundary, so the run's micro batches stay aligned with DeepSpeed's
     # boundaries; its schedule starts one step early so that afterwards it stands at ``step``.
     priming = [True]
@@ -216,11 +207,8 @@ def build_shrunk_engine(plan: ShrinkPlan, *, run_cfg, groups: ParallelGroups, ze
     def lr_fn(s: int) -> float:
         return 0.0 if priming[0] else lr_lambda(s)
 
-    new = build_engine(model, run_cfg, lr_lambda=lr_fn, start_step=step - 1)
+    new = build_engine(model, lr_lambda=lr_fn, start_step=step - 1)
     del model
-    optimizer = new.client_optimizer
-    if not isinstance(optimizer, Lamb):
-        raise RuntimeError("the shrink carries optimizer state into dist_sparse's Lamb only")
     new.train()
     for _ in range(new.gradient_accumulation_steps()):
         out = new(**{k: v.to(device) for k, v in plan.verify_batch.items()})
@@ -231,8 +219,8 @@ def build_shrunk_engine(plan: ShrinkPlan, *, run_cfg, groups: ParallelGroups, ze
         new.step()
     assert boundary and new.was_step_applied(), "the priming cycle did not end with an optimizer step"
     new.global_steps, new.global_samples = step, step * global_batch
-    optimizer.set_step_count(step)
-    link_optimizer_state(new.optimizer, run_cfg.zero_stage)
+    set_step_count(new.basic_optimizer, step)  # LAMB's and Adam's bias correction continue
+    link_optimizer_state(new.optimizer, zero_stage)
     # The fp32 masters are carried, not re-derived from the (bf16-rounded) module weights; the
     # module's low-precision copy is already the rounding of the same values.
     full_shapes = logical_shapes(small_config, False)
@@ -275,4 +263,4 @@ def build_shrunk_engine(plan: ShrinkPlan, *, run_cfg, groups: ParallelGroups, ze
 
 
 __all__ = ["ShrinkPlan", "ShrinkReport", "build_shrunk_engine", "gather_full", "logical_shapes", "masked_weights",
-           "plan_shrink", "reference_outputs", "release_engine", "shrink_tensors"]
+           "plan_shrink", "reference_outputs", "shrink_tensors"]

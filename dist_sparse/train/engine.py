@@ -25,7 +25,7 @@ from dist_sparse.config import RunConfig
 from dist_sparse.distributed import comm
 from dist_sparse.distributed.rng import tp_rng
 from dist_sparse.distributed.tp_layout import is_tp_split
-from dist_sparse.optim import Lamb, parameter_groups
+from dist_sparse.optim import Lamb, add_l1_to_gradients, parameter_groups
 
 LAMB_KEYS = {"lr", "betas", "eps", "weight_decay", "bias_correction", "max_coeff", "min_coeff"}
 
@@ -139,8 +139,10 @@ def build_engine(model: torch.nn.Module, run_cfg: RunConfig,
         tp_rng.install(model)
     client_opt = build_optimizer(model, run_cfg, ds)
     weight_decay = float(run_cfg.deepspeed["optimizer"].get("params", {}).get("weight_decay", 0.01))
+    sp = run_cfg.structured_pruning
+    l1 = sp.l1 if sp is not None else 0.0
     model_parameters = (None if client_opt is not None
-                        else parameter_groups(model, weight_decay, one_per_parameter=False))
+                        else parameter_groups(model, weight_decay, one_per_parameter=False, l1=l1))
     scheduler = None
     if "scheduler" not in ds:
         def scheduler(optimizer):
@@ -157,4 +159,7 @@ def build_engine(model: torch.nn.Module, run_cfg: RunConfig,
         # ZeRO 1-3 (and DeepSpeed's BF16_Optimizer, which it picks here only for ZeRO-1 with fp32
         # gradient accumulation) hand the optimizer DP slices; stage 0 whole (TP-local) tensors.
         client_opt.norm_reducer = lamb_norm_reducer(groups, split, dp_sharded=run_cfg.zero_stage > 0)
+    elif l1:
+        # DeepSpeed's own optimizer (AdamW): the coefficients' L1 in fp32, as LAMB applies it
+        add_l1_to_gradients(engine.basic_optimizer)
     return engine

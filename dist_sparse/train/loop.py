@@ -10,16 +10,13 @@ tensor-parallel RNG region, seeded per micro step with the TP rank mixed in.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
 import random
 import time
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -33,8 +30,8 @@ from dist_sparse.train import run_dir as rd
 from dist_sparse.train.args import build_parser
 from dist_sparse.train.engine import build_engine
 from dist_sparse.train.metrics import MetricsWriter
-from dist_sparse.train.sparse import build_sparsifier, config_fingerprint, preflight_sparsity, sparsity_scalars
-from dist_sparse.train.step import StateLink, optimizer_step
+from dist_sparse.train.sparse import SparsityComponent, config_fingerprint, preflight_sparsity
+from dist_sparse.train.trainer import Trainer
 
 log = logging.getLogger("dist_sparse.train")
 
@@ -48,22 +45,6 @@ CRASH_IN_SAVE_ENV = "DIST_SPARSE_TEST_CRASH_IN_SAVE"
 def step_seed(seed: int, step: int, micro: int, dp_rank: int, stream: int = 0) -> int:
     """A 63-bit seed for one micro step; distinct streams never collide for sane sizes."""
     return (((seed * 1_000_003 + step) * 4099 + micro) * 65_537 + dp_rank) * 7 + stream & (2**63 - 1)
-
-
-@dataclass(frozen=True)
-class RunContext:
-    """What the structural shrink needs to know of the run it happens in."""
-    run_cfg: RunConfig
-    groups: comm.ParallelGroups
-    seed: int
-    global_batch: int
-    micro_bs: int
-    seq_len: int
-    lr_lambda: Callable[[int], float]
-    collator: object
-    eval_ds: object
-    metrics: MetricsWriter
-    is_rank0: bool
 
 
 @dataclass
@@ -100,7 +81,7 @@ def run(argv: list[str] | None = None) -> int:
     max_steps, save_interval, eval_interval, seed = _resolve(args, run_cfg)
     from dist_sparse.data.prepare import load_prepared
     datasets, meta = load_prepared(args.data)
-    from dist_sparse.model.presets import build_config, build_model, dense_flops_per_token
+    from dist_sparse.model.presets import build_config, build_model
     model_config = build_config(args.model, vocab_size=meta["vocab_size"],
                                 max_position_embeddings=max(512, meta["seq_len"]),
                                 pad_token_id=meta["special_ids"]["[PAD]"])
@@ -174,20 +155,12 @@ def run(argv: list[str] | None = None) -> int:
     def lr_lambda(s: int) -> float:
         return lr_multiplier(s, run_cfg.training, max_steps)
 
-    engine = build_engine(model, run_cfg, lr_lambda=lr_lambda)
+    def make_engine(model, *, lr_lambda=lr_lambda, start_step: int = 0):
+        return build_engine(model, run_cfg, lr_lambda=lr_lambda, start_step=start_step)
+
+    engine = make_engine(model)
     del model  # the engine owns it; a shrink must be able to release it
     groups = comm.parallel_groups(run_cfg.tp_size)
-    sparsifier = build_sparsifier(engine, run_cfg, groups, max_steps)
-    pruner = None
-    if sp_cfg is not None:
-        from dist_sparse.distributed.zero import ZeroAccess
-        from dist_sparse.structured.pruner import StructuredPruner
-        pruner = StructuredPruner(sp_cfg, model_config.num_hidden_layers, groups,
-                                  ZeroAccess(run_cfg.zero_stage, groups.dp_group, groups.dp_rank, groups.dp_size))
-        if structured_state is not None:
-            pruner.load_state_dict(structured_state)
-        pruner.bind(engine.module)
-    dense_fwd = dense_flops_per_token(model_config, meta["seq_len"])
     tokens_per_step = global_batch * meta["seq_len"]
 
     from dist_sparse.data.collator import MlmCollator
@@ -199,22 +172,55 @@ def run(argv: list[str] | None = None) -> int:
                            mlm_probability=run_cfg.training.mlm_probability)
     loader = ResumableBatchIterator(len(train_ds), micro_bs, groups.dp_rank, groups.dp_size, seed)
 
+    # The components, in hook order: masks are updated before the structured search looks.
+    components = []
+    sparsity = None
+    if run_cfg.sparsity is not None:
+        sparsity = SparsityComponent.for_run(run_cfg, groups, max_steps, meta["seq_len"], tokens_per_step)
+        components.append(sparsity)
+    structured = None
+    if sp_cfg is not None:
+        from dist_sparse.distributed.zero import ZeroAccess
+        from dist_sparse.structured.pruner import StructuredPruner
+        from dist_sparse.train.structured import EarlyBertComponent
+        pruner = StructuredPruner(sp_cfg, model_config.num_hidden_layers, groups,
+                                  ZeroAccess(run_cfg.zero_stage, groups.dp_group, groups.dp_rank, groups.dp_size))
+        if structured_state is not None:
+            pruner.load_state_dict(structured_state)
+        # The shrink's check batch: the same on every rank (not the rank's own stride), fixed seed.
+        gen = torch.Generator().manual_seed(step_seed(seed, 0, 0, 0, stream=3))
+        verify_batch = collator([eval_ds[i % len(eval_ds)] for i in range(micro_bs)], gen)
+        structured = EarlyBertComponent(pruner, zero_stage=run_cfg.zero_stage, verify_batch=verify_batch,
+                                        seq_len=meta["seq_len"], global_batch=global_batch, lr_lambda=lr_lambda,
+                                        is_rank0=is_rank0)
+        components.append(structured)
+    trainer = Trainer(engine, model_config, groups, zero_stage=run_cfg.zero_stage, build_engine=make_engine,
+                      components=components)
+    del engine  # the trainer holds the only reference
+    if structured is not None:
+        structured.bind(trainer)
+    # sparsity.after_shrink: dense until the structured shrink, which draws the first masks
+    masks_now = sparsity is not None and not (run_cfg.sparsity.after_shrink and searching)
+    if masks_now:
+        sparsity.attach(trainer)
+
     progress = Progress()
     ckpt_dir = rd.checkpoint_dir(run)
 
     if resume_tag is not None:
-        progress = _load_checkpoint(engine, ckpt_dir, resume_tag, loader, args, meta, groups, max_steps)
-        link_optimizer_state(engine.optimizer, run_cfg.zero_stage)
-        _resume_sparsity(sparsifier, ckpt_dir / resume_tag, args.sparsity_reset)
+        progress = _load_checkpoint(trainer.engine, ckpt_dir, resume_tag, loader, args, meta, groups, max_steps)
+        link_optimizer_state(trainer.engine.optimizer, run_cfg.zero_stage)
+        _resume_sparsity(sparsity if masks_now else None, ckpt_dir / resume_tag, args.sparsity_reset,
+                         waiting=sparsity is not None and not masks_now)
         if is_rank0:
             rd.truncate_metrics(run / "metrics.jsonl", progress.step)
-    elif sparsifier is not None:
-        sparsifier.prepare(draw=True)
+    elif masks_now:
+        sparsity.start(draw=True)
     comm.barrier()
 
     metrics = MetricsWriter(run, enabled=is_rank0, purge_step=progress.step + 1 if resume_tag else None)
-    if sparsifier is not None and resume_tag is None:
-        metrics.scalars("sparsity", 0, sparsity_scalars(sparsifier, None, dense_fwd, tokens_per_step))
+    if masks_now and resume_tag is None:
+        metrics.scalars("sparsity", 0, sparsity.scalars(trainer, None))
 
     pbar = None
     if is_rank0 and not args.no_progress:
@@ -223,20 +229,21 @@ def run(argv: list[str] | None = None) -> int:
 
     def save(step: int) -> None:
         tag = f"global_step{step}"
-        structured = None if pruner is None else {**pruner.state_dict(), "config": sp_cfg.model_dump()}
+        structured_sd = None if structured is None else structured.state_dict()
         client_state = {"format": CHECKPOINT_FORMAT, "progress": progress.__dict__, "loader": loader.state_dict(),
                         "seed": seed, "max_steps": max_steps, "model": args.model,
-                        "model_config": model_config.to_dict(), "data_meta": meta,
+                        "model_config": trainer.model_config.to_dict(), "data_meta": meta,
                         "dp_size": groups.dp_size, "tp_size": groups.tp_size,
-                        "sparsity": None if sparsifier is None else config_fingerprint(sparsifier.cfg),
-                        "structured": structured}
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+                        "sparsity": None if run_cfg.sparsity is None else config_fingerprint(run_cfg.sparsity),
+                        "structured": structured_sd}
+        trainer.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
         if is_rank0:
             rd.write_json_atomic(ckpt_dir / tag / STRUCTURE_FILE,
-                                 {"model_config": model_config.to_dict(), "structured": structured})
+                                 {"model_config": trainer.model_config.to_dict(), "structured": structured_sd})
         torch.save(_rng_state(), ckpt_dir / tag / f"rng_state_rank{comm.rank()}.pt")
-        if sparsifier is not None:
-            torch.save(sparsifier.state_dict(), ckpt_dir / tag / f"{SPARSITY_FILE_PREFIX}{comm.rank()}.pt")
+        masks = None if sparsity is None else sparsity.state_dict()
+        if masks is not None:
+            torch.save(masks, ckpt_dir / tag / f"{SPARSITY_FILE_PREFIX}{comm.rank()}.pt")
         if os.environ.get(CRASH_IN_SAVE_ENV) == tag:  # fault injection for the crash-safety test
             os._exit(17)
         comm.barrier()  # every rank has written its part before `latest` moves
@@ -246,14 +253,11 @@ def run(argv: list[str] | None = None) -> int:
             log.info("saved checkpoint %s", ckpt_dir / tag)
         comm.barrier()
 
-    ctx = RunContext(run_cfg=run_cfg, groups=groups, seed=seed, global_batch=global_batch, micro_bs=micro_bs,
-                     seq_len=meta["seq_len"], lr_lambda=lr_lambda, collator=collator, eval_ds=eval_ds,
-                     metrics=metrics, is_rank0=is_rank0)
-    state_link = StateLink(run_cfg.zero_stage)
     first_batch = next(iter(ResumableBatchIterator(len(train_ds), micro_bs, groups.dp_rank, groups.dp_size, seed)))
 
     def micro_batches(step: int):
         """This rank's micro batches of optimizer step ``step + 1``, each seeded just before use."""
+        device = trainer.engine.device
         for micro in range(grad_acc):
             data_step = 0 if args.overfit_batch else step
             indices = first_batch if args.overfit_batch else next(loader)
@@ -262,35 +266,24 @@ def run(argv: list[str] | None = None) -> int:
             torch.manual_seed(step_seed(seed, step, micro, groups.dp_rank, stream=1))
             # dropout on this rank's attention heads: its own stream per TP rank (a no-op at tp=1)
             tp_rng.seed(step_seed(seed, step, micro, groups.dp_rank, stream=4), groups.tp_rank)
-            yield {k: v.to(engine.device) for k, v in batch.items()}
+            yield {k: v.to(device) for k, v in batch.items()}
 
     while progress.step < max_steps:
         t0 = time.perf_counter()
-        engine.train()
-        result = optimizer_step(engine, micro_batches(progress.step), sparsifier=sparsifier, state_link=state_link,
-                                step=progress.step + 1)
+        result = trainer.train_step(micro_batches(progress.step), step=progress.step + 1)
         # loss sum over micro steps, micro steps, tokens; on the device, read once per step
         local = torch.stack([result.loss_sum, torch.tensor(float(result.micro_steps), dtype=torch.float64,
-                                                           device=engine.device), result.tokens])
+                                                           device=result.loss_sum.device), result.tokens])
         comm.all_reduce_sum_(local, groups.dp_group)
         local = local.cpu()
         progress.step += 1
         progress.samples += global_batch
         progress.tokens += int(local[2])
-        update = sparsifier.step(progress.step) if sparsifier is not None else None
         elapsed = time.perf_counter() - t0
         loss = float(local[0] / local[1])
-        if update is not None:
-            metrics.scalars("sparsity", progress.step, sparsity_scalars(sparsifier, update, dense_fwd, tokens_per_step))
-        if pruner is not None and pruner.is_check_step(progress.step):
-            obs, scalars = pruner.check(progress.step)
-            metrics.scalars("structured", progress.step, scalars)
-            if obs.drawn:
-                handed = [engine]  # _shrink takes the last reference, so that it can release the engine
-                engine = None
-                engine, model_config = _shrink(ctx, handed, model_config, pruner, progress.step)
-                dense_fwd = dense_flops_per_token(model_config, meta["seq_len"])
-                state_link.reset()
+        for group, scalars in result.scalars.items():
+            metrics.scalars(group, progress.step, scalars)
+        engine = trainer.engine
         if progress.step % run_cfg.training.log_interval == 0 or progress.step == max_steps:
             grad_norm = engine.get_global_grad_norm()
             metrics.scalars("train", progress.step, {
@@ -306,6 +299,7 @@ def run(argv: list[str] | None = None) -> int:
             metrics.scalars("eval", progress.step, result)
             if is_rank0:
                 log.info("step %d eval %s", progress.step, {k: round(v, 4) for k, v in result.items()})
+        del engine  # the trainer holds the only reference (a shrink must be able to free it)
         if (save_interval and progress.step % save_interval == 0) or last:
             save(progress.step)
 
@@ -318,55 +312,6 @@ def run(argv: list[str] | None = None) -> int:
         print(f"  tensorboard: {(run / 'tensorboard').resolve()}  (tensorboard --logdir {run / 'tensorboard'})")
     comm.barrier()
     return 0
-
-
-def _shrink(ctx: RunContext, handed: list, model_config, pruner, step: int):
-    """Draw the consequences of a ticket: the physical shrink, its checks and what it logs.
-
-    The old engine is released before the new one is built, so ``handed`` is a one-element list
-    the caller has moved its only reference into; it is emptied here.
-    """
-    from dist_sparse.model.presets import dense_flops_per_token
-    from dist_sparse.structured.shrink import build_shrunk_engine, plan_shrink, release_engine
-
-    # The same batch on every rank (not the rank's own stride), masked with a fixed seed.
-    gen = torch.Generator().manual_seed(step_seed(ctx.seed, 0, 0, 0, stream=3))
-    verify_batch = ctx.collator([ctx.eval_ds[i % len(ctx.eval_ds)] for i in range(ctx.micro_bs)], gen)
-    before = dense_flops_per_token(model_config, ctx.seq_len, training=True)
-    engine = handed.pop()
-    plan = plan_shrink(engine, model_config, pruner.ticket, groups=ctx.groups, zero=pruner.zero,
-                       zero_stage=ctx.run_cfg.zero_stage, verify_batch=verify_batch,
-                       tolerance=pruner.cfg.verify_tolerance)
-    pruner.mark_shrunk()  # drops its references to the old coefficients
-    old_module = weakref.ref(engine.module)
-    release_engine(engine)
-    del engine
-    gc.collect()
-    # Checked, not assumed: anything still holding the old module keeps a whole model (and on a GPU
-    # its optimizer state) alive next to the new one.
-    released = old_module() is None
-    if not released:
-        log.warning("structured pruning: the old engine's module is still referenced after the shrink; "
-                    "its memory stays in use")
-    engine, report = build_shrunk_engine(plan, run_cfg=ctx.run_cfg, groups=ctx.groups, zero=pruner.zero, step=step,
-                                         global_batch=ctx.global_batch, lr_lambda=ctx.lr_lambda)
-    small_config = plan.small_config
-    del plan
-    after = dense_flops_per_token(small_config, ctx.seq_len, training=True)
-    ctx.metrics.scalars("structured", step, {
-        "ticket_step": float(step), "shrink/relative_diff": report.relative_diff,
-        "shrink/old_engine_released": float(released),
-        "shrink/tp_imbalance": report.tp_imbalance, "params": float(report.params_after),
-        "train_flops_per_token": after, "flop_ratio": after / before})
-    if ctx.is_rank0:
-        log.info("structured pruning: ticket drawn at step %d%s; heads per layer %s, FFN widths %s; parameters "
-                 "%d -> %d, training FLOPs per token x%.3f; outputs match the masked model to %.2g (relative); "
-                 "TP shard imbalance %.3f", step, " (forced: max_search_steps)" if pruner.forced else "",
-                 small_config.layer_num_heads, small_config.layer_intermediate_sizes, report.params_before,
-                 report.params_after, after / before, report.relative_diff, report.tp_imbalance)
-    if report.tp_imbalance > 1.10:
-        raise RuntimeError(f"tensor-parallel shards are unbalanced after the shrink ({report.tp_imbalance:.3f}x)")
-    return engine, small_config
 
 
 def _check_resumed_data(run: Path, data: str, meta: dict, recorded: dict | None = None) -> None:
@@ -448,13 +393,19 @@ def _load_checkpoint(engine, ckpt_dir: Path, tag: str, loader, args, meta, group
     return Progress(**client_state["progress"])
 
 
-def _resume_sparsity(sparsifier, tag_dir: Path, reset: bool) -> None:
+def _resume_sparsity(sparsity, tag_dir: Path, reset: bool, waiting: bool = False) -> None:
     """Masks come back from the checkpoint; a mismatch between it and the config is an error
-    unless ``--sparsity-reset`` says to start new masks (or, with no sparsity section, none)."""
+    unless ``--sparsity-reset`` says to start new masks (or, with no sparsity section, none).
+    ``sparsity``: the component whose masks are due now; ``waiting``: the section waits for the
+    structured shrink (``after_shrink``), so the checkpoint must hold no masks yet."""
     path = tag_dir / f"{SPARSITY_FILE_PREFIX}{comm.rank()}.pt"
     has_masks = path.exists()
-    if sparsifier is None:
+    if sparsity is None:
         if has_masks and not reset:
+            if waiting:
+                raise ValueError(f"--resume: {tag_dir} holds sparsity masks but \"sparsity.after_shrink\" waits for "
+                                 "the structured shrink to draw them; remove after_shrink, or pass --sparsity-reset "
+                                 "to continue dense until the shrink")
             raise ValueError(f"--resume: {tag_dir} holds sparsity masks but the config has no \"sparsity\" section; "
                              "add the section back, or pass --sparsity-reset to continue dense")
         return
@@ -462,7 +413,6 @@ def _resume_sparsity(sparsifier, tag_dir: Path, reset: bool) -> None:
         raise ValueError(f"--resume: {tag_dir} has no sparsity masks (a dense run?) but the config asks for "
                          "sparsity; pass --sparsity-reset to draw new masks from the resumed weights")
     if reset:
-        sparsifier.prepare(draw=True, optimizer_has_state=True)
+        sparsity.start(draw=True, optimizer_has_state=True)
         return
-    sparsifier.prepare(draw=False)
-    sparsifier.load_state_dict(torch.load(path, weights_only=False))
+    sparsity.load_state_dict(torch.load(path, weights_only=False))

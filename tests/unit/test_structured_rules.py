@@ -46,8 +46,10 @@ def test_issue_example_parses_and_typos_are_named():
     assert (cfg.head_ratio, cfg.ffn_ratio, cfg.scope, cfg.window, cfg.max_search_steps) == (0.33, 0.4, "layer", 5, 200)
     with pytest.raises(ValueError, match='unknown key "structured_pruning.head_ration"'):
         parse_run_config({"structured_pruning": {"head_ration": 0.3}})
-    with pytest.raises(ValueError, match="cannot be combined"):
-        parse_run_config({"structured_pruning": ISSUE_EXAMPLE, "sparsity": {"method": "static", "sparsity": 0.5}})
+    both = parse_run_config({"structured_pruning": ISSUE_EXAMPLE, "sparsity": {"method": "set", "sparsity": 0.5}})
+    assert both.sparsity.method == "set" and both.structured_pruning.head_ratio == 0.33
+    with pytest.raises(ValueError, match='"sparsity.after_shrink" needs a "structured_pruning" section'):
+        parse_run_config({"sparsity": {"method": "set", "sparsity": 0.5, "after_shrink": True}})
     with pytest.raises(ValueError, match="nothing would be pruned"):
         parse_run_config({"structured_pruning": {"head_ratio": 0.0, "ffn_ratio": 0.0}})
 
@@ -76,8 +78,11 @@ def test_start_up_checks_name_what_to_fix():
     with pytest.raises(ValueError, match="fp16"):
         cfg = run_cfg(fp16={"enabled": True})
         validate(cfg.structured_pruning, model, 1, cfg)
-    with pytest.raises(ValueError, match="LAMB only"):
-        cfg = run_cfg(optimizer="AdamW")
+    for adam in ("AdamW", "Adam"):  # the shrink carries their moments as LAMB's
+        cfg = run_cfg(optimizer=adam)
+        validate(cfg.structured_pruning, model, 1, cfg)
+    with pytest.raises(ValueError, match='optimizer.type to "Lamb", "Adam" or "AdamW"'):
+        cfg = run_cfg(optimizer="OneBitAdam")
         validate(cfg.structured_pruning, model, 1, cfg)
     with pytest.raises(ValueError, match="ZeRO stage 1, 2 or 3"):
         cfg = run_cfg(stage=0)

@@ -9,7 +9,7 @@ Run on N ranks: the deepspeed launcher, or dslaunch.spawn_ranks, which starts th
     sparse_check.py balance OUT.json 2  # DP2 x TP2: balance "shard" against "global" on planted weights
 
 Every case accumulates gradients over several micro batches (2 or 3) and steps through
-``dist_sparse.train.step.optimizer_step``, the sequence the training run uses. bf16 cases set
+``Trainer.train_step`` with the sparsifier as its component, the sequence the training run uses. bf16 cases set
 ``data_types.grad_accum_dtype`` to fp32 as the BERT-large configs do, so ZeRO-1 runs on
 DeepSpeed's BF16_Optimizer, ZeRO-2/3 on their fp32-accumulating paths.
 
@@ -36,7 +36,9 @@ from dist_sparse.model.presets import build_config, build_model
 from dist_sparse.sparsifier import Sparsifier
 from dist_sparse.sparsity.targets import plan_targets, select_targets
 from dist_sparse.train.engine import build_engine
-from dist_sparse.train.step import StateLink, optimizer_step
+from dist_sparse.train.components import Component
+from dist_sparse.train.sparse import SparsityComponent
+from dist_sparse.train.trainer import Trainer
 
 STEPS = 9
 # Frozen runs only compare the logical masks of every update across layouts (the invariants are
@@ -217,6 +219,16 @@ def nm_group_counts(mask: torch.Tensor, m: int) -> set[int]:
     return set(mask.reshape(-1, m).sum(dim=-1).tolist())
 
 
+class MasksBeforeUpdate(Component):
+    """Keeps every shard mask as it stands after the optimizer step, before the update."""
+
+    def __init__(self, sparsifier):
+        self.sparsifier, self.masks = sparsifier, {}
+
+    def on_after_optimizer_step(self, trainer, step):
+        self.masks = {t.name: self.sparsifier.shard_mask(t.name) for t in self.sparsifier.targets}
+
+
 def run_case(stage: int, section: dict, frozen: bool, tp: int, model: str = "default", ga: int = 2,
              bf16: bool = False, optimizer: str = "AdamW") -> dict:
     cfg = SparsityConfig(**section)
@@ -304,18 +316,20 @@ def run_case(stage: int, section: dict, frozen: bool, tp: int, model: str = "def
                                                                  if k != "per_layer_density"}})
 
     check(0, None, None)
-    link = StateLink(stage)
+    before = MasksBeforeUpdate(sp)
+    sparsity = SparsityComponent(None, seq_len=SEQ, tokens_per_step=SEQ * MICRO * ga * groups.dp_size, sparsifier=sp)
+    # the snapshot first: it sees the masks the sparsifier's after-step update is about to replace
+    trainer = Trainer(engine, engine.module.config, groups, zero_stage=stage, components=[before, sparsity])
+    del engine
     for step in range(1, steps + 1):
-        engine.train()
-        micro_batches = ({k: v.to(engine.device) for k, v in batch(step, groups.dp_rank, m).items()}
-                         for m in range(ga))
-        optimizer_step(engine, micro_batches, sparsifier=sp, state_link=link, step=step)
-        old = {t.name: sp.shard_mask(t.name) for t in targets}
-        stats = sp.step(step)
+        device = trainer.engine.device
+        micro_batches = ({k: v.to(device) for k, v in batch(step, groups.dp_rank, m).items()} for m in range(ga))
+        trainer.train_step(micro_batches, step)
+        stats = sparsity.last_update
         if not frozen or stats is not None or step == steps:
-            check(step, old if stats is not None else None, stats)
+            check(step, before.masks if stats is not None else None, stats)
     sp.remove_hooks()
-    engine.destroy()
+    trainer.engine.destroy()
     expected_first = None
     if planted is not None and cfg.init == "magnitude" and cfg.pattern == "unstructured":
         # the first mask keeps the largest planted fp32 magnitudes (all distinct: no ties)

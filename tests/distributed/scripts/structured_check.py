@@ -25,7 +25,7 @@ from dist_sparse.model import DistSparseBertConfig, DistSparseBertForPreTraining
 from dist_sparse.structure import HEAD_COEF, NEURON_COEF, Ticket, layer_key
 from dist_sparse.structured.pruner import StructuredPruner, attach_coefficients
 from dist_sparse.train.engine import build_engine
-from dist_sparse.train.step import StateLink, optimizer_step
+from dist_sparse.train.trainer import Trainer
 
 LAYERS, HEADS, FFN = 3, 4, 128
 
@@ -67,7 +67,8 @@ def l1_case(stage: int, bf16: bool) -> dict:
     groups = comm.parallel_groups(1)
     zero = ZeroAccess(stage, groups.dp_group, groups.dp_rank, groups.dp_size)
     coef = dict(engine.module.named_parameters())[layer_key(0, HEAD_COEF)]
-    link = StateLink(stage)
+    trainer = Trainer(engine, config, groups, zero_stage=stage)
+    del engine
     values, moments = [float(zero.full_fp32(coef)[1])], []
     for step in range(1, L1_STEPS + 1):
         def micro():
@@ -75,12 +76,12 @@ def l1_case(stage: int, bf16: bool) -> dict:
                 g = torch.Generator().manual_seed(1000 * step + 10 * m + groups.dp_rank)
                 ids = torch.randint(5, 64, (2, 16), generator=g)
                 yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-        optimizer_step(engine, micro(), state_link=link, step=step)
+        trainer.train_step(micro(), step)
         values.append(float(zero.full_fp32(coef)[1]))
         moments.append(float(zero.full_state(coef, "exp_avg")[1]))
-    engine.destroy()
-    return {"stage": stage, "bf16": bf16, "values": values, "exp_avg": moments,
-            "dtype": str(next(engine.module.parameters()).dtype)}
+    dtype = str(next(trainer.engine.module.parameters()).dtype)
+    trainer.engine.destroy()
+    return {"stage": stage, "bf16": bf16, "values": values, "exp_avg": moments, "dtype": dtype}
 
 
 def main() -> None:
