@@ -8,9 +8,10 @@ Three engines are built up front from the same initial weights and the same synt
 
 and timed in interleaved rounds (dense fixed rigl, fixed rigl dense, rigl dense fixed, ...: the
 order rotates), --steps-per-round optimizer steps of each per round, so that whatever else the
-machine is doing hits the three alike. A step is what ``dist_sparse.train.loop`` does: ``sparsifier.before_step``, forward,
-``engine.backward``, ``sparsifier.mask_gradients`` at the accumulation boundary, ``engine.step``,
-then ``sparsifier.step`` (the mask update on RigL's update steps).
+machine is doing hits the three alike. A step is the run's own, ``Trainer.train_step`` with the
+sparsifier as a component: ``before_step``, forward, ``engine.backward``, ``mask_gradients`` at
+the accumulation boundary, ``engine.step``, then ``sparsifier.step`` (the mask update on RigL's
+update steps); two clock components around the sparsity component time its hooks.
 
 Reported, as ratios to the dense step:
 - fixed / dense (DESIGN §9 target <= 1.03);
@@ -183,44 +184,59 @@ def run(argv: list[str] | None = None) -> dict | None:
     cursor = {v: 0 for v in VARIANTS}
     step_no = {v: 0 for v in VARIANTS}
 
+    from dist_sparse.train.components import Component
+    from dist_sparse.train.sparse import SparsityComponent
+    from dist_sparse.train.trainer import Trainer
+
+    class Clock(Component):
+        """Time stamps around the sparsity component's hooks: one clock before it in the list,
+        one after it. Only RigL's update step (the dense-gradient read) is synchronised around
+        ``mask_gradients``: a sync on other steps would add host stalls the training loop does
+        not have, so there, on a GPU, the figure is host time only."""
+
+        def __init__(self, marks: dict, which: str):
+            self.marks, self.which = marks, which
+
+        def on_before_optimizer_step(self, trainer, step):
+            if self.marks["dense_grad"]:
+                sync()
+            self.marks[f"mask_{self.which}"] = time.perf_counter()
+
+        def on_after_optimizer_step(self, trainer, step):
+            sync()
+            self.marks[f"step_{self.which}"] = time.perf_counter()
+
+    marks: dict = {"dense_grad": False}
+    sparsity_parts = {v: None if sparsifiers[v] is None else
+                      SparsityComponent(None, seq_len=args.seq_len, tokens_per_step=global_batch * args.seq_len,
+                                        sparsifier=sparsifiers[v]) for v in VARIANTS}
+    trainers = {v: Trainer(engines[v], model_config, groups, zero_stage=run_cfgs[v].zero_stage,
+                           components=[Clock(marks, "start")] + ([sparsity_parts[v]] if sparsity_parts[v] else [])
+                           + [Clock(marks, "end")])
+                for v in VARIANTS}
+    del engines
+
     def one_step(v: str) -> dict:
-        """One optimizer step of variant v as the training loop does it, timed."""
-        engine, sp = engines[v], sparsifiers[v]
+        """One optimizer step of variant v through ``Trainer.train_step``, the run's sequence, timed."""
+        sp = sparsifiers[v]
         step_no[v] += 1
         step = step_no[v]
         update = sp is not None and sp.is_update_step(step)
-        dense_grad = update and sp.rule.grow == "gradient"
+        marks["dense_grad"] = dense_grad = update and sp.rule.grow == "gradient"
         applied0 = sp.zero.bytes_applied if sp is not None else 0
-        t_mask = 0.0
+
+        def micro_batches():
+            for _ in range(grad_acc):
+                cursor[v] += 1
+                yield batches[(cursor[v] - 1) % DATA_POOL]
         sync()
         t0 = time.perf_counter()
-        if sp is not None:
-            sp.before_step(step)
-        for _ in range(grad_acc):
-            batch = batches[cursor[v] % DATA_POOL]
-            cursor[v] += 1
-            out = engine(**batch)
-            engine.backward(out.loss)
-            if sp is not None and engine.is_gradient_accumulation_boundary():
-                # Timed on every step (ZeRO-3 masks its gradient partitions here on every step).
-                # Only RigL's update step (the dense-gradient read) is synchronised around: a
-                # sync on other steps would add host stalls the training loop does not have, so
-                # there, on a GPU, this is host time only.
-                if dense_grad:
-                    sync()
-                tm = time.perf_counter()
-                sp.mask_gradients()
-                if dense_grad:
-                    sync()
-                t_mask = time.perf_counter() - tm
-            engine.step()
-        sync()
-        t1 = time.perf_counter()
-        update_stats = sp.step(step) if sp is not None else None
+        trainers[v].train_step(micro_batches(), step)
         sync()
         t2 = time.perf_counter()
-        rec = {"v": v, "step": step, "total": t2 - t0, "sp_step": t2 - t1, "mask_grad": t_mask,
-               "update": bool(update)}
+        update_stats = sparsity_parts[v].last_update if sp is not None else None
+        rec = {"v": v, "step": step, "total": t2 - t0, "sp_step": marks["step_end"] - marks["step_start"],
+               "mask_grad": marks["mask_end"] - marks["mask_start"], "update": bool(update)}
         if update_stats is not None:
             rec.update(sync_bytes=update_stats.sync_bytes, apply_bytes=update_stats.apply_bytes,
                        # everything ZeroAccess moved over the step, the dense-gradient read included
@@ -232,7 +248,7 @@ def run(argv: list[str] | None = None) -> dict | None:
         for v in VARIANTS:
             one_step(v)
     sync()
-    hook_cost = isolated_hook_cost(sparsifiers["fixed"], engines["fixed"].device, 20, sync)
+    hook_cost = isolated_hook_cost(sparsifiers["fixed"], trainers["fixed"].engine.device, 20, sync)
     comm.barrier()
 
     # The order rotates from round to round (dense fixed rigl, fixed rigl dense, ...) so that no

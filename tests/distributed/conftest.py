@@ -21,12 +21,16 @@ def nsp_data_dir(tmp_path_factory):
     return out
 
 
-# One EarlyBERT run shared by test_structured.py (search, ticket, shrink, training on) and
-# test_export_roundtrip.py (exports before and after the shrink): DP2 x TP2, ZeRO-2, bert-mini,
+# One EarlyBERT run shared by test_structured.py (search, ticket, shrink, training on),
+# test_components.py (masks through the shrink) and test_export_roundtrip.py (exports before and
+# after the shrink): DP2 x TP2, ZeRO-2, bert-mini,
 # a checkpoint every 4 steps, gradient accumulation 2. The ticket falls at step 9 or 12 (checks at 3, 6, 9, 12; a window of
 # two distances, the first at the second check; forced at 12), so global_step4 is mid-search and
 # global_step12 onwards shrunk. The tests read these settings back from the run's run.json.
+# The run is sparse too (SET 50%, updates at 7, 14 and 21), so the masks must follow the shrink:
+# global_step8 holds the masks of step 7, which the shrink at 9 or 12 cuts to global_step12's.
 EARLYBERT_TP2 = {"check_interval": 3, "window": 2, "epsilon": 0.1, "max_search_steps": 12}
+EARLYBERT_TP2_SPARSITY = {"method": "set", "sparsity": 0.5, "update_interval": 7, "end_fraction": 1.0}
 EARLYBERT_TP2_STEPS = 24
 
 
@@ -39,6 +43,7 @@ def earlybert_tp2_run(data_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("earlybert_tp2")
     cfg = json.loads((ROOT / "ds_configs" / "cpu_tp2_zero2_earlybert.json").read_text())
     cfg["structured_pruning"].update(EARLYBERT_TP2)
+    cfg["sparsity"] = EARLYBERT_TP2_SPARSITY
     # the shipped recipe accumulates: micro batch 4 x 2 accumulation steps (the config's global batch)
     cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"] = 4, 2
     path = tmp / "config.json"

@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from dslaunch import run_script
 
@@ -77,3 +78,37 @@ def test_sparsity_after_shrink_draws_its_first_masks_on_the_shrunk_model(carry_r
         for name, numel in r["updates"][0]["numel"].items():
             assert r["updates"][0]["counts"][name] == kept(density, numel)
     assert ranks[0]["updates"] == ranks[1]["updates"]
+
+
+def test_dp2_x_tp2_run_carries_its_masks_through_the_shrink(earlybert_tp2_run):
+    """The shared DP2 x TP2 ZeRO-2 EarlyBERT run (conftest.py) is sparse too: SET 50%, updates at
+    7, 14, 21; the ticket falls at 9 or 12. global_step8 holds step 7's masks, exactly 50% of
+    every weight; global_step12 (after the shrink, before the next update) holds exactly those
+    masks cut to the ticket's heads and neurons; global_step16 and 24 hold exactly 50% of every
+    smaller weight. Both data-parallel ranks of a tensor-parallel shard hold the same masks."""
+    from dist_sparse.inspect import logical_masks
+    from dist_sparse.structure import Ticket, shrink_state_dict
+
+    run = earlybert_tp2_run
+    ckpt = run / "checkpoints"
+    structure = json.loads((ckpt / "global_step12" / "structure.json").read_text())
+    assert structure["structured"]["phase"] == "shrunk"
+    ticket = Ticket.from_dict(structure["structured"]["ticket"])
+    before, at12 = logical_masks(ckpt / "global_step8"), logical_masks(ckpt / "global_step12")
+    assert len(before) == 4 * 6 and before.keys() == at12.keys()
+    head_dim = 256 // 4  # bert-mini: hidden 256, 4 heads
+    cut = shrink_state_dict(before, ticket, head_dim)
+    for name, m in before.items():
+        assert int(m.sum()) == kept(0.5, m.numel()), name
+        assert torch.equal(at12[name], cut[name]), f"{name}: not the step-7 mask cut to the ticket"
+    for tag in ("global_step16", "global_step24"):
+        for name, m in logical_masks(ckpt / tag).items():
+            assert m.shape == cut[name].shape
+            assert int(m.sum()) == kept(0.5, m.numel()), (tag, name)
+    for tag in ("global_step8", "global_step24"):
+        # AutoTP's mesh: ranks 0 and 2 hold TP shard 0 at data-parallel ranks 0 and 1
+        a, b = (torch.load(ckpt / tag / f"sparsity_rank{r}.pt", weights_only=False) for r in (0, 2))
+        assert (a["layout"]["tp_rank"], b["layout"]["tp_rank"], a["layout"]["dp_rank"], b["layout"]["dp_rank"]) == (0, 0, 0, 1)
+        assert a["masks"].keys() == b["masks"].keys()
+        for name, (packed, shape) in a["masks"].items():
+            assert tuple(shape) == tuple(b["masks"][name][1]) and torch.equal(packed, b["masks"][name][0]), (tag, name)

@@ -153,6 +153,11 @@ def test_resume_before_and_after_the_shrink_reproduces_the_run(data_dir, tmp_pat
     builds the small model from the checkpoint alone."""
     cfg = write_config(tmp_path, "cpu_zero2_earlybert.json", 3, accumulation=3, check_interval=3, window=2,
                        epsilon=0.1, max_search_steps=12)
+    # sparse as well (SET, updates at 5, 10, 15): masks resume before the shrink, are carried
+    # through it, and resume after it, under ZeRO-3's slices
+    raw = json.loads(cfg.read_text())
+    raw["sparsity"] = {"method": "set", "sparsity": 0.5, "update_interval": 5, "end_fraction": 1.0}
+    cfg.write_text(json.dumps(raw))
     args = ("--max-steps", 20, "--save-interval", 8)
     whole = tmp_path / "whole"
     pretrain(cfg, data_dir, whole, *args)
@@ -188,6 +193,12 @@ def test_resume_before_and_after_the_shrink_reproduces_the_run(data_dir, tmp_pat
              (whole, broken, after)]
     assert final[0] == final[1] == final[2]
     assert final[0]["structured"]["phase"] == "shrunk"
+    from dist_sparse.inspect import logical_masks
+    masks = [logical_masks(r / "checkpoints" / "global_step20") for r in (whole, broken, after)]
+    assert len(masks[0]) == 24 and masks[0].keys() == masks[1].keys() == masks[2].keys()
+    for name, m in masks[0].items():
+        assert torch.equal(m, masks[1][name]) and torch.equal(m, masks[2][name]), name
+        assert int(m.sum()) == math.floor(0.5 * m.numel() + 0.5), name  # the update at 15, on the small shapes
 
 
 def test_l1_reaches_a_dead_head_in_full_in_fp32_and_bf16_at_accumulation_8(tmp_path):
