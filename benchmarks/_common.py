@@ -153,10 +153,11 @@ def batch_arithmetic(run_cfg) -> tuple[int, int, int, int, int]:
     """(world, dp_size, global_batch, micro_batch, grad_acc) of a parsed RunConfig in this world.
 
     Called before any process group exists, so that a bad combination fails fast."""
-    from dist_sparse.config import data_parallel_size, resolve_batch_sizes
+    from dist_sparse.config import resolve_batch_sizes
+    from dist_sparse.distributed.topology import ParallelDims
 
-    world = int(os.environ["WORLD_SIZE"])
-    dp_size = data_parallel_size(world, run_cfg.tp_size)
+    dims = ParallelDims.from_env(run_cfg.tp_size)
+    world, dp_size = dims.world, dims.dp
     global_batch, micro_bs, grad_acc = resolve_batch_sizes(run_cfg.deepspeed, dp_size)
     return world, dp_size, global_batch, micro_bs, grad_acc
 

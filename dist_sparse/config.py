@@ -319,12 +319,6 @@ def resolve_batch_sizes(ds: dict[str, Any], dp_size: int) -> tuple[int, int, int
     return train, micro, gas
 
 
-def data_parallel_size(world_size: int, tp_size: int) -> int:
-    if tp_size < 1 or world_size % tp_size:
-        raise ValueError(f"tensor_parallel.autotp_size {tp_size} does not divide the world size {world_size}")
-    return world_size // tp_size
-
-
 def lr_multiplier(step: int, cfg: TrainingConfig, max_steps: int) -> float:
     """Learning-rate multiplier of the peak at optimizer step ``step`` (0-based): pure function."""
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_fraction * max_steps)

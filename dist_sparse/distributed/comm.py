@@ -17,6 +17,7 @@ import deepspeed
 from deepspeed import comm as dist
 
 from dist_sparse.distributed import startup
+from dist_sparse.distributed.topology import ParallelDims
 
 
 def init(backend: str | None = None) -> None:
@@ -174,26 +175,37 @@ class ParallelGroups:
     world_size: int
 
 
-def parallel_groups(tp_size: int) -> ParallelGroups:
-    """The DP and TP groups that DeepSpeed created in ``deepspeed.initialize``.
+def parallel_groups(dims: ParallelDims | int) -> ParallelGroups:
+    """The DP and TP groups that DeepSpeed created in ``deepspeed.initialize``, checked against
+    the layout ``dims`` (or a TP degree, in this world).
 
     AutoTP builds a (data_parallel, tensor_parallel) mesh, so TP peers are consecutive ranks
     and share a data-parallel rank: they must and do see the same batches. Without tensor
-    parallelism the data-parallel group is the whole world.
+    parallelism the data-parallel group is the whole world. The one place that reads DeepSpeed's
+    global groups: everything else is handed the result.
     """
     from deepspeed.utils import groups
 
-    if tp_size > 1:
+    if isinstance(dims, int):
+        dims = ParallelDims(world_size(), dims)
+    if dims.world != world_size():
+        raise RuntimeError(f"the process group has {world_size()} ranks, the layout {dims.world}")
+    if dims.tp > 1:
         tp_group = groups.get_tensor_model_parallel_group()
         tp_rank = groups.get_tensor_model_parallel_rank()
         dp_group = groups.get_data_parallel_group()
-        assert world_size(tp_group) == tp_size, "DeepSpeed's TP group disagrees with autotp_size"
     else:
         tp_group, tp_rank, dp_group = None, 0, None
-    return ParallelGroups(dp_group=dp_group, tp_group=tp_group,
-                          dp_rank=rank(dp_group), dp_size=world_size(dp_group),
-                          tp_rank=tp_rank, tp_size=tp_size,
-                          global_rank=rank(), world_size=world_size())
+    out = ParallelGroups(dp_group=dp_group, tp_group=tp_group,
+                         dp_rank=rank(dp_group), dp_size=world_size(dp_group),
+                         tp_rank=tp_rank, tp_size=dims.tp,
+                         global_rank=rank(), world_size=world_size())
+    me = out.global_rank
+    if ((world_size(tp_group) if dims.tp > 1 else 1), out.dp_size, out.tp_rank, out.dp_rank) != \
+            (dims.tp, dims.dp, dims.tp_rank(me), dims.dp_rank(me)):
+        raise RuntimeError(f"DeepSpeed's groups disagree with the layout {dims}: rank {me} is at DP {out.dp_rank} "
+                           f"of {out.dp_size}, TP {out.tp_rank}")
+    return out
 
 
 def remove_shm_buffers() -> list[str]:

@@ -27,9 +27,9 @@ class ParallelDims:
             raise ValueError(f"tensor_parallel.autotp_size {self.tp} does not divide the world size {self.world}")
 
     @classmethod
-    def from_env(cls, tp: int, env: Mapping[str, str] = os.environ) -> "ParallelDims":
+    def from_env(cls, tp: int, env: Mapping[str, str] | None = None) -> "ParallelDims":
         """The launcher's WORLD_SIZE (1 without a launcher) and the config's TP degree."""
-        raw = env.get("WORLD_SIZE", "1")
+        raw = (os.environ if env is None else env).get("WORLD_SIZE", "1")
         try:
             world = int(raw)
         except ValueError:

@@ -127,9 +127,11 @@ def build_optimizer(model: torch.nn.Module, run_cfg: RunConfig, ds: dict) -> tor
 
 
 def build_engine(model: torch.nn.Module, run_cfg: RunConfig,
-                 lr_lambda: Callable[[int], float], start_step: int = 0):
+                 lr_lambda: Callable[[int], float], start_step: int = 0, groups: comm.ParallelGroups | None = None):
     """The DeepSpeed engine of ``model``. ``start_step``: optimizer steps already taken, for an
-    engine that takes over a run (after a physical shrink) so the LR schedule continues."""
+    engine that takes over a run (after a physical shrink) so the LR schedule continues.
+    ``groups``: the run's parallel groups; None only for a process's first engine, before whose
+    ``deepspeed.initialize`` AutoTP's groups do not exist (they are then read from DeepSpeed)."""
     import deepspeed
 
     ds = copy.deepcopy(run_cfg.deepspeed)
@@ -154,7 +156,8 @@ def build_engine(model: torch.nn.Module, run_cfg: RunConfig,
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client_opt, model_parameters=model_parameters,
                                            lr_scheduler=scheduler, config=ds)
     if isinstance(client_opt, Lamb):
-        groups = comm.parallel_groups(run_cfg.tp_size)
+        if groups is None:
+            groups = comm.parallel_groups(run_cfg.tp_size)
         split = tp_split_names(client_opt, engine.module) if groups.tp_size > 1 else set()
         # ZeRO 1-3 (and DeepSpeed's BF16_Optimizer, which it picks here only for ZeRO-1 with fp32
         # gradient accumulation) hand the optimizer DP slices; stage 0 whole (TP-local) tensors.

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dist_sparse.config import (RunConfig, data_parallel_size, load_run_config, lr_multiplier,
-                                resolve_batch_sizes)
+from dist_sparse.config import RunConfig, load_run_config, lr_multiplier, resolve_batch_sizes
 from dist_sparse.distributed import comm
 from dist_sparse.distributed.rng import tp_rng
+from dist_sparse.distributed.topology import ParallelDims
 from dist_sparse.distributed.zero import link_optimizer_state
 from dist_sparse.train import run_dir as rd
 from dist_sparse.train.args import build_parser
@@ -112,9 +112,10 @@ def run(argv: list[str] | None = None) -> int:
                              "it decides the ticket, so it cannot change mid-run")
         if structured_state is None or structured_state["phase"] == "search":
             validate_structured(sp_cfg, model_config, run_cfg.tp_size, run_cfg)
-    # The launcher sets WORLD_SIZE, so the batch arithmetic is checked before any process group.
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    dp_size = data_parallel_size(world, run_cfg.tp_size)
+    # The launcher sets WORLD_SIZE, so the layout and batch arithmetic are checked before any
+    # process group exists.
+    dims = ParallelDims.from_env(run_cfg.tp_size)
+    world, dp_size = dims.world, dims.dp
     global_batch, micro_bs, grad_acc = resolve_batch_sizes(run_cfg.deepspeed, dp_size)
     if resume_tag is not None:
         written = rd.checkpoint_layout(rd.checkpoint_dir(run) / resume_tag)
@@ -155,12 +156,14 @@ def run(argv: list[str] | None = None) -> int:
     def lr_lambda(s: int) -> float:
         return lr_multiplier(s, run_cfg.training, max_steps)
 
-    def make_engine(model, *, lr_lambda=lr_lambda, start_step: int = 0):
-        return build_engine(model, run_cfg, lr_lambda=lr_lambda, start_step=start_step)
-
-    engine = make_engine(model)
+    # DeepSpeed builds AutoTP's groups inside the first deepspeed.initialize: they are read once,
+    # checked against the layout, and passed to everything after, later engines included.
+    engine = build_engine(model, run_cfg, lr_lambda=lr_lambda)
     del model  # the engine owns it; a shrink must be able to release it
-    groups = comm.parallel_groups(run_cfg.tp_size)
+    groups = comm.parallel_groups(dims)
+
+    def make_engine(model, *, lr_lambda=lr_lambda, start_step: int = 0):
+        return build_engine(model, run_cfg, lr_lambda=lr_lambda, start_step=start_step, groups=groups)
     tokens_per_step = global_batch * meta["seq_len"]
 
     from dist_sparse.data.collator import MlmCollator

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from dist_sparse.config import (TrainingConfig, data_parallel_size, load_run_config, lr_multiplier,
+from dist_sparse.distributed.topology import ParallelDims
+from dist_sparse.config import (TrainingConfig, load_run_config, lr_multiplier,
                                 parse_run_config, resolve_batch_sizes)
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "ds_configs").glob("*.json"))
@@ -65,8 +66,8 @@ def test_batch_sizes_that_do_not_multiply_out():
     assert resolve_batch_sizes({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 3}, 2) == (24, 4, 3)
     assert resolve_batch_sizes({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 4}, 4) == (64, 4, 4)
     with pytest.raises(ValueError, match="does not divide"):
-        data_parallel_size(3, 2)
-    assert data_parallel_size(4, 2) == 2
+        ParallelDims(3, 2)
+    assert ParallelDims(4, 2).dp == 2
 
 
 def test_lr_schedule_shapes():
