@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dist_sparse.data import corpus as corpus_mod
-from dist_sparse.folders import publish_folder
 from dist_sparse.data import examples as ex
 from dist_sparse.data.sentences import split_sentences
 from dist_sparse.data.tokenizer import (
@@ -35,6 +34,7 @@ from dist_sparse.data.tokenizer import (
     sentencepiece_model_type,
     train_sentencepiece,
 )
+from dist_sparse.folders import publish_folder
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
