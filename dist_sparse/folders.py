@@ -10,12 +10,21 @@ command recognises its own output by what it writes:
   lists the files the export wrote, so that files added to the folder later are found too.
 
 A refusal says what the folder is instead (:func:`describe`), so the user sees at once that the
-path was another run, a dataset or a folder of their own. Only reads; never changes a file.
+path was another run, a dataset or a folder of their own; these only read.
+
+What every command writes is put in place the same way, so that a reader (another rank, a
+resumed run, the user) sees the old content or the new, never a half-written one:
+:func:`write_atomic` / :func:`write_json_atomic` for a small file (run.json, ``latest``,
+structure.json, metrics.jsonl), :func:`publish_folder` for a finished folder (a prepared
+dataset, an export).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 DATASET_FILE = "meta.json"                            # dist_sparse.data.prepare.META_FILE
@@ -78,4 +87,44 @@ def describe(folder: Path) -> str:
     return f"a folder holding {listing(folder)}"
 
 
-__all__ = ["describe", "export_record", "is_dataset", "listing", "run_entries", "unlisted"]
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` by one rename of a sibling temporary file; on any failure
+    the temporary file is removed and ``path`` keeps its old content."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """``obj`` as indented JSON with sorted keys (values JSON does not know as strings)."""
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def publish_folder(new: Path, dest: Path) -> None:
+    """Put the finished folder ``new`` (made beside ``dest``: one file system) at ``dest`` by renames.
+
+    An existing ``dest`` is first moved into a fresh hidden sibling and deleted only once ``new``
+    is in place; if that rename fails it is moved back. So ``dest`` is always whole: the old
+    folder or the new one.
+    """
+    old = None
+    if dest.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+        os.rename(dest, old / dest.name)
+    try:
+        os.rename(new, dest)
+    except BaseException:
+        if old is not None:
+            os.rename(old / dest.name, dest)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+__all__ = ["describe", "export_record", "is_dataset", "listing", "publish_folder", "run_entries", "unlisted",
+           "write_atomic", "write_json_atomic"]

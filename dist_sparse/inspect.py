@@ -1,8 +1,8 @@
 """``dist-sparse inspect RUN_OR_CHECKPOINT``: per-layer masks and method state of a checkpoint.
 
-Reads the per-rank sparsity files a checkpoint holds and puts the ranks' parts of every weight
-together: under ZeRO-1/2 data-parallel ranks hold copies (read once per tensor-parallel shard),
-under ZeRO-3 each rank holds a slice. Works on any machine; no process group needed.
+Formats what the offline checkpoint reader (:mod:`dist_sparse.train.checkpoint`, shared with
+export) finds: the masks put together from the ranks' sparsity files, and structure.json.
+Works on any machine; no process group needed.
 """
 
 from __future__ import annotations
@@ -10,73 +10,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
-# Not dist_sparse.train.loop (where these names come from): importing it imports DeepSpeed, which
-# prints its accelerator warning before any error inspect reports.
-from dist_sparse.export.checkpoint import SPARSITY_FILE_PREFIX, STRUCTURE_FILE, locate
-from dist_sparse.masks.checksum import unpack_mask
-from dist_sparse.train.run_dir import damaged
+# The offline reader, which does not import DeepSpeed (that would print its accelerator warning
+# before any error inspect reports).
+from dist_sparse.train.checkpoint import DamagedFile, locate, read_structure, sparsity_summary
 
 
 def resolve_checkpoint(path: str | Path, tag: str | None = None) -> Path:
     """A run directory, its checkpoints/ directory, or one checkpoint tag directory (``tag``: another
     checkpoint than the one ``latest`` names). The same rules and messages as export's."""
     return locate(path, tag)
-
-
-def _load(path: Path) -> dict:
-    """A per-rank sparsity file, or a one-line error naming it (a truncated copy, a full disk)."""
-    why = damaged(path)
-    if why is not None:
-        raise ValueError(f"{path} is damaged (not a complete torch file: {why}; truncated?); inspect another "
-                         "checkpoint with --tag")
-    return torch.load(path, weights_only=False)
-
-
-def collect(tag_dir: Path) -> dict:
-    files = sorted(tag_dir.glob(f"{SPARSITY_FILE_PREFIX}*.pt"))
-    if not files:
-        return {}
-    states = [_load(f) for f in files]
-    first = states[0]
-    layers: dict[str, dict] = {}
-    for st in states:
-        lay = st["layout"]
-        partitioned = lay["zero_stage"] == 3
-        if not partitioned and lay["dp_rank"] != 0:
-            continue  # a data-parallel copy of masks already counted
-        for name, (packed, shape) in st["masks"].items():
-            info = lay["targets"][name]
-            entry = layers.setdefault(name, {"full_shape": tuple(info["full_shape"]), "active": 0,
-                                             "shard_shape": tuple(info["shard_shape"])})
-            entry["active"] += int(unpack_mask(packed, tuple(shape)).sum())
-    return {"config": first["config"], "step": first["step"], "max_steps": first["max_steps"],
-            "history": first["history"], "layout": {k: v for k, v in first["layout"].items() if k != "targets"},
-            "ranks": len(states), "layers": layers}
-
-
-def logical_masks(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """The whole mask of every sparse weight, put together from the ranks' files."""
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(tag_dir.glob(f"{SPARSITY_FILE_PREFIX}*.pt")):
-        st = _load(f)
-        lay = st["layout"]
-        for name, (packed, shape) in st["masks"].items():
-            info = lay["targets"][name]
-            full = out.setdefault(name, torch.zeros(info["full_shape"], dtype=torch.bool))
-            mask = unpack_mask(packed, tuple(shape))
-            rows, cols = info["shard_shape"]
-            shard = torch.zeros(rows * cols, dtype=torch.bool)
-            if info["slice"] is not None:  # ZeRO-3: a flat slice of the shard
-                shard[info["slice"][0]:info["slice"][1]] = mask
-            else:
-                shard[:] = mask.flatten()
-            shard = shard.view(rows, cols)
-            dim, off = info["shard_dim"], info["shard_offset"]
-            target = full if dim is None else full.narrow(dim, off, (rows, cols)[dim])
-            target |= shard
-    return out
 
 
 def format_report(tag_dir: Path, info: dict) -> str:
@@ -121,21 +63,19 @@ def format_structure(tag_dir: Path) -> str | None:
     checkpoint of a structured-pruning run (None for other checkpoints)."""
     from dist_sparse.model.config import DistSparseBertConfig
     from dist_sparse.model.presets import dense_flops_per_token
-    path = tag_dir / STRUCTURE_FILE
-    structure = json.loads(path.read_text()) if path.exists() else None
-    if structure is None or structure.get("structured") is None:
+    structure = read_structure(tag_dir)
+    if structure is None or structure.structured is None:
         return None
-    st = structure["structured"]
-    config = DistSparseBertConfig.from_dict(structure["model_config"])
-    full = DistSparseBertConfig.from_dict({**structure["model_config"], "layer_num_heads": None,
+    st = structure.structured
+    config = DistSparseBertConfig.from_dict(structure.model_config)
+    full = DistSparseBertConfig.from_dict({**structure.model_config, "layer_num_heads": None,
                                            "layer_intermediate_sizes": None})
     seq = _seq_len(tag_dir)
-    lines = [f"structured pruning ({st.get('config', {}).get('method', 'earlybert')}): phase {st['phase']}"]
-    det = st["detector"]
-    if st["phase"] == "search":
-        lines.append(f"searching; last distances between keep-sets {[round(d, 4) for d in det['distances']]}")
+    lines = [f"structured pruning ({st.method}): phase {st.phase}"]
+    if st.searching:
+        lines.append(f"searching; last distances between keep-sets {[round(d, 4) for d in st.distances]}")
     else:
-        lines.append(f"ticket drawn at step {st['ticket_step']}" + (" (forced by max_search_steps)" if st["forced"] else ""))
+        lines.append(f"ticket drawn at step {st.ticket_step}" + (" (forced by max_search_steps)" if st.forced else ""))
     lines.append(f"{'layer':>5}  {'heads':>9}  {'FFN width':>11}")
     for i in range(config.num_hidden_layers):
         lines.append(f"{i:>5}  {config.heads_of(i):>4} / {full.heads_of(i):<3}  "
@@ -149,8 +89,11 @@ def format_structure(tag_dir: Path) -> str | None:
 
 def run_inspect(args) -> int:
     tag_dir = resolve_checkpoint(args.path, getattr(args, "tag", None))
-    structure = format_structure(tag_dir)
-    info = collect(tag_dir)
+    try:
+        structure = format_structure(tag_dir)
+        info = sparsity_summary(tag_dir)
+    except DamagedFile as err:
+        raise ValueError(f"{err}; inspect another checkpoint with --tag") from None
     if structure is None or info:
         print(format_report(tag_dir, info))
     if structure is not None:

@@ -34,6 +34,7 @@ from dist_sparse.data.tokenizer import (
     sentencepiece_model_type,
     train_sentencepiece,
 )
+from dist_sparse.folders import publish_folder
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -220,7 +221,7 @@ def prepare_data(
             max_documents=max_documents,
         )
         check_output(output, overwrite)  # it may have appeared while we worked
-        publish(tmp, output)
+        publish_folder(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     meta["elapsed_s"] = time.perf_counter() - started
@@ -282,22 +283,6 @@ def check_output(output: Path, overwrite: bool) -> None:
             f"--output {output} is not a prepared dataset (no {META_FILE}); refusing to "
             f"replace it even with --overwrite; remove it yourself or choose another path"
         )
-
-
-def publish(tmp: Path, output: Path) -> None:
-    """Move the finished `tmp` onto `output` with renames (atomic on one filesystem)."""
-    if output.exists() and any(output.iterdir()):
-        old = output.parent / f"{output.name}.old-{os.getpid()}"
-        os.rename(output, old)
-        try:
-            os.rename(tmp, output)
-        except BaseException:
-            os.rename(old, output)  # put the previous dataset back
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        # rename() replaces an empty directory in one step (POSIX)
-        os.rename(tmp, output)
 
 
 # --------------------------------------------------------------------------- the build

@@ -35,8 +35,10 @@ from pathlib import Path
 import torch
 
 from dist_sparse import folders
-from dist_sparse.export.checkpoint import TIED_KEYS, CheckpointInfo, consolidate, locate, read_info
+from dist_sparse.export.checkpoint import TIED_KEYS, consolidate
 from dist_sparse.export.structured import TrainedStructure, compact_state_dict, dense_state_dict
+from dist_sparse.train.checkpoint import (CheckpointInfo, DamagedFile, checkpoint_tags, locate, read_info,
+                                          sparsity_summary)
 
 FORMATS = ("dense", "compact")
 # Largest |logit difference| accepted between the exported and the trained model, absolute, fp32.
@@ -254,12 +256,6 @@ def _export_model(weights: dict, structure: TrainedStructure, fmt: str):
 # sparsity.json and the model card
 
 
-def _sparse_info(tag_dir: Path) -> dict:
-    from dist_sparse.inspect import collect
-
-    return collect(tag_dir)
-
-
 def sparsity_report(info: CheckpointInfo, structure: TrainedStructure, masks: dict, exported, fmt: str) -> dict:
     """Everything sparsity.json says: per layer the kept heads / FFN neurons (original indices)
     and the density of the sparse weights, per weight the trained masks' counts, and what the
@@ -285,11 +281,10 @@ def sparsity_report(info: CheckpointInfo, structure: TrainedStructure, masks: di
            "checkpoint": {"tag": info.tag_dir.name, "step": info.step, "zero_stage": info.zero_stage,
                           "dp_size": info.dp_size, "tp_size": info.tp_size},
            "layers": layers, "structured": None, "method": None}
-    if structure.structured:
-        s = structure.structured
-        out["structured"] = {"method": (s.get("config") or {}).get("method", "earlybert"), "phase": s.get("phase"),
-                             "ticket_step": s.get("ticket_step"), "forced": s.get("forced"),
-                             "config": s.get("config")}
+    s = info.structured
+    if s is not None:
+        out["structured"] = {"method": s.method, "phase": s.phase, "ticket_step": s.ticket_step, "forced": s.forced,
+                             "config": s.config}
     if masks:
         c = masks["config"]
         out.update(method=c["method"], sparsity=c["sparsity"], pattern=c["pattern"], distribution=c["distribution"])
@@ -510,23 +505,14 @@ def _umask_permissions(folder: Path) -> None:
         os.chmod(f, 0o666 & ~umask)
 
 
-def _commit(tmp: Path, out_dir: Path) -> None:
-    """Put the verified folder at OUT_DIR. An existing OUT_DIR (--overwrite) is moved aside first and
-    deleted only once the new folder is in place, so there is always a whole folder there."""
-    _umask_permissions(tmp)
-    old = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, old / out_dir.name)
-    try:
-        os.replace(tmp, out_dir)
-    except BaseException:
-        if old is not None:
-            os.replace(old / out_dir.name, out_dir)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+def _another_checkpoint(tag_dir: Path) -> str:
+    """What to export instead of a checkpoint with a damaged file: the one before it, else any other."""
+    tags = checkpoint_tags(tag_dir.parent)
+    earlier = tags[:tags.index(tag_dir.name)] if tag_dir.name in tags else []
+    others = [t for t in tags if t != tag_dir.name]
+    return (f"export an earlier checkpoint with --tag {earlier[-1]}" if earlier
+            else f"export another checkpoint with --tag {others[0]}" if others
+            else "the run has no other checkpoint to export")
 
 
 def _make_parents(folder: Path) -> list[Path]:
@@ -574,12 +560,17 @@ def export(checkpoint: str | Path, out_dir: str | Path, fmt: str = "dense", over
     check_out_dir(out_dir, overwrite)
     tag_dir = locate(checkpoint, tag)
     _check_not_inside(out_dir, {"checkpoint": tag_dir})
-    info = read_info(tag_dir)
+    try:
+        info = read_info(tag_dir)
+        masks = sparsity_summary(tag_dir)
+    except DamagedFile as err:
+        raise ValueError(f"{err}; {_another_checkpoint(err.path.parent)}") from None
     config = DistSparseBertConfig.from_dict(info.model_config)
     tok_dir, run_tok_dir = tokenizer_dirs(tag_dir, tokenizer, force_tokenizer)
     _check_not_inside(out_dir, {"tokenizer": tok_dir})
     check_tokenizer(tok_dir, run_tok_dir, info, config.vocab_size, given=tokenizer is not None)
-    structure = TrainedStructure(config, info.structured)
+    # export.structured reads the state as stored (its tests build it from plain dicts)
+    structure = TrainedStructure(config, None if info.structured is None else info.structured.to_dict())
     if fmt == "dense":
         structure.kept_units()  # a shrunk model without a usable ticket: refuse before the heavy part
 
@@ -594,7 +585,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, fmt: str = "dense", over
         weights = consolidate(info, config)
         reference = trained_model(weights, config)
         model, out_cfg = _export_model(weights, structure, fmt)
-        report = sparsity_report(info, structure, _sparse_info(tag_dir), model, fmt)
+        report = sparsity_report(info, structure, masks, model, fmt)
         with _writing_into(out_dir):
             if fmt == "compact":
                 from dist_sparse.export.remote_code import save_compact
@@ -618,7 +609,8 @@ def export(checkpoint: str | Path, out_dir: str | Path, fmt: str = "dense", over
             report["files"] = sorted(p.name for p in tmp.iterdir())
             (tmp / "sparsity.json").write_text(json.dumps(report, indent=2) + "\n")
             check_out_dir(out_dir, overwrite)  # OUT_DIR may have changed during the export
-            _commit(tmp, out_dir)
+            _umask_permissions(tmp)
+            folders.publish_folder(tmp, out_dir)
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -13,42 +13,22 @@ changes files.
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
-import zipfile
 from pathlib import Path
 
+from dist_sparse.folders import write_atomic
+from dist_sparse.train.checkpoint import CHECKPOINTS_DIR, checkpoint_tags, damaged
+# Not used here: train/loop.py still reaches these through run_dir; their home is
+# train.checkpoint (the checkpoint format) and folders (atomic writes). Drop with the Trainer.
+from dist_sparse.train.checkpoint import checkpoint_layout, commit_latest, latest_tag, prune_checkpoints  # noqa: F401
+from dist_sparse.folders import write_json_atomic  # noqa: F401
+
 RUN_FILES = ("run.json", "metrics.jsonl")
-RUN_DIRS = ("checkpoints", "tensorboard")
+RUN_DIRS = (CHECKPOINTS_DIR, "tensorboard")
 
 
 def checkpoint_dir(run: Path) -> Path:
-    return run / "checkpoints"
-
-
-def latest_tag(ckpt_dir: Path) -> str | None:
-    """The tag in ``latest``, if it names a checkpoint directory that exists."""
-    latest = ckpt_dir / "latest"
-    if not latest.is_file():
-        return None
-    tag = latest.read_text().strip()
-    return tag if tag and (ckpt_dir / tag).is_dir() else None
-
-
-# DeepSpeed's per-rank files of a checkpoint tag: model states (one per TP rank, or per DP x TP
-# rank under ZeRO-3) and optimizer states (per DP x TP rank; ``bf16_`` for its BF16_Optimizer).
-MODEL_STATES = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
-OPTIM_STATES = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
-
-
-def checkpoint_tags(ckpt_dir: Path) -> list[str]:
-    """Tags in ``ckpt_dir`` that hold model states, in step order."""
-    if not ckpt_dir.is_dir():
-        return []
-    tags = [p.name for p in ckpt_dir.iterdir()
-            if p.is_dir() and any(MODEL_STATES.match(f.name) for f in p.iterdir())]
-    return sorted(tags, key=lambda t: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", t)])
+    return run / CHECKPOINTS_DIR
 
 
 def _our_run_json(run: Path) -> bool:
@@ -139,27 +119,6 @@ def check_checkpoint_files(tag_dir: Path, tags: list[str]) -> None:
             raise ValueError(f"--resume: {f} is damaged ({why}); {hint}")
 
 
-def damaged(path: Path) -> str | None:
-    """Why the torch file ``path`` cannot be complete, or None. torch.save writes a zip archive
-    whose directory sits at the end, so a truncated file has none; reading it is cheap."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            z.namelist()
-    except (zipfile.BadZipFile, OSError) as err:
-        return str(err)
-    return None
-
-
-def checkpoint_layout(tag_dir: Path) -> tuple[int, int] | None:
-    """(data-parallel size, tensor-parallel size) a checkpoint was written with, read from its
-    optimizer-state file names; None if it has none (not written by a ZeRO run)."""
-    found = [OPTIM_STATES.match(f.name) for f in tag_dir.iterdir()]
-    pairs = {(int(m.group(1)), int(m.group(2))) for m in found if m}
-    if not pairs:
-        return None
-    return len({d for d, _ in pairs}), len({t for _, t in pairs})
-
-
 def clear_run(run: Path) -> None:
     """Remove what a previous run left (rank 0, only with --overwrite); other files stay."""
     for f in RUN_FILES:
@@ -176,40 +135,10 @@ def clear_failed_start(run: Path) -> None:
         clear_run(run)
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def commit_latest(ckpt_dir: Path, tag: str) -> None:
-    """Point ``latest`` at ``tag`` with an atomic rename.
-
-    Called by rank 0 only after every rank has finished writing ``tag`` (a barrier), so a
-    process that dies mid-save leaves ``latest`` on the previous good checkpoint.
-    """
-    tmp = ckpt_dir / f".latest.tmp-{os.getpid()}"
-    tmp.write_text(tag)
-    os.replace(tmp, ckpt_dir / "latest")
-
-
-def prune_checkpoints(ckpt_dir: Path, keep: int, current: str) -> None:
-    """Delete the oldest ``global_step*`` checkpoints beyond the newest ``keep``."""
-    if keep <= 0:
-        return
-    tags = sorted((p for p in ckpt_dir.glob("global_step*") if p.is_dir()),
-                  key=lambda p: int(p.name.removeprefix("global_step") or 0))
-    for old in tags[:-keep]:
-        if old.name != current:
-            shutil.rmtree(old, ignore_errors=True)
-
-
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop metric lines past ``last_step`` (left by a run that died after its last checkpoint)."""
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(line + "\n" for line in kept))

@@ -25,7 +25,8 @@ def export_and_check(run: Path, out: Path, data: Path, sparse: bool = False) -> 
     fill = pipeline("fill-mask", model=str(out), tokenizer=str(out))
     assert len(fill("The people of the [MASK] States.")) == 5
     if sparse:
-        from dist_sparse.inspect import logical_masks, resolve_checkpoint
+        from dist_sparse.inspect import resolve_checkpoint
+        from dist_sparse.train.checkpoint import logical_masks
 
         masks = logical_masks(resolve_checkpoint(run))
         params = dict(model.named_parameters())

@@ -91,7 +91,8 @@ def safetensors_bytes(folder: Path) -> int:
 
 @pytest.mark.parametrize("dp", [1, 2])
 def test_tp2_zero_stages_consolidate_bit_exactly(dp, tmp_path):
-    from dist_sparse.export.checkpoint import consolidate, locate, read_info
+    from dist_sparse.export.checkpoint import consolidate
+    from dist_sparse.train.checkpoint import locate, read_info
     from dist_sparse.model import DistSparseBertConfig
 
     out = tmp_path / "layout"
@@ -199,7 +200,8 @@ def test_rigl_dp1_tp2_zero3_exact_zeros(data_dir, tmp_path):
     from transformers import pipeline
 
     from dist_sparse.export.hf import export
-    from dist_sparse.inspect import logical_masks, resolve_checkpoint
+    from dist_sparse.inspect import resolve_checkpoint
+    from dist_sparse.train.checkpoint import logical_masks
 
     cfg = ds_config(tmp_path, "cpu_tp2_zero2.json", "rigl.json",
                     zero_optimization={"stage": 3, "stage3_param_persistence_threshold": 0,

@@ -131,7 +131,7 @@ def test_sparse_run_survives_a_crash_and_resumes_exactly(data_dir, tmp_path):
     pretrain(other, data_dir, whole, "--max-steps", 8, "--resume", "--sparsity-reset")
     tag = whole / "checkpoints" / "global_step8"
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from dist_sparse.inspect import logical_masks
+    from dist_sparse.train.checkpoint import logical_masks
     weights = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
     masks = logical_masks(tag)
     assert len(masks) == 12

@@ -248,7 +248,8 @@ def test_bf16_zero1_search_shrink_and_continue_at_accumulation_2(data_dir, tmp_p
     assert all(math.isfinite(m["loss"]) for m in train)
     # The checkpoint of DeepSpeed's BF16_Optimizer (bf16_zero_pp_rank_* files) exports, and the
     # consolidated fp32 masters round exactly to the bf16 module weights the checkpoint holds.
-    from dist_sparse.export.checkpoint import consolidate, read_info
+    from dist_sparse.export.checkpoint import consolidate
+    from dist_sparse.train.checkpoint import read_info
     from dist_sparse.export.hf import export
     from dist_sparse.model import DistSparseBertConfig
 

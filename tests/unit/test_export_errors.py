@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from dist_sparse.cli import main
-from dist_sparse.export.checkpoint import locate, read_info
+from dist_sparse.train.checkpoint import locate, read_info
 from dist_sparse.export.hf import check_out_dir, export
 from dist_sparse.model import DistSparseBertConfig
 

@@ -50,7 +50,7 @@ def test_a_tokenizer_of_the_same_size_but_other_pieces_needs_force(tmp_path, cap
         f"--tokenizer {toks['other']} differs from the tokenizer the run trained with ({toks['run']}) in its "
         "vocabulary (pieces, ids, scores), although size and special ids match: the same text would get other ids; "
         "pass that tokenizer, or --force-tokenizer if this one is meant")
-    from dist_sparse.export.checkpoint import read_info
+    from dist_sparse.train.checkpoint import read_info
 
     info = read_info(run / "checkpoints" / "global_step8")
     check_tokenizer(toks["other"], None, info, VOCAB)  # forced: no comparison with the run's

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from dist_sparse.train import run_dir as rd
+from dist_sparse.train.checkpoint import checkpoint_layout, commit_latest
 from dist_sparse.train.main import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,7 +112,7 @@ def test_run_dir_rules(tmp_path):
     # `latest` is what counts, and only when it names a checkpoint that exists.
     with pytest.raises(ValueError, match="no 'latest' file"):
         rd.check_run_dir(run, resume=True, overwrite=False)
-    rd.commit_latest(run / "checkpoints", "global_step4")
+    commit_latest(run / "checkpoints", "global_step4")
     assert rd.check_run_dir(run, resume=True, overwrite=False) == "global_step4"
     fake_tag(run / "checkpoints", "global_step8")  # a save that never committed
     assert rd.check_run_dir(run, resume=True, overwrite=False) == "global_step4"
@@ -196,7 +197,7 @@ def test_damaged_checkpoint_file_is_named_and_the_previous_tag_suggested(data_di
     run = tmp_path / "r"
     fake_tag(run / "checkpoints", "global_step4")
     tag8 = fake_tag(run / "checkpoints", "global_step8")
-    rd.commit_latest(run / "checkpoints", "global_step8")
+    commit_latest(run / "checkpoints", "global_step8")
     victim = tag8 / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     victim.write_bytes(victim.read_bytes()[:40])  # truncated mid-write
     err = run_main(capsys, "--deepspeed_config", CPU_CONFIG, "--data", data_dir, "--output", run,
@@ -212,7 +213,7 @@ def test_damaged_checkpoint_file_is_named_and_the_previous_tag_suggested(data_di
 def test_latest_naming_a_missing_tag_lists_the_checkpoints(data_dir, tmp_path, capsys):
     run = tmp_path / "r"
     fake_tag(run / "checkpoints", "global_step4")
-    rd.commit_latest(run / "checkpoints", "global_step12")
+    commit_latest(run / "checkpoints", "global_step12")
     err = run_main(capsys, "--deepspeed_config", CPU_CONFIG, "--data", data_dir, "--output", run,
                    "--max-steps", 8, "--resume")
     assert "names checkpoint 'global_step12', which is not in" in err
@@ -222,12 +223,12 @@ def test_latest_naming_a_missing_tag_lists_the_checkpoints(data_dir, tmp_path, c
 def test_resume_at_another_data_parallel_size_is_one_line(data_dir, tmp_path, capsys, monkeypatch):
     run = tmp_path / "r"
     fake_tag(run / "checkpoints", "global_step4", dp=2)
-    rd.commit_latest(run / "checkpoints", "global_step4")
+    commit_latest(run / "checkpoints", "global_step4")
     monkeypatch.setenv("WORLD_SIZE", "1")
     err = run_main(capsys, "--deepspeed_config", CPU_CONFIG, "--data", data_dir, "--output", run,
                    "--max-steps", 8, "--resume")
     assert "written by 2 data-parallel x 1 tensor-parallel ranks, this launch has 1 x 1" in err
-    assert rd.checkpoint_layout(run / "checkpoints" / "global_step4") == (2, 1)
+    assert checkpoint_layout(run / "checkpoints" / "global_step4") == (2, 1)
 
 
 def test_resume_with_other_data_names_the_property(data_dir, tmp_path, capsys):
@@ -238,7 +239,7 @@ def test_resume_with_other_data_names_the_property(data_dir, tmp_path, capsys):
     capsys.readouterr()  # prepare_data's progress output
     run = tmp_path / "r"
     fake_tag(run / "checkpoints", "global_step4")
-    rd.commit_latest(run / "checkpoints", "global_step4")
+    commit_latest(run / "checkpoints", "global_step4")
     (run / "run.json").write_text(json.dumps({"data": str(data_dir), "data_meta": {"seq_len": 32, "vocab_size": 400}}))
     err = run_main(capsys, "--deepspeed_config", CPU_CONFIG, "--data", other, "--output", run,
                    "--max-steps", 8, "--resume")
