@@ -12,13 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from dist_sparse.config import RunConfig, load_run_config, lr_multiplier, resolve_batch_sizes
@@ -26,6 +22,8 @@ from dist_sparse.distributed import comm
 from dist_sparse.distributed.rng import tp_rng
 from dist_sparse.distributed.topology import ParallelDims
 from dist_sparse.distributed.zero import link_optimizer_state
+from dist_sparse.folders import write_json_atomic
+from dist_sparse.train import checkpoint as ckpt
 from dist_sparse.train import run_dir as rd
 from dist_sparse.train.args import build_parser
 from dist_sparse.train.engine import build_engine
@@ -35,23 +33,9 @@ from dist_sparse.train.trainer import Trainer
 
 log = logging.getLogger("dist_sparse.train")
 
-CHECKPOINT_FORMAT = 1
-SPARSITY_FILE_PREFIX = "sparsity_rank"
-STRUCTURE_FILE = "structure.json"
-# Name a checkpoint tag here to make every rank die after writing it but before `latest` moves.
-CRASH_IN_SAVE_ENV = "DIST_SPARSE_TEST_CRASH_IN_SAVE"
-
-
 def step_seed(seed: int, step: int, micro: int, dp_rank: int, stream: int = 0) -> int:
     """A 63-bit seed for one micro step; distinct streams never collide for sane sizes."""
     return (((seed * 1_000_003 + step) * 4099 + micro) * 65_537 + dp_rank) * 7 + stream & (2**63 - 1)
-
-
-@dataclass
-class Progress:
-    step: int = 0          # optimizer steps done
-    samples: int = 0       # global samples consumed
-    tokens: int = 0        # global non-pad tokens consumed
 
 
 def _resolve(args, run_cfg: RunConfig):
@@ -88,29 +72,30 @@ def run(argv: list[str] | None = None) -> int:
     run = Path(args.output)
     rd.check_paths(run, Path(args.data))
     resume_tag = rd.check_run_dir(run, args.resume, args.overwrite, args.resume_tag)
+    run_json = _read_run_json(run) if resume_tag is not None else {}
     if resume_tag is not None:
-        _check_resumed_data(run, args.data, meta)
+        ckpt.check_data(run_json.get("data_meta") or {}, meta, data=args.data, run_data=run_json.get("data"))
     # A checkpoint names its own model shape (a structured run may have shrunk it) and the state of
     # the structured search; both are needed before the model is built.
     structure = None
     if resume_tag is not None:
-        structure = read_structure(rd.checkpoint_dir(run) / resume_tag)
+        structure = ckpt.read_structure(rd.checkpoint_dir(run) / resume_tag)
         if structure is not None:
             from dist_sparse.model.config import DistSparseBertConfig
-            model_config = DistSparseBertConfig.from_dict(structure["model_config"])
+            model_config = DistSparseBertConfig.from_dict(structure.model_config)
     sp_cfg = run_cfg.structured_pruning
-    structured_state = structure.get("structured") if structure else None
-    if structured_state is not None and structured_state["phase"] == "search" and sp_cfg is None:
+    structured_state = structure.structured if structure else None
+    if structured_state is not None and structured_state.searching and sp_cfg is None:
         raise ValueError("--resume: the checkpoint is in the middle of a structured-pruning search but the config "
                          "has no \"structured_pruning\" section; add it back to continue the search")
     if sp_cfg is not None:
         from dist_sparse.structured.pruner import validate as validate_structured
-        if structured_state is not None and structured_state.get("config") not in (None, sp_cfg.model_dump()):
+        if structured_state is not None and structured_state.config not in (None, sp_cfg.model_dump()):
             from dist_sparse.sparsifier import section_changes
             raise ValueError("--resume: the \"structured_pruning\" section differs from the one the run was "
-                             f"started with ({section_changes(structured_state['config'], sp_cfg.model_dump())}); "
+                             f"started with ({section_changes(structured_state.config, sp_cfg.model_dump())}); "
                              "it decides the ticket, so it cannot change mid-run")
-        if structured_state is None or structured_state["phase"] == "search":
+        if structured_state is None or structured_state.searching:
             validate_structured(sp_cfg, model_config, run_cfg.tp_size, run_cfg)
     # The launcher sets WORLD_SIZE, so the layout and batch arithmetic are checked before any
     # process group exists.
@@ -118,7 +103,7 @@ def run(argv: list[str] | None = None) -> int:
     world, dp_size = dims.world, dims.dp
     global_batch, micro_bs, grad_acc = resolve_batch_sizes(run_cfg.deepspeed, dp_size)
     if resume_tag is not None:
-        written = rd.checkpoint_layout(rd.checkpoint_dir(run) / resume_tag)
+        written = ckpt.checkpoint_layout(rd.checkpoint_dir(run) / resume_tag)
         if written is not None and written != (dp_size, run_cfg.tp_size):
             raise ValueError(f"--resume: checkpoint {resume_tag} was written by {written[0]} data-parallel x "
                              f"{written[1]} tensor-parallel ranks, this launch has {dp_size} x {run_cfg.tp_size} "
@@ -138,7 +123,7 @@ def run(argv: list[str] | None = None) -> int:
             rd.clear_failed_start(run)  # check_run_dir let it through: nothing of value is there
         rd.checkpoint_dir(run).mkdir(exist_ok=True)
         if resume_tag is None:
-            rd.write_json_atomic(run / "run.json", {
+            write_json_atomic(run / "run.json", {
                 "argv": argv, "model": args.model, "data": str(Path(args.data).resolve()),
                 "deepspeed_config": json.loads(Path(args.deepspeed_config).read_text()),
                 "max_steps": max_steps, "seed": seed, "world_size": world, "dp_size": dp_size,
@@ -148,7 +133,7 @@ def run(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(seed)
     model = build_model(model_config)
-    searching = sp_cfg is not None and (structured_state is None or structured_state["phase"] == "search")
+    searching = sp_cfg is not None and (structured_state is None or structured_state.searching)
     if searching:
         from dist_sparse.structured.pruner import attach_coefficients
         attach_coefficients(model, run_cfg.tp_size)
@@ -189,7 +174,7 @@ def run(argv: list[str] | None = None) -> int:
         pruner = StructuredPruner(sp_cfg, model_config.num_hidden_layers, groups,
                                   ZeroAccess(run_cfg.zero_stage, groups.dp_group, groups.dp_rank, groups.dp_size))
         if structured_state is not None:
-            pruner.load_state_dict(structured_state)
+            pruner.load_state_dict(structured_state.to_dict())
         # The shrink's check batch: the same on every rank (not the rank's own stride), fixed seed.
         gen = torch.Generator().manual_seed(step_seed(seed, 0, 0, 0, stream=3))
         verify_batch = collator([eval_ds[i % len(eval_ds)] for i in range(micro_bs)], gen)
@@ -207,11 +192,12 @@ def run(argv: list[str] | None = None) -> int:
     if masks_now:
         sparsity.attach(trainer)
 
-    progress = Progress()
+    progress = ckpt.Progress()
     ckpt_dir = rd.checkpoint_dir(run)
 
     if resume_tag is not None:
-        progress = _load_checkpoint(trainer.engine, ckpt_dir, resume_tag, loader, args, meta, groups, max_steps)
+        progress = _load_checkpoint(trainer.engine, ckpt_dir, resume_tag, loader, args, meta, groups, max_steps,
+                                    run_data=run_json.get("data"))
         link_optimizer_state(trainer.engine.optimizer, run_cfg.zero_stage)
         _resume_sparsity(sparsity if masks_now else None, ckpt_dir / resume_tag, args.sparsity_reset,
                          waiting=sparsity is not None and not masks_now)
@@ -231,30 +217,19 @@ def run(argv: list[str] | None = None) -> int:
         pbar = tqdm(total=max_steps, initial=progress.step, desc="pretrain", unit="step", dynamic_ncols=True)
 
     def save(step: int) -> None:
-        tag = f"global_step{step}"
-        structured_sd = None if structured is None else structured.state_dict()
-        client_state = {"format": CHECKPOINT_FORMAT, "progress": progress.__dict__, "loader": loader.state_dict(),
-                        "seed": seed, "max_steps": max_steps, "model": args.model,
-                        "model_config": trainer.model_config.to_dict(), "data_meta": meta,
-                        "dp_size": groups.dp_size, "tp_size": groups.tp_size,
-                        "sparsity": None if run_cfg.sparsity is None else config_fingerprint(run_cfg.sparsity),
-                        "structured": structured_sd}
-        trainer.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-        if is_rank0:
-            rd.write_json_atomic(ckpt_dir / tag / STRUCTURE_FILE,
-                                 {"model_config": trainer.model_config.to_dict(), "structured": structured_sd})
-        torch.save(_rng_state(), ckpt_dir / tag / f"rng_state_rank{comm.rank()}.pt")
+        structured_sd = None if structured is None else ckpt.StructuredState.from_dict(structured.state_dict())
+        client = ckpt.ClientState(progress=progress, loader=loader.state_dict(), seed=seed, max_steps=max_steps,
+                                  model=args.model, model_config=trainer.model_config.to_dict(), data_meta=meta,
+                                  dp_size=groups.dp_size, tp_size=groups.tp_size,
+                                  sparsity=None if run_cfg.sparsity is None else config_fingerprint(run_cfg.sparsity),
+                                  structured=structured_sd)
+        rank_files = {ckpt.rng_file(comm.rank()): ckpt.rng_state()}
         masks = None if sparsity is None else sparsity.state_dict()
         if masks is not None:
-            torch.save(masks, ckpt_dir / tag / f"{SPARSITY_FILE_PREFIX}{comm.rank()}.pt")
-        if os.environ.get(CRASH_IN_SAVE_ENV) == tag:  # fault injection for the crash-safety test
-            os._exit(17)
-        comm.barrier()  # every rank has written its part before `latest` moves
-        if is_rank0:
-            rd.commit_latest(ckpt_dir, tag)
-            rd.prune_checkpoints(ckpt_dir, run_cfg.training.keep_checkpoints, tag)
-            log.info("saved checkpoint %s", ckpt_dir / tag)
-        comm.barrier()
+            rank_files[ckpt.sparsity_file(comm.rank())] = masks
+        ckpt.save(trainer.engine, ckpt_dir, ckpt.tag_of(step), client,
+                  ckpt.StructureRecord(trainer.model_config.to_dict(), structured_sd), rank_files,
+                  is_rank0=is_rank0, keep=run_cfg.training.keep_checkpoints)
 
     first_batch = next(iter(ResumableBatchIterator(len(train_ds), micro_bs, groups.dp_rank, groups.dp_size, seed)))
 
@@ -311,32 +286,16 @@ def run(argv: list[str] | None = None) -> int:
     metrics.close()
     if is_rank0:
         print(f"run directory: {run.resolve()}")
-        print(f"  checkpoints: {ckpt_dir.resolve()} (latest: {rd.latest_tag(ckpt_dir)})")
+        print(f"  checkpoints: {ckpt_dir.resolve()} (latest: {ckpt.latest_tag(ckpt_dir)})")
         print(f"  tensorboard: {(run / 'tensorboard').resolve()}  (tensorboard --logdir {run / 'tensorboard'})")
     comm.barrier()
     return 0
 
 
-def _check_resumed_data(run: Path, data: str, meta: dict, recorded: dict | None = None) -> None:
-    """--resume with data of another shape than the run started with: say which property changed.
-
-    ``recorded``: the data description to compare with; by default run.json's (read before any
-    process starts), on load the checkpoint's own record. The message names the run's data.
-    """
-    run_json = run / "run.json"
-    started = json.loads(run_json.read_text()) if run_json.is_file() else {}
-    before = recorded if recorded is not None else started.get("data_meta") or {}
-    for key, what in (("seq_len", "sequence length"), ("vocab_size", "vocabulary size"), ("nsp", "NSP pairs")):
-        if key in before and before[key] != meta.get(key):
-            raise ValueError(f"--resume: --data {data} has {what} {meta.get(key)}, the run started with "
-                             f"{before[key]} ({started.get('data', 'see run.json')}); resume with that data")
-
-
-def read_structure(tag_dir: Path) -> dict | None:
-    """The model shape and structured-pruning state a checkpoint was written with (None for
-    checkpoints of older versions, whose model is the preset)."""
-    path = tag_dir / STRUCTURE_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+def _read_run_json(run: Path) -> dict:
+    """What the run recorded when it started (its data, among others); {} if there is no run.json."""
+    path = run / "run.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 @torch.no_grad()
@@ -367,33 +326,16 @@ def evaluate(engine, eval_ds, collator, micro_bs: int, batches: int, seed: int, 
     return {"mlm_loss": float(totals[0]) / count, "mlm_accuracy": float(totals[2]) / count}
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def _load_checkpoint(engine, ckpt_dir: Path, tag: str, loader, args, meta, groups, max_steps: int) -> Progress:
-    load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-    if load_path is None or not client_state:
-        raise ValueError(f"--resume: DeepSpeed could not load checkpoint {ckpt_dir / tag}")
-    if client_state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"--resume: {ckpt_dir / tag} was not written by this version of dist_sparse")
-    if client_state["model"] != args.model:
-        raise ValueError(f"--resume: the checkpoint is of model {client_state['model']!r}, not {args.model!r}")
-    _check_resumed_data(ckpt_dir.parent, args.data, meta, recorded=client_state["data_meta"])
-    if client_state["max_steps"] != max_steps:
-        raise ValueError(f"--resume: the run was started for {client_state['max_steps']} steps, not {max_steps}; "
-                         "the learning-rate and sparsity schedules depend on it (start a new run to change it)")
-    if client_state["dp_size"] != groups.dp_size:
-        raise ValueError(f"--resume: the checkpoint was written with data-parallel size {client_state['dp_size']}, "
-                         f"this run has {groups.dp_size}; exact data-order resume needs the same size")
-    loader.load_state_dict(client_state["loader"])
-    rng_file = ckpt_dir / tag / f"rng_state_rank{comm.rank()}.pt"
-    if rng_file.exists():
-        state = torch.load(rng_file, weights_only=False)
-        torch.set_rng_state(state["torch"])
-        np.random.set_state(state["numpy"])
-        random.setstate(state["python"])
-    return Progress(**client_state["progress"])
+def _load_checkpoint(engine, ckpt_dir: Path, tag: str, loader, args, meta, groups, max_steps: int,
+                     run_data: str | None) -> ckpt.Progress:
+    client = ckpt.load_client_state(engine, ckpt_dir, tag)
+    ckpt.check_resume(client, model=args.model, max_steps=max_steps, dp_size=groups.dp_size, data_meta=meta,
+                      data=args.data, run_data=run_data)
+    loader.load_state_dict(client.loader)
+    state = ckpt.read_rank_file(ckpt_dir / tag, ckpt.rng_file(comm.rank()))
+    if state is not None:
+        ckpt.restore_rng_state(state)
+    return client.progress
 
 
 def _resume_sparsity(sparsity, tag_dir: Path, reset: bool, waiting: bool = False) -> None:
@@ -401,7 +343,7 @@ def _resume_sparsity(sparsity, tag_dir: Path, reset: bool, waiting: bool = False
     unless ``--sparsity-reset`` says to start new masks (or, with no sparsity section, none).
     ``sparsity``: the component whose masks are due now; ``waiting``: the section waits for the
     structured shrink (``after_shrink``), so the checkpoint must hold no masks yet."""
-    path = tag_dir / f"{SPARSITY_FILE_PREFIX}{comm.rank()}.pt"
+    path = tag_dir / ckpt.sparsity_file(comm.rank())
     has_masks = path.exists()
     if sparsity is None:
         if has_masks and not reset:

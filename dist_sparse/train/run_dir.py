@@ -18,10 +18,6 @@ from pathlib import Path
 
 from dist_sparse.folders import write_atomic
 from dist_sparse.train.checkpoint import CHECKPOINTS_DIR, checkpoint_tags, damaged
-# Not used here: train/loop.py still reaches these through run_dir; their home is
-# train.checkpoint (the checkpoint format) and folders (atomic writes). Drop with the Trainer.
-from dist_sparse.train.checkpoint import checkpoint_layout, commit_latest, latest_tag, prune_checkpoints  # noqa: F401
-from dist_sparse.folders import write_json_atomic  # noqa: F401
 
 RUN_FILES = ("run.json", "metrics.jsonl")
 RUN_DIRS = (CHECKPOINTS_DIR, "tensorboard")

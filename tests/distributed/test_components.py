@@ -86,7 +86,7 @@ def test_dp2_x_tp2_run_carries_its_masks_through_the_shrink(earlybert_tp2_run):
     every weight; global_step12 (after the shrink, before the next update) holds exactly those
     masks cut to the ticket's heads and neurons; global_step16 and 24 hold exactly 50% of every
     smaller weight. Both data-parallel ranks of a tensor-parallel shard hold the same masks."""
-    from dist_sparse.inspect import logical_masks
+    from dist_sparse.train.checkpoint import logical_masks
     from dist_sparse.structure import Ticket, shrink_state_dict
 
     run = earlybert_tp2_run

@@ -193,7 +193,7 @@ def test_resume_before_and_after_the_shrink_reproduces_the_run(data_dir, tmp_pat
              (whole, broken, after)]
     assert final[0] == final[1] == final[2]
     assert final[0]["structured"]["phase"] == "shrunk"
-    from dist_sparse.inspect import logical_masks
+    from dist_sparse.train.checkpoint import logical_masks
     masks = [logical_masks(r / "checkpoints" / "global_step20") for r in (whole, broken, after)]
     assert len(masks[0]) == 24 and masks[0].keys() == masks[1].keys() == masks[2].keys()
     for name, m in masks[0].items():

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from dist_sparse.train import run_dir as rd
-from dist_sparse.train.checkpoint import checkpoint_layout, commit_latest
+from dist_sparse.train.checkpoint import checkpoint_layout, commit_latest, prune_checkpoints
 from dist_sparse.train.main import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,7 +121,7 @@ def test_run_dir_rules(tmp_path):
     assert not rd.holds_a_run(run)
     for step in (4, 8, 12):
         (run / "checkpoints" / f"global_step{step}").mkdir(parents=True, exist_ok=True)
-    rd.prune_checkpoints(run / "checkpoints", keep=2, current="global_step12")
+    prune_checkpoints(run / "checkpoints", keep=2, current="global_step12")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["global_step12", "global_step8"]
 
 
