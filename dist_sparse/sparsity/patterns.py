@@ -10,8 +10,7 @@
   their own, so a rank holding whole groups needs nobody; a ZeRO-3 slice can cut one group at
   each end, completed with the fewer than ``m`` scores the neighbouring slices send.
 
-A top-k takes equal scores in the seeded tie order of ``masks.topk.tie_order``; an N:M group takes
-them by column (``NM._tie_keys``).
+Every choice among equal scores follows the one seeded tie order (``masks.topk.tie_order``).
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ import torch
 from dist_sparse.config import SparsityConfig
 from dist_sparse.masks.density import active_counts
 from dist_sparse.masks.patterns import expand_block_mask, nm_halo, nm_slice_mask
+from dist_sparse.masks.topk import tie_order, tie_order_bits
 from dist_sparse.sparsity.select import LOCAL, Part, SelectStats, distributed_topk, sortable_keys
 from dist_sparse.sparsity.targets import Target
 
@@ -204,8 +204,8 @@ class NM(Pattern):
         return out
 
     def _tie_keys(self, decision, t: Target, window: torch.Tensor) -> torch.Tensor:
-        """Of the shard positions ``window``: equal scores in a group go to the lower column."""
-        return window
+        """Of the shard positions ``window``: the seeded tie order of their global index."""
+        return tie_order(t.global_index(window), decision.salt(t), tie_order_bits(t.numel))
 
     def _halos(self, decision, flat, halos):
         """The scores just outside every piece that complete the groups its ends cut, from the

@@ -3,11 +3,11 @@
 The sparsifier runs as it does in training (the same layouts, patterns, methods and selection)
 on plain tensors, with threads standing in for data-parallel ranks. The unsliced run (one rank,
 ZeRO-2, fp32: whole shard masks decided alone) is the reference; the same decisions on ZeRO-3
-slices of three ranks (cutting N:M groups of "b"), on bf16 ZeRO-1 master fragments of three
-ranks (one flat buffer cut in three: "b" spans all three, the middle rank holds nothing of "a"
-and "c") and on two
-replicated ranks must give the same masks bit for bit. Counts are checked against the schedule
-and density formulas, SET/RigL updates against a plain sort, ties against the seeded tie order.
+slices of three ranks (cutting N:M groups of "b"), on bf16 ZeRO-1 master fragments of three ranks
+(one flat buffer cut in three: "b" spans all three, the middle rank holds nothing of "a" and "c")
+and on two replicated ranks must give the same masks bit for bit. Counts are checked against the
+schedule and density formulas, SET/RigL updates against a plain sort, ties (unstructured, block,
+N:M) against the seeded tie order.
 """
 
 import math
@@ -228,6 +228,20 @@ def test_planted_block_ties_go_by_the_seeded_order_of_the_block_grid(layout):
         blocks = expected_count(cfg, name, 0) // 4
         grid = seeded_first(torch.ones(rows // 2, cols // 2), blocks, stable_seed(4, 0, i))
         assert torch.equal(first[name], grid.repeat_interleave(2, 0).repeat_interleave(2, 1)), name
+
+
+@pytest.mark.parametrize("layout", [REFERENCE, *LAYOUTS])
+def test_planted_nm_ties_go_by_the_seeded_order_within_every_group(layout):
+    """Equal |w| inside the groups of m (also those a ZeRO-3 slice boundary cuts): each group
+    keeps the n of smallest seeded tie keys of their global index, not its first columns."""
+    cfg = section("static", "nm", seed=6)
+    _, [(_, first, _, _)] = trace(cfg, layout, values=tied_weights(), steps=1)
+    for i, name in enumerate(sorted(SHAPES)):
+        numel = math.prod(SHAPES[name])
+        keys = tie_order(torch.arange(numel), stable_seed(6, 0, i), tie_order_bits(numel)).view(-1, 4)
+        want = torch.zeros(numel // 4, 4, dtype=torch.bool).scatter_(1, keys.argsort(dim=1)[:, :2], True)
+        assert torch.equal(first[name], want.view(SHAPES[name])), name
+        assert not first[name].view(-1, 4)[:, :2].all()  # not simply the first two columns
 
 
 @pytest.mark.parametrize("layout", [REFERENCE, (3, 3, torch.float32), (3, 1, torch.bfloat16)])
