@@ -37,7 +37,7 @@ from dist_sparse.distributed.zero import ZeroAccess
 from dist_sparse.masks.checksum import pack_mask, unpack_mask
 from dist_sparse.masks.density import erk_densities, uniform_densities
 from dist_sparse.sparsity.layout import MaskDivergenceError, layout_for
-from dist_sparse.sparsity.methods import Goal, method_class
+from dist_sparse.sparsity.methods import method_class
 from dist_sparse.sparsity.patterns import decision_count, pattern_for
 from dist_sparse.sparsity.select import LOCAL
 from dist_sparse.sparsity.targets import Target
@@ -140,7 +140,7 @@ class Sparsifier:
         if not draw:
             return
         decision = Decision(self.cfg, self.layout, self.pattern, step=0)
-        new = first_masks(self.method, decision, Goal(self.final_density, self.cfg.sparsity))
+        new = first_masks(self.method, decision)
         stats = UpdateStats(step=0, sync_bytes=decision.sync_bytes)
         self._install(new, stats)
 

@@ -114,15 +114,13 @@ class Block(Pattern):
 
     def grid_sum(self, decision, t: Target, x: torch.Tensor) -> torch.Tensor:
         """Per-block sums of the piece values ``x`` over the whole TP shard, in float64, the same
-        on every data-parallel rank: a piece is placed into zeros of the shard's size, and when
+        on every data-parallel rank: the piece is placed into zeros of the shard's size, and when
         the pieces are split the partial grids are summed over the DP group (one float64 per
         block, 1/``block``^2 of the weight)."""
         b, (rows, cols) = self.block, t.shard_shape
         p = decision.pieces.parts[t.name]
-        whole = x.to(torch.float64)
-        if decision.pieces.split:
-            whole = torch.zeros(t.shard_numel, dtype=torch.float64, device=x.device)
-            whole[p.start:p.stop] = x.to(torch.float64)
+        whole = torch.zeros(t.shard_numel, dtype=torch.float64, device=x.device)
+        whole[p.start:p.stop] = x.flatten()
         grid = whole.view(rows // b, b, cols // b, b).sum(dim=(1, 3))
         if decision.pieces.split and decision.layout.groups.dp_size > 1:
             host = grid.cpu()  # bookkeeping collectives run on the host (gloo next to NCCL)

@@ -52,10 +52,10 @@ class Decision:
         """|w| of the pieces, from fp32 values that are identical on every rank."""
         return {n: p.values.abs() for n, p in self.pieces.parts.items()}
 
-    def random(self, step: int) -> dict[str, torch.Tensor]:
+    def random(self) -> dict[str, torch.Tensor]:
         """Uniform scores keyed by (seed, step, weight), drawn for the logical weight and cut to
         the pieces, so every rank and layout sees the same value for the same weight."""
-        return {t.name: self.cut(t, t.slice_full(random_scores(t.full_shape, self.cfg.seed, step, t.index)))
+        return {t.name: self.cut(t, t.slice_full(random_scores(t.full_shape, self.cfg.seed, self.step, t.index)))
                 for t in self.targets}
 
     def dense_gradients(self) -> dict[str, torch.Tensor]:
@@ -83,15 +83,15 @@ class Decision:
         return masks
 
 
-def first_masks(method: Method, decision: Decision, final: Goal) -> dict[str, torch.Tensor]:
+def first_masks(method: Method, decision: Decision) -> dict[str, torch.Tensor]:
     """The masks training starts from: dense (GMP), or the final densities' best by ``init``."""
     layout = decision.layout
     if method.starts_dense:
         return {t.name: torch.ones(layout.mask_shape(t), dtype=torch.bool) for t in decision.targets}
     by_magnitude = decision.cfg.init == "magnitude" or decision.pattern.first_by_magnitude
-    scores = decision.magnitudes() if by_magnitude else decision.random(0)
+    scores = decision.magnitudes() if by_magnitude else decision.random()
     eligible = {n: torch.ones_like(s, dtype=torch.bool) for n, s in scores.items()}
-    return decision.held(decision.select(scores, eligible, decision.units(final)))
+    return decision.held(decision.select(scores, eligible, decision.units(method.final_goal())))
 
 
 def updated_masks(method: Method, decision: Decision, old: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -102,11 +102,11 @@ def updated_masks(method: Method, decision: Decision, old: dict[str, torch.Tenso
     total = decision.units(method.goal(step))
     active = {t.name: decision.from_held(t, old[t.name]) for t in decision.targets}
     fraction = method.regrow_fraction(step)
-    drops = {n: int(fraction * k) if fraction is not None else 0 for n, k in total.items()}
+    if fraction is None:  # a method that only prunes
+        return decision.held(decision.select(method.drop_scores(decision), active, total))
+    drops = {n: int(fraction * k) for n, k in total.items()}
     kept = decision.select(method.drop_scores(decision), active, {n: total[n] - drops[n] for n in total})
-    if fraction is None:
-        return decision.held(kept)
-    grown = decision.select(method.grow_scores(decision, step), {n: ~m for n, m in kept.items()}, drops)
+    grown = decision.select(method.grow_scores(decision), {n: ~m for n, m in kept.items()}, drops)
     # kept follows the magnitudes (the GPU), grown its scores (random draws on the host, or the
     # gradient read); the sparsifier keeps masks on the host anyway.
     return decision.held({n: kept[n].cpu() | grown[n].cpu() for n in kept})

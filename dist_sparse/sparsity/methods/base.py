@@ -64,9 +64,12 @@ class Method:
         """Whether masks change after optimizer step ``step`` (1-based)."""
         return is_update_step(step, self.cfg.update_interval, self.end_step, self.start_step)
 
+    def final_goal(self) -> Goal:
+        return Goal(self.final_density, self.cfg.sparsity)
+
     def goal(self, step: int) -> Goal:
         """Densities after the update at ``step``; the always-sparse methods hold the final ones."""
-        return Goal(self.final_density, self.cfg.sparsity)
+        return self.final_goal()
 
     def regrow_fraction(self, step: int) -> float | None:
         """Share of the goal's count dropped from the active weights and regrown elsewhere at
@@ -77,5 +80,6 @@ class Method:
         """What the kept weights are the largest of (every method here: |w| of the fp32 masters)."""
         return decision.magnitudes()
 
-    def grow_scores(self, decision, step: int) -> dict[str, torch.Tensor]:
+    def grow_scores(self, decision) -> dict[str, torch.Tensor]:
+        """What the regrown weights are the largest of, among those not kept."""
         raise NotImplementedError(f"{self.name} does not regrow")

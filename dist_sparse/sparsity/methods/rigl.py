@@ -12,5 +12,5 @@ class RigL(Set):
     name = "rigl"
     dense_grad = True
 
-    def grow_scores(self, decision, step: int):
+    def grow_scores(self, decision):
         return decision.dense_gradients()

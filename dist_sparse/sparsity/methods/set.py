@@ -19,5 +19,5 @@ class Set(Method):
     def regrow_fraction(self, step: int) -> float:
         return drop_fraction(step, self.cfg.drop_fraction, self.cfg.drop_schedule, self.end_step)
 
-    def grow_scores(self, decision, step: int):
-        return decision.random(step)
+    def grow_scores(self, decision):
+        return decision.random()
