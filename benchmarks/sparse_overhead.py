@@ -222,7 +222,7 @@ def run(argv: list[str] | None = None) -> dict | None:
         step_no[v] += 1
         step = step_no[v]
         update = sp is not None and sp.is_update_step(step)
-        marks["dense_grad"] = update and sp.rule.grow == "gradient"
+        marks["dense_grad"] = update and sp.method.dense_grad
         applied0 = sp.zero.bytes_applied if sp is not None else 0
 
         def micro_batches():

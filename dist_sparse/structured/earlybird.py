@@ -2,7 +2,10 @@
 
 Everything here is a function of the slimming coefficients' magnitudes, which are identical on
 every rank once gathered, so every rank takes the same decision without further communication.
-Ties are broken by index (the lower original index is kept), as with the sparse masks.
+Ties are taken in the seeded order of their index (``masks.topk.tie_order``), the one tie rule
+of the project: the lower index first would favour the first heads and neurons of every layer.
+The salt is fixed per layer, not per check, so that keep-sets of consecutive checks differ only
+where the scores moved (the early-bird distance compares them).
 """
 
 from __future__ import annotations
@@ -12,6 +15,16 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
+
+from dist_sparse.masks.topk import stable_seed, tie_order, tie_order_bits
+
+TIE_SEED = 0x5EED  # keys the tie order of keep-sets; the same in every run, rank and TP degree
+
+
+def tie_salt(layer: int) -> int:
+    """The tie-order salt of one layer's keep-set (and, with ``layer = -1``, of the global scope's
+    ranking over all layers)."""
+    return stable_seed(TIE_SEED, 0, layer + 1)
 
 
 def round_to_multiple(x: float, multiple: int) -> int:
@@ -32,15 +45,17 @@ def kept_count(total: int, ratio: float, multiple: int, minimum: int) -> int:
     return int(min(max(round_to_multiple(target, multiple), floor_units), total))
 
 
-def _order(scores: torch.Tensor) -> torch.Tensor:
-    """Indices by descending score, lower index first among equal scores (stable sort)."""
-    return torch.sort(-scores.double(), stable=True).indices
+def _order(scores: torch.Tensor, salt: int) -> torch.Tensor:
+    """Indices by descending score, equal scores in the seeded tie order of their index."""
+    n = scores.numel()
+    by_key = tie_order(torch.arange(n), salt, tie_order_bits(n)).argsort()
+    return by_key[torch.sort(-scores.double()[by_key], stable=True).indices]
 
 
-def top_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the ``k`` largest scores (ties: lower index)."""
+def top_mask(scores: torch.Tensor, k: int, salt: int = tie_salt(0)) -> torch.Tensor:
+    """Boolean mask of the ``k`` largest scores (ties: the seeded order keyed by ``salt``)."""
     mask = torch.zeros(scores.numel(), dtype=torch.bool)
-    mask[_order(scores.flatten())[:k]] = True
+    mask[_order(scores.flatten(), salt)[:k]] = True
     return mask
 
 
@@ -55,7 +70,7 @@ def global_counts(scores: list[torch.Tensor], ratio: float, multiple: int, minim
     balanced tensor-parallel shards come first)."""
     flat = torch.cat([s.flatten().double() for s in scores])
     total_keep = int(round(flat.numel() * (1.0 - ratio)))
-    chosen = top_mask(flat, total_keep)
+    chosen = top_mask(flat, total_keep, tie_salt(-1))
     counts, start = [], 0
     for s in scores:
         n = int(chosen[start:start + s.numel()].sum())
@@ -66,7 +81,7 @@ def global_counts(scores: list[torch.Tensor], ratio: float, multiple: int, minim
 
 
 def keep_masks(scores: list[torch.Tensor], counts: list[int]) -> list[torch.Tensor]:
-    return [top_mask(s, k) for s, k in zip(scores, counts)]
+    return [top_mask(s, k, tie_salt(i)) for i, (s, k) in enumerate(zip(scores, counts))]
 
 
 def hamming(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:

@@ -1,34 +1,28 @@
-"""Mask functions: deterministic top-k and thresholds, patterns, densities, packing, fingerprints."""
+"""Mask functions: the tie order, random scores, patterns, densities, packing, fingerprints."""
 
 import math
-import random
 
 import numpy as np
 import pytest
 import torch
 
 from dist_sparse.masks import (
-    EMPTY_THRESHOLD,
     NmHalo,
     active_counts,
     block_scores,
     check_block_aligned,
     check_nm,
-    deterministic_topk_mask,
     erk_densities,
     expand_block_mask,
-    kth_value_threshold,
     mask_fingerprint,
-    merge_topk_candidates,
     nm_halo,
     nm_mask,
     nm_slice_mask,
     pack_mask,
     random_scores,
-    select_by_threshold,
     stable_seed,
-    topk_among,
-    topk_candidates,
+    tie_order,
+    tie_order_bits,
     uniform_densities,
     unpack_mask,
 )
@@ -36,13 +30,19 @@ from dist_sparse.masks import (
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def reference_topk(scores, k):
-    """Plain-Python reference: sort flat positions by (score desc, index asc), take k."""
-    flat = scores.double().reshape(-1).tolist()
-    order = sorted(range(len(flat)), key=lambda i: (-flat[i], i))
+def reference_topk(scores, k, keys):
+    """Plain-Python reference: sort flat positions by (score desc, tie key asc), take k."""
+    flat, key = scores.double().reshape(-1).tolist(), keys.reshape(-1).tolist()
+    order = sorted(range(len(flat)), key=lambda i: (-flat[i], key[i]))
     mask = torch.zeros(len(flat), dtype=torch.bool)
     mask[order[:k]] = True
     return mask.reshape(scores.shape)
+
+
+def seeded_keys(shape, salt=stable_seed(1, 2, 3)):
+    """The product's tie keys of a whole weight: tie_order of the flat index."""
+    numel = math.prod(shape)
+    return tie_order(torch.arange(numel), salt, tie_order_bits(numel)).view(shape)
 
 
 def tied_scores(shape, levels, seed):
@@ -51,186 +51,12 @@ def tied_scores(shape, levels, seed):
     return torch.randint(0, levels, shape, generator=g).float()
 
 
-# ---------------------------------------------------------------- deterministic top-k
-
-
-def test_topk_matches_reference_with_many_ties():
-    rng = random.Random(0)
-    for trial in range(60):
-        shape = rng.choice([(7,), (5, 6), (3, 4, 5), (16, 9)])
-        scores = tied_scores(shape, rng.choice([1, 2, 3, 10, 1000]), trial)
-        n = scores.numel()
-        for k in {0, 1, n - 1, n, rng.randint(0, n)}:
-            mask = deterministic_topk_mask(scores, k)
-            assert mask.shape == scores.shape and mask.dtype == torch.bool
-            assert int(mask.sum()) == k
-            assert torch.equal(mask, reference_topk(scores, k)), (shape, k)
-
-
-def test_topk_all_equal_takes_lowest_flat_indices():
-    scores = torch.full((3, 4), 0.5)
-    mask = deterministic_topk_mask(scores, 5)
-    assert mask.reshape(-1).tolist() == [True] * 5 + [False] * 7
-
-
-def test_topk_signed_zero_and_infinities():
-    scores = torch.tensor([0.0, -0.0, math.inf, -math.inf, 0.0, -1.0])
-    # -0.0 == 0.0, so the three zeros tie and go by index.
-    assert deterministic_topk_mask(scores, 3).tolist() == [True, True, True, False, False, False]
-    assert deterministic_topk_mask(scores, 6).all()
-    assert deterministic_topk_mask(scores, 5).tolist() == [True, True, True, False, True, True]
-
-
-def test_topk_bfloat16_and_float16_agree_with_float32():
-    scores32 = torch.randn(50, 40, generator=torch.Generator().manual_seed(1))
-    for dtype in (torch.bfloat16, torch.float16):
-        low = scores32.to(dtype)
-        for k in (0, 17, 1000, 2000):
-            assert torch.equal(deterministic_topk_mask(low, k), deterministic_topk_mask(low.float(), k))
-            assert torch.equal(deterministic_topk_mask(low, k), reference_topk(low.float(), k))
-
-
-def test_topk_non_contiguous_uses_logical_row_major_index():
-    base = tied_scores((6, 5), 2, 3)
-    transposed = base.t()
-    assert not transposed.is_contiguous()
-    assert torch.equal(deterministic_topk_mask(transposed, 11), deterministic_topk_mask(transposed.contiguous(), 11))
-
-
-def test_topk_does_not_modify_input():
-    scores = tied_scores((8, 8), 3, 4)
-    before = scores.clone()
-    deterministic_topk_mask(scores, 20)
-    topk_among(scores, scores > 0, 5)
-    kth_value_threshold(scores, 9)
-    assert torch.equal(scores, before)
-
-
-def test_topk_errors():
-    scores = torch.randn(4, 4)
-    with pytest.raises(ValueError, match="NaN"):
-        deterministic_topk_mask(torch.tensor([1.0, float("nan")]), 1)
-    with pytest.raises(ValueError, match=r"\[0, 16\]"):
-        deterministic_topk_mask(scores, 17)
-    with pytest.raises(ValueError, match=r"\[0, 16\]"):
-        deterministic_topk_mask(scores, -1)
-    with pytest.raises(ValueError, match="floating"):
-        deterministic_topk_mask(torch.arange(4), 2)
-    with pytest.raises(ValueError, match="integer"):
-        deterministic_topk_mask(scores, 2.5)
-
-
-def test_topk_empty_tensor():
-    assert deterministic_topk_mask(torch.empty(0, 3), 0).shape == (0, 3)
-
-
 def test_torch_stable_descending_sort_keeps_index_order_among_equals():
     # Documents the behaviour other modules may rely on when they rank with torch.sort.
     values = tied_scores((1000,), 4, 5)
     order = torch.sort(values, descending=True, stable=True).indices
     expected = sorted(range(1000), key=lambda i: (-values[i].item(), i))
     assert order.tolist() == expected
-
-
-# ---------------------------------------------------------------- top-k among candidates
-
-
-def test_topk_among_excludes_non_candidates_and_breaks_ties_by_index():
-    scores = torch.tensor([[9.0, 1.0, 1.0, 1.0], [9.0, 1.0, 5.0, 1.0]])
-    candidates = torch.tensor([[False, True, True, True], [False, True, True, True]])
-    mask = topk_among(scores, candidates, 3)
-    assert mask.tolist() == [[False, True, True, False], [False, False, True, False]]
-    assert not (mask & ~candidates).any()
-
-
-def test_topk_among_matches_reference():
-    rng = random.Random(1)
-    for trial in range(30):
-        scores = tied_scores((9, 7), 4, 100 + trial)
-        candidates = torch.rand(9, 7, generator=torch.Generator().manual_seed(trial)) < 0.4
-        k = rng.randint(0, int(candidates.sum()))
-        masked = torch.where(candidates, scores, torch.tensor(-math.inf))
-        # With excluded positions at -inf they rank last, so the reference is plain top-k when
-        # no candidate is itself -inf (true here).
-        assert torch.equal(topk_among(scores, candidates, k), reference_topk(masked, k))
-
-
-def test_topk_among_errors():
-    scores = torch.randn(3, 3)
-    with pytest.raises(ValueError, match=r"\[0, 2\]"):
-        topk_among(scores, torch.eye(3, dtype=torch.bool)[:, :3] & (torch.arange(3) < 2), 3)
-    with pytest.raises(ValueError, match="shape"):
-        topk_among(scores, torch.ones(9, dtype=torch.bool), 1)
-    with pytest.raises(ValueError, match="bool"):
-        topk_among(scores, torch.ones(3, 3), 1)
-
-
-# ---------------------------------------------------------------- thresholds
-
-
-def test_threshold_round_trip_every_k():
-    for seed, levels in [(0, 2), (1, 5), (2, 100000)]:
-        scores = tied_scores((4, 9), levels, seed)
-        for k in range(scores.numel() + 1):
-            value, index = kth_value_threshold(scores, k)
-            assert torch.equal(select_by_threshold(scores, value, index), deterministic_topk_mask(scores, k))
-    assert kth_value_threshold(scores, 0) == EMPTY_THRESHOLD
-
-
-def test_threshold_identifies_kth_element():
-    scores = torch.tensor([3.0, 5.0, 3.0, 1.0, 3.0])
-    assert kth_value_threshold(scores, 1) == (5.0, 1)
-    assert kth_value_threshold(scores, 2) == (3.0, 0)
-    assert kth_value_threshold(scores, 3) == (3.0, 2)
-    assert kth_value_threshold(scores, 4) == (3.0, 4)
-    assert kth_value_threshold(scores, 5) == (1.0, 3)
-
-
-def test_empty_threshold_selects_nothing_even_at_inf():
-    scores = torch.tensor([math.inf, 1.0])
-    assert not select_by_threshold(scores, *EMPTY_THRESHOLD, index_offset=5).any()
-
-
-def test_sharded_global_topk_equals_whole_tensor_topk():
-    """Slices exchange candidates and one threshold; concatenated result equals unsharded top-k."""
-    rng = random.Random(2)
-    for trial in range(80):
-        n = rng.randint(4, 300)
-        scores = tied_scores((n,), rng.choice([2, 3, 7, 50, 10**6]), 1000 + trial)
-        if trial % 3 == 0:
-            scores = scores.bfloat16()
-        parts = rng.randint(2, 4)
-        cuts = sorted(rng.sample(range(1, n), parts - 1))
-        bounds = list(zip([0] + cuts, cuts + [n]))
-        for k in {0, 1, n, rng.randint(0, n), rng.randint(0, n)}:
-            gathered = [topk_candidates(scores[a:b], k, index_offset=a) for a, b in bounds]
-            value, index = merge_topk_candidates(gathered, k)
-            local = [select_by_threshold(scores[a:b], value, index, index_offset=a) for a, b in bounds]
-            assert torch.equal(torch.cat(local), deterministic_topk_mask(scores, k)), (trial, n, k, bounds)
-            if k:
-                assert (value, index) == kth_value_threshold(scores, k)
-
-
-def test_topk_candidates_are_local_topk_with_global_indices():
-    scores = torch.tensor([1.0, 4.0, 4.0, 2.0])
-    values, indices = topk_candidates(scores, 2, index_offset=10)
-    assert values.tolist() == [4.0, 4.0] and indices.tolist() == [11, 12]
-    values, indices = topk_candidates(scores, 9)  # more than the slice holds: all of it
-    assert indices.tolist() == [0, 1, 2, 3]
-
-
-def test_merge_errors():
-    v, i = torch.tensor([1.0, 2.0]), torch.tensor([0, 1])
-    with pytest.raises(ValueError, match=r"\[0, 4\]"):
-        merge_topk_candidates([(v, i), (v, i + 2)], 5)
-    with pytest.raises(ValueError, match="distinct"):
-        merge_topk_candidates([(v, i), (v, i)], 1)
-    with pytest.raises(ValueError, match="1-D"):
-        merge_topk_candidates([(v, i[:1])], 1)
-    with pytest.raises(ValueError, match="empty"):
-        merge_topk_candidates([], 0)
-    with pytest.raises(ValueError, match="NaN"):
-        select_by_threshold(v, float("nan"), 0)
 
 
 # ---------------------------------------------------------------- random scores
@@ -255,15 +81,14 @@ def test_stable_seed_is_pinned():
 
 
 @CUDA
-def test_random_scores_and_topk_agree_on_gpu():
+def test_random_scores_and_nm_agree_on_gpu():
     cpu = random_scores((300, 200), 3, 7, 1)
     gpu = random_scores((300, 200), 3, 7, 1, device="cuda")
     assert torch.equal(cpu, gpu.cpu())
     ties = tied_scores((300, 200), 5, 9)
-    for k in (1, 777, 30000, 59999):
-        assert torch.equal(deterministic_topk_mask(ties, k), deterministic_topk_mask(ties.cuda(), k).cpu())
-        assert kth_value_threshold(ties, k) == kth_value_threshold(ties.cuda(), k)
-    assert torch.equal(nm_mask(ties, 2, 4), nm_mask(ties.cuda(), 2, 4).cpu())
+    ties[ties == 0] = -0.0  # a radix sort tells -0.0 from 0.0; the order must not
+    keys = seeded_keys((300, 200))
+    assert torch.equal(nm_mask(ties, 2, 4, keys), nm_mask(ties.cuda(), 2, 4, keys.cuda()).cpu())
     assert mask_fingerprint(ties > 2) == mask_fingerprint((ties > 2).cuda())
 
 
@@ -287,7 +112,9 @@ def test_block_scores_rejects_non_dividing_block():
 
 def test_block_mask_round_trip_is_aligned():
     scores = torch.rand(8, 12, generator=torch.Generator().manual_seed(0))
-    block_mask = deterministic_topk_mask(block_scores(scores, 4), 3)
+    blocks = block_scores(scores, 4)
+    block_mask = torch.zeros(blocks.shape, dtype=torch.bool)
+    block_mask.view(-1)[blocks.flatten().topk(3).indices] = True  # distinct random sums: no ties
     mask = expand_block_mask(block_mask, 4)
     assert mask.shape == (8, 12) and int(mask.sum()) == 3 * 16
     assert check_block_aligned(mask, 4)
@@ -298,27 +125,32 @@ def test_block_mask_round_trip_is_aligned():
     assert check_block_aligned(broken, 1)
 
 
-def reference_nm(scores, n, m):
-    rows = scores.reshape(-1, m)
-    return torch.stack([reference_topk(row, n) for row in rows]).reshape(scores.shape)
+def reference_nm(scores, n, m, keys):
+    rows, row_keys = scores.reshape(-1, m), keys.reshape(-1, m)
+    return torch.stack([reference_topk(row, n, k) for row, k in zip(rows, row_keys)]).reshape(scores.shape)
 
 
 def test_nm_mask_matches_reference_with_ties():
     for seed, (n, m) in enumerate([(2, 4), (1, 4), (3, 4), (4, 8), (1, 2)]):
         scores = tied_scores((6, 16), 3, seed)
-        mask = nm_mask(scores, n, m)
-        assert torch.equal(mask, reference_nm(scores, n, m))
+        scores[scores == 0] = -0.0 if seed % 2 else 0.0  # -0.0 ties with 0.0
+        keys = seeded_keys((6, 16), stable_seed(seed, 0, 0))
+        mask = nm_mask(scores, n, m, keys)
+        assert torch.equal(mask, reference_nm(scores, n, m, keys))
         assert check_nm(mask, n, m)
         assert check_nm(mask, n, m, exact=False)
 
 
-def test_nm_mask_groups_run_along_input_dimension():
+def test_nm_mask_groups_run_along_input_dimension_and_ties_follow_the_keys():
     scores = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0, 2.0, 3.0, 1.0]])
-    assert nm_mask(scores, 2, 4).tolist() == [[True, True, False, False, False, True, True, False]]
+    by_index = torch.arange(8).view(1, 8)
+    assert nm_mask(scores, 2, 4, by_index).tolist() == [[True, True, False, False, False, True, True, False]]
+    reversed_keys = by_index.flip(1)
+    assert nm_mask(scores, 2, 4, reversed_keys).tolist() == [[False, False, True, True, False, True, True, False]]
 
 
 def test_check_nm_detects_violations():
-    mask = nm_mask(torch.randn(4, 8), 2, 4)
+    mask = nm_mask(torch.randn(4, 8), 2, 4, seeded_keys((4, 8)))
     fewer = mask.clone()
     fewer[0, fewer[0].nonzero()[0]] = False
     assert not check_nm(fewer, 2, 4) and check_nm(fewer, 2, 4, exact=False)
@@ -328,13 +160,15 @@ def test_check_nm_detects_violations():
 
 
 def test_nm_errors():
-    scores = torch.randn(4, 6)
+    scores, keys = torch.randn(4, 6), seeded_keys((4, 6))
     with pytest.raises(ValueError, match=r"m=4 does not divide the input dimension 6"):
-        nm_mask(scores, 2, 4)
+        nm_mask(scores, 2, 4, keys)
     with pytest.raises(ValueError, match=r"n=3 must be in \[1, m\)"):
-        nm_mask(scores, 3, 3)
+        nm_mask(scores, 3, 3, keys)
     with pytest.raises(ValueError, match=r"n=0"):
-        nm_mask(scores, 0, 2)
+        nm_mask(scores, 0, 2, keys)
+    with pytest.raises(ValueError, match=r"tie_keys of shape \(6, 4\)"):
+        nm_mask(scores, 1, 2, keys.view(6, 4))
 
 
 def zero3_slices(numel, ranks):
@@ -349,8 +183,8 @@ def test_nm_slice_masks_put_together_equal_the_whole_weight(shape, n, m):
     slices put together are bit for bit ``nm_mask`` of the whole weight, also where groups
     straddle two slices and where the last slice is short or empty."""
     scores = tied_scores(shape, 3, sum(shape))  # few distinct values: ties inside straddling groups
-    flat = scores.flatten()
-    want = nm_mask(scores, n, m).flatten()
+    flat, keys = scores.flatten(), seeded_keys(shape).flatten()
+    want = nm_mask(scores, n, m, keys.view(shape)).flatten()
     straddled = 0
     for ranks in (1, 2, 3, 4, 7):
         slices = zero3_slices(flat.numel(), ranks)
@@ -366,7 +200,7 @@ def test_nm_slice_masks_put_together_equal_the_whole_weight(shape, n, m):
             after = flat[next_a: next_a + halos[r + 1].to_prev] if r + 1 < ranks else flat[:0]
             assert before.numel() == h.from_prev and after.numel() == h.from_next, (ranks, r)
             straddled += h.from_prev > 0
-            got.append(nm_slice_mask(flat[a:b], a, n, m, before, after))
+            got.append(nm_slice_mask(flat[a:b], a, n, m, before, after, keys[a - h.from_prev:b + h.from_next]))
         assert torch.equal(torch.cat(got), want), ranks
     assert straddled > 0  # the shapes were chosen so that some slice boundary cuts a group
 
@@ -376,7 +210,7 @@ def test_nm_halo_and_its_errors():
     assert nm_halo(8, 16, 4) == NmHalo(0, 0, 0, 0)
     assert nm_halo(16, 16, 4) == NmHalo(0, 0, 0, 0)  # an empty trailing slice
     with pytest.raises(ValueError, match="needs 2 scores before and 1 after, got 0 and 1"):
-        nm_slice_mask(torch.ones(9), 6, 2, 4, torch.ones(0), torch.ones(1))
+        nm_slice_mask(torch.ones(9), 6, 2, 4, torch.ones(0), torch.ones(1), torch.arange(10))
 
 
 # ---------------------------------------------------------------- densities
@@ -498,8 +332,6 @@ def test_fingerprint_equal_masks_equal_and_every_bit_flip_differs():
 
 @pytest.mark.parametrize("numel", [1, 2, 3, 1000, 4097, 1 << 16])
 def test_tie_order_is_a_permutation_of_its_range(numel):
-    from dist_sparse.masks import tie_order, tie_order_bits
-
     bits = tie_order_bits(numel)
     keys = tie_order(torch.arange(1 << bits), salt=stable_seed(1, 2, 3), bits=bits)
     assert torch.equal(keys.sort().values, torch.arange(1 << bits))
@@ -508,8 +340,6 @@ def test_tie_order_is_a_permutation_of_its_range(numel):
 def test_tie_order_stays_injective_where_int64_products_wrap():
     """BERT-large FFN weights need 22 bits; bigger tensors up to 62 bits, where the products
     overflow int64: distinct indices must still get distinct keys."""
-    from dist_sparse.masks import tie_order
-
     g = torch.Generator().manual_seed(0)
     for bits in (22, 40, 62):
         idx = torch.unique(torch.randint(0, 1 << min(bits, 62), (200_000,), generator=g))
@@ -530,8 +360,8 @@ def test_ties_at_the_threshold_are_spread_over_the_weight_not_taken_from_its_fir
     bits = tie_order_bits(scores.numel())
     masks = []
     for salt in (stable_seed(1, 10, 0), stable_seed(1, 20, 0)):
-        part = Part(sortable_keys(scores), torch.ones_like(scores, dtype=torch.bool),
-                    lambda pos, s=salt: tie_order(pos, s, bits), 1 << bits)
+        part = Part(sortable_keys(scores), torch.ones_like(scores, dtype=torch.bool), lambda pos: pos,
+                    scores.numel(), salt)
         [mask] = distributed_topk([part], [k], group=LOCAL)
         assert int(mask.sum()) == k
         per_row = mask.view(rows, cols).sum(dim=1)

@@ -1,17 +1,19 @@
 """Count-only top-k (dist_sparse.sparsity.select): the direct LOCAL selection, the batched
 bisection over one holder, and over slices held by several ranks (threads standing in for
-processes), all bit for bit the per-tensor reference ``masks.topk.topk_among``."""
-
-import threading
+processes, ``sparsity.fake``), all bit for bit a plain sort by (score desc, seeded tie key asc)."""
 
 import pytest
 import torch
 
-from dist_sparse.distributed import comm
-from dist_sparse.masks.topk import topk_among
+from dist_sparse.masks.topk import stable_seed, tie_order, tie_order_bits
+from dist_sparse.sparsity.fake import FakeCollectives, ThreadGroup
 from dist_sparse.sparsity.select import LOCAL, Part, SelectStats, distributed_topk, sortable_keys
 
 SHAPES = [(37, 11), (8, 64), (5, 5), (64, 48), (1, 7), (30, 30)]
+
+
+def salt_of(i: int) -> int:
+    return stable_seed(0, 7, i)
 
 
 def tied_problem(shape, seed):
@@ -23,8 +25,16 @@ def tied_problem(shape, seed):
     return scores, eligible
 
 
-def reference(scores, eligible, k):
-    return topk_among(scores, eligible, k)
+def reference(scores, eligible, k, salt, index=None):
+    """The k best eligible positions by score, equal scores by the seeded tie key of their
+    global index (``index``: position -> global index; default the position itself)."""
+    flat, elig = (scores.flatten() + 0.0).tolist(), eligible.flatten().tolist()
+    positions = torch.arange(len(flat))
+    keys = tie_order(positions if index is None else index(positions), salt, tie_order_bits(len(flat))).tolist()
+    order = sorted((i for i in range(len(flat)) if elig[i]), key=lambda i: (-flat[i], keys[i]))
+    mask = torch.zeros(len(flat), dtype=torch.bool)
+    mask[order[:k]] = True
+    return mask.view(scores.shape)
 
 
 def ks_for(eligible, seed):
@@ -37,7 +47,7 @@ def whole_parts(problems, index_of=None):
     parts = []
     for i, (scores, eligible) in enumerate(problems):
         gidx = index_of[i] if index_of else (lambda pos: pos)
-        parts.append(Part(sortable_keys(scores).flatten(), eligible.flatten(), gidx, scores.numel()))
+        parts.append(Part(sortable_keys(scores).flatten(), eligible.flatten(), gidx, scores.numel(), salt_of(i)))
     return parts
 
 
@@ -45,21 +55,21 @@ def whole_parts(problems, index_of=None):
 @pytest.mark.parametrize("pick", range(3))
 def test_selection_of_many_tensors_equals_the_per_tensor_reference(group, pick):
     """LOCAL selects directly; group None (one holder, no process group) runs the batched
-    bisection. Both give exactly topk_among of every tensor, ties to the lower flat index."""
+    bisection. Both give exactly the reference of every tensor."""
     problems = [tied_problem(shape, seed) for seed, shape in enumerate(SHAPES)]
     ks = [ks_for(e, seed)[pick] for seed, (_, e) in enumerate(problems)]
     stats = SelectStats()
     got = distributed_topk(whole_parts(problems), ks, group=group, stats=stats)
-    for (scores, eligible), k, mask in zip(problems, ks, got):
-        assert torch.equal(mask.view(scores.shape), reference(scores, eligible, k))
+    for i, ((scores, eligible), k, mask) in enumerate(zip(problems, ks, got)):
+        assert torch.equal(mask.view(scores.shape), reference(scores, eligible, k, salt_of(i)))
     assert stats.allreduces == 0  # nobody to talk to either way
     if group is LOCAL:
         assert stats.rounds == 0  # no bisection at all
 
 
 def test_local_selection_breaks_ties_by_global_index_not_local_position():
-    """The tie rule is the logical index: with a local order that is not the global one (a
-    reversed mapping) the direct selection still agrees with the bisection."""
+    """The tie keys come from the logical index: with a local order that is not the global one
+    (a reversed mapping) the direct selection still agrees with the bisection."""
     scores, eligible = tied_problem((23, 9), 7)
     n = scores.numel()
     reverse = [lambda pos: n - 1 - pos]
@@ -67,54 +77,7 @@ def test_local_selection_breaks_ties_by_global_index_not_local_position():
         local = distributed_topk(whole_parts([(scores, eligible)], reverse), [k], group=LOCAL)[0]
         bisected = distributed_topk(whole_parts([(scores, eligible)], reverse), [k], group=None)[0]
         assert torch.equal(local, bisected) and int(local.sum()) == k
-        # in the reversed order, the reference picks the last of the ties
-        flipped = reference(scores.flatten().flip(0), eligible.flatten().flip(0), k).flip(0)
-        assert torch.equal(local, flipped)
-
-
-class ThreadGroup:
-    """A process group of threads for one-process tests: all_reduce sums the ranks' tensors."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self.barrier = threading.Barrier(size, timeout=60)
-        self.slots = [None] * size
-        self.me = threading.local()
-
-    def all_reduce_sum_(self, tensor):
-        self.slots[self.me.rank] = tensor.clone()
-        self.barrier.wait()
-        total = torch.stack(self.slots).sum(dim=0)
-        self.barrier.wait()  # everyone has read the slots before any rank writes the next round
-        tensor.copy_(total)
-        return tensor
-
-    def run(self, fn):
-        """fn(rank) on every rank at once; returns the results in rank order."""
-        results, errors = [None] * self.size, []
-
-        def body(rank):
-            self.me.rank = rank
-            try:
-                results[rank] = fn(rank)
-            except BaseException as err:  # noqa: BLE001 - re-raised below on the main thread
-                errors.append(err)
-                self.barrier.abort()
-
-        threads = [threading.Thread(target=body, args=(r,)) for r in range(self.size)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-        return results
-
-
-@pytest.fixture
-def thread_comm(monkeypatch):
-    monkeypatch.setattr(comm, "world_size", lambda group=None: group.size if isinstance(group, ThreadGroup) else 1)
-    monkeypatch.setattr(comm, "all_reduce_sum_", lambda tensor, group=None: group.all_reduce_sum_(tensor))
+        assert torch.equal(local, reference(scores, eligible, k, salt_of(0), reverse[0]).flatten())
 
 
 def zero3_slices(numel, ranks):
@@ -128,12 +91,12 @@ def sliced_selection(problems, ks, ranks):
 
     def on_rank(rank):
         parts = []
-        for scores, eligible in problems:
+        for i, (scores, eligible) in enumerate(problems):
             start, stop = zero3_slices(scores.numel(), ranks)[rank]
             parts.append(Part(sortable_keys(scores).flatten()[start:stop], eligible.flatten()[start:stop],
-                              lambda pos, start=start: pos + start, scores.numel()))
+                              lambda pos, start=start: pos + start, scores.numel(), salt_of(i)))
         stats = SelectStats()
-        return distributed_topk(parts, ks, group=group, stats=stats), stats
+        return distributed_topk(parts, ks, group=group, stats=stats, collectives=FakeCollectives(group, rank)), stats
 
     out = group.run(on_rank)
     masks = [torch.cat([masks[i] for masks, _ in out]) for i in range(len(problems))]
@@ -141,27 +104,27 @@ def sliced_selection(problems, ks, ranks):
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
-def test_sliced_selection_over_ranks_equals_the_per_tensor_reference(thread_comm, ranks):
+def test_sliced_selection_over_ranks_equals_the_per_tensor_reference(ranks):
     problems = [tied_problem(shape, seed) for seed, shape in enumerate(SHAPES)]
     for pick in range(3):
         ks = [ks_for(e, seed)[pick] for seed, (_, e) in enumerate(problems)]
         masks, stats = sliced_selection(problems, ks, ranks)
-        for (scores, eligible), k, mask in zip(problems, ks, masks):
-            assert torch.equal(mask.view(scores.shape), reference(scores, eligible, k))
+        for i, ((scores, eligible), k, mask) in enumerate(zip(problems, ks, masks)):
+            assert torch.equal(mask.view(scores.shape), reference(scores, eligible, k, salt_of(i)))
         # one all-reduce per round and one for the checks, the same on every rank
         assert all(s == stats[0] for s in stats)
         assert stats[0].allreduces == stats[0].rounds + 1
 
 
-def test_rounds_and_collectives_do_not_grow_with_the_number_of_tensors(thread_comm):
+def test_rounds_and_collectives_do_not_grow_with_the_number_of_tensors():
     """All tensors of a call share every round: one all-reduce (of one int64 per tensor) and one
     host read per round, whether there is one tensor or twelve of the same size."""
     def run(count):
         problems = [tied_problem((40, 25), seed) for seed in range(count)]
         ks = [int(e.sum()) // 3 for _, e in problems]
         masks, stats = sliced_selection(problems, ks, 2)
-        for (scores, eligible), k, mask in zip(problems, ks, masks):
-            assert torch.equal(mask.view(scores.shape), reference(scores, eligible, k))
+        for i, ((scores, eligible), k, mask) in enumerate(zip(problems, ks, masks)):
+            assert torch.equal(mask.view(scores.shape), reference(scores, eligible, k, salt_of(i)))
         return stats[0]
 
     one, twelve = run(1), run(12)
@@ -173,7 +136,7 @@ def test_rounds_and_collectives_do_not_grow_with_the_number_of_tensors(thread_co
         assert stats.host_reads == stats.rounds + 1 + count
 
 
-def test_a_nan_on_one_rank_stops_every_rank(thread_comm):
+def test_a_nan_on_one_rank_stops_every_rank():
     scores, eligible = tied_problem((10, 10), 1)
     group = ThreadGroup(2)
 
@@ -182,11 +145,19 @@ def test_a_nan_on_one_rank_stops_every_rank(thread_comm):
         if rank == 1:
             keys_scores[3] = float("nan")
         part = Part(sortable_keys(keys_scores), eligible.flatten()[rank * 50:(rank + 1) * 50],
-                    lambda pos: pos + rank * 50, 100, nan_count=int(torch.isnan(keys_scores).sum()))
+                    lambda pos: pos + rank * 50, 100, salt_of(0), nan_count=int(torch.isnan(keys_scores).sum()))
         try:
-            distributed_topk([part], [5], group=group)
+            distributed_topk([part], [5], group=group, collectives=FakeCollectives(group, rank))
         except ValueError as err:
             return str(err)
         return "no error"
 
     assert all(msg.startswith("mask scores contain NaN (1 values)") for msg in group.run(on_rank))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_k_beyond_the_eligible_count_is_refused(seed):
+    scores, eligible = tied_problem((37, 11), seed)
+    part = Part(sortable_keys(scores).flatten(), eligible.flatten(), lambda p: p, scores.numel(), salt_of(0))
+    with pytest.raises(ValueError, match="cannot select"):
+        distributed_topk([part], [int(eligible.sum()) + 1], group=LOCAL)

@@ -1,4 +1,4 @@
-"""Sparsity start-up checks and the count-only selection, in one process."""
+"""Sparsity start-up checks, in one process."""
 
 import pytest
 import torch
@@ -6,10 +6,8 @@ import torch
 from dist_sparse.config import SparsityConfig, parse_run_config
 from dist_sparse.distributed.comm import ParallelGroups
 from dist_sparse.distributed.zero import ZeroAccess
-from dist_sparse.masks.topk import deterministic_topk_mask
 from dist_sparse.model.presets import build_config, build_model
 from dist_sparse.sparsifier import Sparsifier
-from dist_sparse.sparsity.select import LOCAL, Part, distributed_topk, sortable_keys
 from dist_sparse.sparsity.targets import select_targets
 
 GROUPS = ParallelGroups(dp_group=None, tp_group=None, dp_rank=0, dp_size=1, tp_rank=0, tp_size=1,
@@ -76,19 +74,3 @@ def test_the_issue_example_parses():
                "update_interval": 100, "drop_fraction": 0.3, "drop_schedule": "cosine", "end_fraction": 0.75,
                "seed": 1}
     assert parse_run_config({"sparsity": example}).sparsity.method == "rigl"
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_count_only_selection_equals_deterministic_topk(seed):
-    g = torch.Generator().manual_seed(seed)
-    scores = torch.randint(0, 7, (37, 11), generator=g).float() * (1 if seed % 2 else -1)  # many ties
-    eligible = torch.rand(37, 11, generator=g) < 0.7
-    for k in (0, 1, 5, int(eligible.sum()) // 2, int(eligible.sum())):
-        part = Part(sortable_keys(scores).flatten(), eligible.flatten(), lambda pos: pos, scores.numel())
-        got = distributed_topk([part], [k], group=LOCAL)[0].view(37, 11)
-        masked = torch.where(eligible, scores, torch.tensor(float("-inf")))
-        want = deterministic_topk_mask(masked, k) & eligible
-        assert int(got.sum()) == k and torch.equal(got, want)
-    with pytest.raises(ValueError, match="cannot select"):
-        distributed_topk([Part(sortable_keys(scores).flatten(), eligible.flatten(), lambda p: p, scores.numel())],
-                         [int(eligible.sum()) + 1], group=LOCAL)

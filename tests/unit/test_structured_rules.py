@@ -105,10 +105,25 @@ def test_kept_counts_round_to_the_tp_degree_and_respect_minimums():
     assert layer_counts([12, 12], 0.33, 2, 1) == [8, 8]
 
 
-def test_top_mask_breaks_ties_by_lower_index():
+def test_top_mask_breaks_ties_in_the_seeded_order_of_the_index():
+    """The project's one tie rule (masks.topk.tie_order): among equal scores the smallest key
+    tie_order(index, salt) is kept first; different salts (layers) order the ties differently,
+    so no head index is favoured everywhere; untied scores are unaffected."""
+    from dist_sparse.masks.topk import tie_order, tie_order_bits
+    from dist_sparse.structured.earlybird import tie_salt
+
     scores = torch.tensor([1.0, 3.0, 3.0, 0.5, 3.0])
-    assert top_mask(scores, 2).tolist() == [False, True, True, False, False]
-    assert top_mask(scores, 4).tolist() == [True, True, True, False, True]
+    tied = torch.tensor([1, 2, 4])
+    seen = set()
+    for layer in range(8):
+        salt = tie_salt(layer)
+        keys = tie_order(tied, salt, tie_order_bits(5))
+        first_two = set(tied[keys.argsort()[:2]].tolist())
+        assert top_mask(scores, 2, salt).nonzero().flatten().tolist() == sorted(first_two)
+        assert top_mask(scores, 3, salt).nonzero().flatten().tolist() == [1, 2, 4]  # no tie left to break
+        assert top_mask(scores, 4, salt).tolist() == [True, True, True, False, True]
+        seen.add(frozenset(first_two))
+    assert len(seen) > 1  # the order differs between layers
 
 
 def test_global_scope_lets_layers_compete_and_rounds_per_layer():

@@ -1,0 +1,112 @@
+"""The one mask-update routine every method shares: score, keep the best, regrow the best of the
+rest (google-research/rigl's mask updaters; DESIGN.md section 3.1).
+
+A ``Decision`` is this rank's view of one decision of every target: its pieces (``layout``), the
+step that salts the tie order, and the bytes the decision sends. Scores, eligibility and
+selections stay in the pieces' flat form until the end, where the layout turns them into masks
+of the form it holds, once (for bf16 ZeRO-1/2, one gather of the decided bits).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dist_sparse.config import SparsityConfig
+from dist_sparse.masks.topk import random_scores, stable_seed
+from dist_sparse.sparsity.layout import Layout, Pieces
+from dist_sparse.sparsity.methods import Goal, Method
+from dist_sparse.sparsity.patterns import Pattern
+
+
+class Decision:
+    def __init__(self, cfg: SparsityConfig, layout: Layout, pattern: Pattern, step: int,
+                 grad_scores: dict[str, torch.Tensor] | None = None):
+        self.cfg = cfg
+        self.layout = layout
+        self.pattern = pattern
+        self.step = step  # the update step (0: the first masks): keys random draws and tie orders
+        self.grad_scores = grad_scores or {}  # RigL's |dense gradient|, in the held form
+        self.sync_bytes = 0  # what this rank sent (or received, for gathers) to decide
+        self._pieces: Pieces | None = None
+
+    @property
+    def pieces(self) -> Pieces:
+        """Read on first use (a dense start reads nothing)."""
+        if self._pieces is None:
+            self._pieces = self.layout.pieces(self.pattern.whole_groups)
+        return self._pieces
+
+    @property
+    def targets(self):
+        return self.layout.targets
+
+    def salt(self, t) -> int:
+        """Of the tie order of ``t`` at this update (``masks.topk.tie_order``)."""
+        return stable_seed(self.cfg.seed, self.step, t.index)
+
+    def group(self, split: bool):
+        return self.layout.decision_group(split, self.cfg.balance == "global")
+
+    # -- scores and eligibility, in the pieces' flat form --------------------------------------------
+    def magnitudes(self) -> dict[str, torch.Tensor]:
+        """|w| of the pieces, from fp32 values that are identical on every rank."""
+        return {n: p.values.abs() for n, p in self.pieces.parts.items()}
+
+    def random(self) -> dict[str, torch.Tensor]:
+        """Uniform scores keyed by (seed, step, weight), drawn for the logical weight and cut to
+        the pieces, so every rank and layout sees the same value for the same weight."""
+        return {t.name: self.cut(t, t.slice_full(random_scores(t.full_shape, self.cfg.seed, self.step, t.index)))
+                for t in self.targets}
+
+    def dense_gradients(self) -> dict[str, torch.Tensor]:
+        """RigL's |dense gradient|, read in ``mask_gradients`` of this step."""
+        return {t.name: self.from_held(t, self.grad_scores.pop(t.name)) for t in self.targets}
+
+    def cut(self, t, shard: torch.Tensor) -> torch.Tensor:
+        """The piece's part of a tensor of the TP shard's shape."""
+        p = self.pieces.parts[t.name]
+        return shard.flatten()[p.start:p.stop]
+
+    def from_held(self, t, held: torch.Tensor) -> torch.Tensor:
+        return self.layout.piece_of_held(t, held, self.pieces.parts[t.name])
+
+    def units(self, goal: Goal) -> dict[str, int]:
+        return {t.name: self.pattern.units(self.cfg, t, goal, self.layout.groups.tp_size) for t in self.targets}
+
+    def select(self, scores: dict, eligible: dict, ks: dict) -> dict[str, torch.Tensor]:
+        return self.pattern.select(self, scores, eligible, ks)
+
+    def held(self, decided: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        counter = [0]
+        masks = self.layout.held_from_pieces(decided, self.pieces, counter)
+        self.sync_bytes += counter[0]
+        return masks
+
+
+def first_masks(method: Method, decision: Decision) -> dict[str, torch.Tensor]:
+    """The masks training starts from: dense (GMP), or the final densities' best by ``init``."""
+    layout = decision.layout
+    if method.starts_dense:
+        return {t.name: torch.ones(layout.mask_shape(t), dtype=torch.bool) for t in decision.targets}
+    by_magnitude = decision.cfg.init == "magnitude" or decision.pattern.first_by_magnitude
+    scores = decision.magnitudes() if by_magnitude else decision.random()
+    eligible = {n: torch.ones_like(s, dtype=torch.bool) for n, s in scores.items()}
+    return decision.held(decision.select(scores, eligible, decision.units(method.final_goal())))
+
+
+def updated_masks(method: Method, decision: Decision, old: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The masks after the update at ``decision.step``: of the active weights keep the goal's
+    count minus the regrown share by ``drop_scores``; regrow that share among the others by
+    ``grow_scores`` (regrown weights start at zero: they were pruned)."""
+    step = decision.step
+    total = decision.units(method.goal(step))
+    active = {t.name: decision.from_held(t, old[t.name]) for t in decision.targets}
+    fraction = method.regrow_fraction(step)
+    if fraction is None:  # a method that only prunes
+        return decision.held(decision.select(method.drop_scores(decision), active, total))
+    drops = {n: int(fraction * k) for n, k in total.items()}
+    kept = decision.select(method.drop_scores(decision), active, {n: total[n] - drops[n] for n in total})
+    grown = decision.select(method.grow_scores(decision), {n: ~m for n, m in kept.items()}, drops)
+    # kept follows the magnitudes (the GPU), grown its scores (random draws on the host, or the
+    # gradient read); the sparsifier keeps masks on the host anyway.
+    return decision.held({n: kept[n].cpu() | grown[n].cpu() for n in kept})
