@@ -27,7 +27,9 @@ from dist_sparse.distributed import comm
 from dist_sparse.distributed.comm import ParallelGroups
 from dist_sparse.distributed.tp_layout import split_dim
 from dist_sparse.distributed.zero import MOMENT_KEYS, ZeroAccess, link_optimizer_state
+from dist_sparse.model import DistSparseBertForPreTraining
 from dist_sparse.optim import set_step_count
+from dist_sparse.structured.pruner import attach_coefficients
 from dist_sparse.structure import (HEAD_COEF, NEURON_COEF, Ticket, fold_coefficients, is_coefficient, layer_key,
                                    shrink_state_dict, shrunk_model_config)
 
@@ -47,8 +49,6 @@ class ShrinkReport:
 
 def logical_shapes(config, with_coefficients: bool) -> dict[str, torch.Size]:
     """Parameter shapes of the unsharded model (built on the meta device: no memory)."""
-    from dist_sparse.model import DistSparseBertForPreTraining
-    from dist_sparse.structured.pruner import attach_coefficients
 
     with torch.device("meta"):
         model = DistSparseBertForPreTraining(config)
@@ -119,8 +119,6 @@ def shrink_tensors(weights: dict, states: dict, ticket: Ticket, config) -> tuple
 
 def reference_outputs(weights: dict, config, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Outputs of the masked model with coefficients, unsharded fp32, in eval mode."""
-    from dist_sparse.model import DistSparseBertForPreTraining
-    from dist_sparse.structured.pruner import attach_coefficients
 
     model = DistSparseBertForPreTraining(config)
     attach_coefficients(model, 1)
@@ -191,7 +189,6 @@ def build_shrunk_engine(plan: ShrinkPlan, *, build_engine, zero_stage: int, grou
     """The engine of the shrunk model, standing at optimizer step ``step`` with the carried fp32
     masters and moments. ``build_engine(model, lr_lambda=, start_step=)`` builds an engine as
     the run builds its first one. Returns (engine, report)."""
-    from dist_sparse.model import DistSparseBertForPreTraining
 
     device, small_config = plan.device, plan.small_config
     model = DistSparseBertForPreTraining(small_config)

@@ -18,20 +18,30 @@ from pathlib import Path
 import torch
 
 from dist_sparse.config import RunConfig, load_run_config, lr_multiplier, resolve_batch_sizes
+from dist_sparse.data.collator import MlmCollator
+from dist_sparse.data.loader import ResumableBatchIterator
+from dist_sparse.data.prepare import load_prepared
 from dist_sparse.distributed import comm
 from dist_sparse.distributed.rng import tp_rng
 from dist_sparse.distributed.topology import ParallelDims
-from dist_sparse.distributed.zero import link_optimizer_state
+from dist_sparse.distributed.zero import ZeroAccess, link_optimizer_state
 from dist_sparse.folders import write_json_atomic
+from dist_sparse.model.config import DistSparseBertConfig
+from dist_sparse.model.presets import build_config, build_model
+from dist_sparse.sparsifier import section_changes
+from dist_sparse.structured.pruner import StructuredPruner, attach_coefficients
+from dist_sparse.structured.pruner import validate as validate_structured
 from dist_sparse.train import checkpoint as ckpt
 from dist_sparse.train import run_dir as rd
 from dist_sparse.train.args import build_parser
 from dist_sparse.train.engine import build_engine
 from dist_sparse.train.metrics import MetricsWriter
 from dist_sparse.train.sparse import SparsityComponent, config_fingerprint, preflight_sparsity
+from dist_sparse.train.structured import EarlyBertComponent
 from dist_sparse.train.trainer import Trainer
 
 log = logging.getLogger("dist_sparse.train")
+
 
 def step_seed(seed: int, step: int, micro: int, dp_rank: int, stream: int = 0) -> int:
     """A 63-bit seed for one micro step; distinct streams never collide for sane sizes."""
@@ -63,9 +73,7 @@ def run(argv: list[str] | None = None) -> int:
     # Everything that can be checked without processes or models is checked first.
     run_cfg = load_run_config(args.deepspeed_config)
     max_steps, save_interval, eval_interval, seed = _resolve(args, run_cfg)
-    from dist_sparse.data.prepare import load_prepared
     datasets, meta = load_prepared(args.data)
-    from dist_sparse.model.presets import build_config, build_model
     model_config = build_config(args.model, vocab_size=meta["vocab_size"],
                                 max_position_embeddings=max(512, meta["seq_len"]),
                                 pad_token_id=meta["special_ids"]["[PAD]"])
@@ -75,13 +83,15 @@ def run(argv: list[str] | None = None) -> int:
     run_json = _read_run_json(run) if resume_tag is not None else {}
     if resume_tag is not None:
         ckpt.check_data(run_json.get("data_meta") or {}, meta, data=args.data, run_data=run_json.get("data"))
+        if run_json.get("max_steps") not in (None, max_steps):  # the checkpoint says it again on load
+            raise ValueError(f"--resume: the run was started for {run_json['max_steps']} steps, not {max_steps}; "
+                             "the learning-rate and sparsity schedules depend on it (start a new run to change it)")
     # A checkpoint names its own model shape (a structured run may have shrunk it) and the state of
     # the structured search; both are needed before the model is built.
     structure = None
     if resume_tag is not None:
         structure = ckpt.read_structure(rd.checkpoint_dir(run) / resume_tag)
         if structure is not None:
-            from dist_sparse.model.config import DistSparseBertConfig
             model_config = DistSparseBertConfig.from_dict(structure.model_config)
     sp_cfg = run_cfg.structured_pruning
     structured_state = structure.structured if structure else None
@@ -89,9 +99,7 @@ def run(argv: list[str] | None = None) -> int:
         raise ValueError("--resume: the checkpoint is in the middle of a structured-pruning search but the config "
                          "has no \"structured_pruning\" section; add it back to continue the search")
     if sp_cfg is not None:
-        from dist_sparse.structured.pruner import validate as validate_structured
         if structured_state is not None and structured_state.config not in (None, sp_cfg.model_dump()):
-            from dist_sparse.sparsifier import section_changes
             raise ValueError("--resume: the \"structured_pruning\" section differs from the one the run was "
                              f"started with ({section_changes(structured_state.config, sp_cfg.model_dump())}); "
                              "it decides the ticket, so it cannot change mid-run")
@@ -110,6 +118,11 @@ def run(argv: list[str] | None = None) -> int:
                              f"({world} ranks); resume with the same layout (resuming at another size is not "
                              "supported yet)")
     preflight_sparsity(run_cfg, model_config, dp_size, max_steps)
+    if resume_tag is not None:  # the masks against the config, from rank 0's file
+        waits = run_cfg.sparsity is not None and run_cfg.sparsity.after_shrink and \
+            sp_cfg is not None and (structured_state is None or structured_state.searching)
+        _resumed_masks(rd.checkpoint_dir(run) / resume_tag, 0, run_cfg.sparsity, args.sparsity_reset,
+                       due=run_cfg.sparsity is not None and not waits, waiting=waits)
 
     comm.init()
     assert comm.world_size() == world, "WORLD_SIZE disagrees with the process group"
@@ -135,7 +148,6 @@ def run(argv: list[str] | None = None) -> int:
     model = build_model(model_config)
     searching = sp_cfg is not None and (structured_state is None or structured_state.searching)
     if searching:
-        from dist_sparse.structured.pruner import attach_coefficients
         attach_coefficients(model, run_cfg.tp_size)
 
     def lr_lambda(s: int) -> float:
@@ -151,8 +163,6 @@ def run(argv: list[str] | None = None) -> int:
         return build_engine(model, run_cfg, lr_lambda=lr_lambda, start_step=start_step, groups=groups)
     tokens_per_step = global_batch * meta["seq_len"]
 
-    from dist_sparse.data.collator import MlmCollator
-    from dist_sparse.data.loader import ResumableBatchIterator
     train_ds, eval_ds = datasets["train"], datasets["eval"]
     special = meta["special_ids"]
     collator = MlmCollator(pad_id=special["[PAD]"], mask_id=special["[MASK]"], vocab_size=meta["vocab_size"],
@@ -168,9 +178,6 @@ def run(argv: list[str] | None = None) -> int:
         components.append(sparsity)
     structured = None
     if sp_cfg is not None:
-        from dist_sparse.distributed.zero import ZeroAccess
-        from dist_sparse.structured.pruner import StructuredPruner
-        from dist_sparse.train.structured import EarlyBertComponent
         pruner = StructuredPruner(sp_cfg, model_config.num_hidden_layers, groups,
                                   ZeroAccess(run_cfg.zero_stage, groups.dp_group, groups.dp_rank, groups.dp_size))
         if structured_state is not None:
@@ -199,8 +206,12 @@ def run(argv: list[str] | None = None) -> int:
         progress = _load_checkpoint(trainer.engine, ckpt_dir, resume_tag, loader, args, meta, groups, max_steps,
                                     run_data=run_json.get("data"))
         link_optimizer_state(trainer.engine.optimizer, run_cfg.zero_stage)
-        _resume_sparsity(sparsity if masks_now else None, ckpt_dir / resume_tag, args.sparsity_reset,
-                         waiting=sparsity is not None and not masks_now)
+        state = _resumed_masks(ckpt_dir / resume_tag, comm.rank(), run_cfg.sparsity, args.sparsity_reset,
+                               due=masks_now, waiting=sparsity is not None and not masks_now)
+        if state is not None:
+            sparsity.load_state_dict(state)
+        elif masks_now:  # --sparsity-reset: new masks on the resumed weights and moments
+            sparsity.start(draw=True, optimizer_has_state=True)
         if is_rank0:
             rd.truncate_metrics(run / "metrics.jsonl", progress.step)
     elif masks_now:
@@ -338,14 +349,19 @@ def _load_checkpoint(engine, ckpt_dir: Path, tag: str, loader, args, meta, group
     return client.progress
 
 
-def _resume_sparsity(sparsity, tag_dir: Path, reset: bool, waiting: bool = False) -> None:
-    """Masks come back from the checkpoint; a mismatch between it and the config is an error
-    unless ``--sparsity-reset`` says to start new masks (or, with no sparsity section, none).
-    ``sparsity``: the component whose masks are due now; ``waiting``: the section waits for the
-    structured shrink (``after_shrink``), so the checkpoint must hold no masks yet."""
-    path = tag_dir / ckpt.sparsity_file(comm.rank())
+def _resumed_masks(tag_dir: Path, rank: int, cfg, reset: bool, due: bool, waiting: bool) -> dict | None:
+    """Rank ``rank``'s sparsity state in checkpoint ``tag_dir`` if the run is to resume it, None if
+    not; a mismatch between the checkpoint and the config is an error unless ``--sparsity-reset``
+    says to start new masks (or, with no sparsity section, none). ``due``: the config's masks
+    exist at this point of the run; ``waiting``: they wait for the structured shrink
+    (``after_shrink``), so the checkpoint must hold none yet.
+
+    Called before any process group exists (rank 0's file: a wrong config fails in a second) and
+    again by every rank for its own file when the masks are loaded.
+    """
+    path = tag_dir / ckpt.sparsity_file(rank)
     has_masks = path.exists()
-    if sparsity is None:
+    if not due:
         if has_masks and not reset:
             if waiting:
                 raise ValueError(f"--resume: {tag_dir} holds sparsity masks but \"sparsity.after_shrink\" waits for "
@@ -353,11 +369,15 @@ def _resume_sparsity(sparsity, tag_dir: Path, reset: bool, waiting: bool = False
                                  "to continue dense until the shrink")
             raise ValueError(f"--resume: {tag_dir} holds sparsity masks but the config has no \"sparsity\" section; "
                              "add the section back, or pass --sparsity-reset to continue dense")
-        return
+        return None
     if not has_masks and not reset:
         raise ValueError(f"--resume: {tag_dir} has no sparsity masks (a dense run?) but the config asks for "
                          "sparsity; pass --sparsity-reset to draw new masks from the resumed weights")
     if reset:
-        sparsity.start(draw=True, optimizer_has_state=True)
-        return
-    sparsity.load_state_dict(torch.load(path, weights_only=False))
+        return None
+    state = torch.load(path, weights_only=False)
+    if state.get("fingerprint") != config_fingerprint(cfg):
+        raise ValueError(f"--resume: the checkpoint was written under a different \"sparsity\" section "
+                         f"({section_changes(state.get('config', {}), cfg.model_dump())}); resume with the same "
+                         "section, or pass --sparsity-reset to keep the weights and start new masks")
+    return state

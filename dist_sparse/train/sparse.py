@@ -11,6 +11,7 @@ from dist_sparse.distributed import comm
 from dist_sparse.distributed.comm import ParallelGroups
 from dist_sparse.distributed.zero import ZeroAccess
 from dist_sparse.flops import training_flops_per_token
+from dist_sparse.model.presets import dense_flops_per_token
 from dist_sparse.sparsifier import Sparsifier, UpdateStats, check_layout, config_fingerprint
 from dist_sparse.sparsity.targets import plan_targets, select_targets
 from dist_sparse.structure import shrink_state_dict
@@ -129,7 +130,6 @@ class SparsityComponent(Component):
         self.sparsifier.prepare(draw=draw, optimizer_has_state=optimizer_has_state)
 
     def scalars(self, trainer, update: UpdateStats | None) -> dict[str, float]:
-        from dist_sparse.model.presets import dense_flops_per_token
         dense = dense_flops_per_token(trainer.model_config, self.seq_len)
         return sparsity_scalars(self.sparsifier, update, dense, self.tokens_per_step)
 

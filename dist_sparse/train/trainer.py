@@ -177,10 +177,5 @@ class Trainer:
                 scalars.setdefault(c.name, {}).update(s)
         return scalars
 
-    # -- checkpoints -----------------------------------------------------------------------
-
-    def component(self, name: str) -> Component | None:
-        return next((c for c in self.components if c.name == name), None)
-
 
 __all__ = ["Replacement", "StepResult", "Trainer", "release_engine"]

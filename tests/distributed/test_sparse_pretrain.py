@@ -76,7 +76,7 @@ def test_lamb_with_gradient_accumulation_keeps_exact_masks(data_dir, tmp_path):
     assert masks_of(run / "checkpoints" / "global_step3") != masks_of(run / "checkpoints" / "global_step7")
 
 
-def test_sparse_run_survives_a_crash_and_resumes_exactly(data_dir, tmp_path):
+def test_sparse_run_survives_a_crash_and_resumes_exactly(data_dir, tmp_path, capsys):
     cfg = config(tmp_path, 3, SPARSITY, "sparse3.json")
     args = ("--max-steps", 8, "--save-interval", 4)
     whole = tmp_path / "whole"
@@ -115,15 +115,23 @@ def test_sparse_run_survives_a_crash_and_resumes_exactly(data_dir, tmp_path):
 
     export_and_check(whole, tmp_path / "hf", data_dir, sparse=True)
 
-    # resuming under a different sparsity section, dense, or for a different length is refused
+    # resuming under a different sparsity section, dense, or for a different length is refused,
+    # before any process group exists: rank 0's view of the two-rank launch, in this process
+    def refused(config_path, *extra) -> str:
+        from dist_sparse.train.main import main
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("WORLD_SIZE", "2")
+            mp.setenv("RANK", "0")
+            code = main(["--deepspeed_config", str(config_path), "--data", str(data_dir), "--model", "bert-tiny",
+                         "--output", str(whole), "--no-progress", "--resume", *map(str, extra)])
+        err = capsys.readouterr().err
+        assert code == 2, err[-2000:]
+        return err
     other = config(tmp_path, 3, dict(SPARSITY, seed=2, method="static", sparsity=0.9), "other.json")
-    proc = pretrain(other, data_dir, whole, "--max-steps", 8, "--resume", check=False)
-    assert proc.returncode != 0 and "different \"sparsity\" section" in proc.stdout + proc.stderr
+    assert "different \"sparsity\" section" in refused(other, "--max-steps", 8)
     dense = config(tmp_path, 3, None, "dense.json")
-    proc = pretrain(dense, data_dir, whole, "--max-steps", 8, "--resume", check=False)
-    assert proc.returncode != 0 and "holds sparsity masks" in proc.stdout + proc.stderr
-    proc = pretrain(cfg, data_dir, whole, "--max-steps", 10, "--resume", check=False)
-    assert proc.returncode != 0 and "started for 8 steps" in proc.stdout + proc.stderr
+    assert "holds sparsity masks" in refused(dense, "--max-steps", 8)
+    assert "started for 8 steps" in refused(cfg, "--max-steps", 10)
 
     # --sparsity-reset from step 4: new static masks on the resumed weights, whose Adam moments
     # must be zeroed too, or the pruned weights would move again in steps 5-8
