@@ -207,30 +207,61 @@ class TorchVariant:
 
 
 class EngineVariant:
-    """Through dist_sparse's DeepSpeed engine on one rank, as the training loop steps it."""
+    """Through dist_sparse's DeepSpeed engine on one rank, stepped by ``Trainer.train_step`` (the
+    run's own sequence); with phases, a clock component and the loss function mark the ends of
+    forward and backward."""
 
     def __init__(self, model, run_cfg):
+        from dist_sparse.distributed import comm
+        from dist_sparse.train.components import Component
         from dist_sparse.train.engine import build_engine
+        from dist_sparse.train.losses import pretraining_loss
+        from dist_sparse.train.trainer import Trainer
+
+        marks: dict = {}
+        self.marks, self.sync, self.phases, self.steps = marks, (lambda: None), False, 0
+
+        class BackwardClock(Component):
+            def on_after_backward(clock, trainer, step, micro):
+                if self.phases:
+                    self.sync()
+                marks["bwd"] = time.perf_counter()
+
+        def timed_loss(engine, batch):
+            loss = pretraining_loss(engine, batch)
+            if self.phases:
+                self.sync()
+            marks["fwd"] = time.perf_counter()
+            marks["loss"] = loss.detach()
+            return loss
 
         # Constant learning rate: the schedule has no bearing on step time.
-        self.engine = build_engine(model, run_cfg, lr_lambda=lambda step: 1.0)
-        self.engine.train()
+        engine = build_engine(model, run_cfg, lr_lambda=lambda step: 1.0)
+        self.trainer = Trainer(engine, model.config, comm.parallel_groups(run_cfg.tp_size),
+                               zero_stage=run_cfg.zero_stage, components=[BackwardClock()], loss=timed_loss)
         self.model = model
         self.precision = precision(run_cfg.deepspeed) + f" engine, ZeRO-{run_cfg.zero_stage}"
 
-    def forward(self, batch):
-        return self.engine(**batch).loss
-
-    def backward(self, loss) -> None:
-        self.engine.backward(loss)
-
-    def optimizer_step(self) -> None:
-        self.engine.step()
+    def timed(self, batch, sync, phases: bool) -> tuple[dict, object]:
+        self.sync, self.phases = sync, phases
+        self.steps += 1
+        sync()
+        t0 = time.perf_counter()
+        self.trainer.train_step([batch], self.steps)
+        sync()
+        t3 = time.perf_counter()
+        rec = {"total": t3 - t0}
+        if phases:
+            rec.update(fwd=self.marks["fwd"] - t0, bwd=self.marks["bwd"] - self.marks["fwd"],
+                       opt=t3 - self.marks["bwd"])
+        return rec, self.marks["loss"]
 
 
 def timed_step(variant, batch, sync, phases: bool) -> tuple[dict, object]:
     """One training step of ``variant``: forward, backward, optimizer step. With ``phases`` the
     device is drained between them so each phase's time is its own (free on CPU)."""
+    if isinstance(variant, EngineVariant):
+        return variant.timed(batch, sync, phases)
     sync()
     t0 = time.perf_counter()
     loss = variant.forward(batch)
