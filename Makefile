@@ -20,7 +20,7 @@ DEMO_MODEL ?= bert-tiny
 # `make demo DEMO_CONFIG=ds_configs/cpu_zero2_sparse_set.json` trains sparse (SET, 80%, ERK).
 DEMO_CONFIG ?= ds_configs/cpu_zero2.json
 
-.PHONY: setup demo demo-sparse demo-structured test test-fast clean-demo
+.PHONY: setup demo demo-sparse demo-structured demo-sparse-structured test test-fast clean-demo
 
 setup: $(STAMP)
 
@@ -51,6 +51,11 @@ demo-sparse:
 demo-structured:
 	$(MAKE) demo DEMO_CONFIG=ds_configs/cpu_zero2_earlybert.json DEMO=demo-structured DEMO_MODEL=bert-mini
 	$(VENV)/bin/dist-sparse inspect demo-structured/run
+
+# Both at once on AdamW: SET masks from the start, carried through EarlyBERT's shrink.
+demo-sparse-structured:
+	$(MAKE) demo DEMO_CONFIG=ds_configs/cpu_zero2_adamw_earlybert_set.json DEMO=demo-sparse-structured DEMO_MODEL=bert-mini
+	$(VENV)/bin/dist-sparse inspect demo-sparse-structured/run
 
 test: $(STAMP)
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q tests

@@ -64,8 +64,9 @@ class Pattern:
 def _topk(decision, parts: list[Part], ks: list[int], split: bool) -> list[torch.Tensor]:
     sel = SelectStats()
     chosen = distributed_topk(parts, ks, group=decision.group(split), stats=sel,
-                              collectives=decision.layout.collectives)
+                              collectives=decision.layout.collectives, at_most=decision.at_most)
     decision.sync_bytes += sel.bytes
+    decision.chosen = {t.name: k for t, k in zip(decision.targets, sel.chosen)}
     return chosen
 
 

@@ -18,7 +18,7 @@ selects the same elements directly from the k-th largest key.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -77,6 +77,7 @@ class SelectStats:
     allreduces: int = 0   # collectives sent (none for LOCAL or a group of one)
     bytes: int = 0        # their payload
     rounds: int = 0       # bisection rounds (each one count vector for all tensors)
+    chosen: list = field(default_factory=list)  # the k selected of every tensor (after ``at_most``)
     # Device-to-host reads: one per round and one for the checks; plus, once per call, a few per
     # tensor (finding the elements tied at the k-th key, or LOCAL's direct selection).
     host_reads: int = 0
@@ -95,8 +96,10 @@ def _counts(per_part: list[torch.Tensor], group, stats: SelectStats, collectives
     return t
 
 
-def _check(parts: list[Part], ks: torch.Tensor, group, stats: SelectStats, collectives) -> None:
-    """Raise, on every rank of the group alike, on NaN scores or a k beyond the eligible count."""
+def _check(parts: list[Part], ks: torch.Tensor, group, stats: SelectStats, collectives,
+           at_most: bool = False) -> torch.Tensor:
+    """Raise, on every rank of the group alike, on NaN scores or a k beyond the eligible count
+    (``at_most``: lower such a k to the eligible count instead). Returns the ks to select."""
     n = len(parts)
     device = parts[0].keys.device
     nan_counts = [torch.as_tensor(p.nan_count, dtype=torch.int64, device=device) for p in parts]
@@ -105,9 +108,12 @@ def _check(parts: list[Part], ks: torch.Tensor, group, stats: SelectStats, colle
     nans, eligible_total = head[:n], head[n:]
     if bool((nans > 0).any()):
         raise ValueError(f"mask scores contain NaN ({int(nans.sum())} values): diverged weights or gradients?")
+    if at_most:
+        ks = torch.minimum(ks, eligible_total)
     if bool((ks > eligible_total).any()) or bool((ks < 0).any()):
         bad = int(torch.nonzero((ks > eligible_total) | (ks < 0))[0])
         raise ValueError(f"cannot select {int(ks[bad])} of {int(eligible_total[bad])} eligible elements")
+    return ks
 
 
 def _select(p: Part, kth: int, tied_pos: torch.Tensor, tied_keys: torch.Tensor, bound: int) -> torch.Tensor:
@@ -134,11 +140,12 @@ def _local_topk(p: Part, k: int) -> torch.Tensor:
 
 
 def distributed_topk(parts: list[Part], ks: list[int], group, stats: SelectStats | None = None,
-                     collectives=None) -> list[torch.Tensor]:
+                     collectives=None, at_most: bool = False) -> list[torch.Tensor]:
     """Boolean masks over each part's local elements: the global top-``k`` of every tensor.
 
     Every rank of ``group`` must call this with parts of the same tensors in the same order and
-    the same ``ks``. ``k`` may not exceed the number of eligible elements over the group. All
+    the same ``ks``. ``k`` may not exceed the number of eligible elements over the group (with
+    ``at_most`` it is lowered to that number; ``stats.chosen`` says what was selected). All
     parts lie on one device. ``collectives``: what sums the counts over ``group`` (default
     ``distributed.comm``; the one-process fake layout passes threads standing in for ranks).
     """
@@ -148,8 +155,9 @@ def distributed_topk(parts: list[Part], ks: list[int], group, stats: SelectStats
     if n == 0:
         return []
     assert len({p.keys.device for p in parts}) == 1, "parts of one selection must share a device"
-    ks_t = torch.as_tensor(ks, dtype=torch.int64)
-    _check(parts, ks_t, group, stats, collectives)
+    ks_t = _check(parts, torch.as_tensor(ks, dtype=torch.int64), group, stats, collectives, at_most)
+    ks = ks_t.tolist()
+    stats.chosen = list(ks)
     if group is LOCAL:
         stats.host_reads += 4 * n  # k-th key, count above it, tied positions, tie-key bound
         return [_local_topk(p, k) for p, k in zip(parts, ks)]

@@ -28,6 +28,8 @@ class Decision:
         self.grad_scores = grad_scores or {}  # RigL's |dense gradient|, in the held form
         self.sync_bytes = 0  # what this rank sent (or received, for gathers) to decide
         self._pieces: Pieces | None = None
+        self.at_most = False  # a selection may keep fewer units than asked when fewer are eligible
+        self.chosen: dict[str, int] = {}  # units the last selection kept, per target
 
     @property
     def pieces(self) -> Pieces:
@@ -73,8 +75,12 @@ class Decision:
     def units(self, goal: Goal) -> dict[str, int]:
         return {t.name: self.pattern.units(self.cfg, t, goal, self.layout.groups.tp_size) for t in self.targets}
 
-    def select(self, scores: dict, eligible: dict, ks: dict) -> dict[str, torch.Tensor]:
-        return self.pattern.select(self, scores, eligible, ks)
+    def select(self, scores: dict, eligible: dict, ks: dict, at_most: bool = False) -> dict[str, torch.Tensor]:
+        self.at_most = at_most
+        try:
+            return self.pattern.select(self, scores, eligible, ks)
+        finally:
+            self.at_most = False
 
     def held(self, decided: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         counter = [0]
@@ -96,17 +102,22 @@ def first_masks(method: Method, decision: Decision) -> dict[str, torch.Tensor]:
 
 def updated_masks(method: Method, decision: Decision, old: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The masks after the update at ``decision.step``: of the active weights keep the goal's
-    count minus the regrown share by ``drop_scores``; regrow that share among the others by
-    ``grow_scores`` (regrown weights start at zero: they were pruned)."""
+    count minus the regrown share by ``drop_scores``; regrow among the others by ``grow_scores``
+    as many as bring the weight to the goal's count (regrown weights start at zero: they were
+    pruned). The active count is the previous goal's, except after masks were carried through a
+    structured shrink, which keeps what survived the cut: there fewer may be kept (all of them)
+    and more regrown, so the weight is back at its goal after this update."""
     step = decision.step
     total = decision.units(method.goal(step))
     active = {t.name: decision.from_held(t, old[t.name]) for t in decision.targets}
     fraction = method.regrow_fraction(step)
-    if fraction is None:  # a method that only prunes
-        return decision.held(decision.select(method.drop_scores(decision), active, total))
+    if fraction is None:  # a method that only prunes (below its goal already: keeps them all)
+        return decision.held(decision.select(method.drop_scores(decision), active, total, at_most=True))
     drops = {n: int(fraction * k) for n, k in total.items()}
-    kept = decision.select(method.drop_scores(decision), active, {n: total[n] - drops[n] for n in total})
-    grown = decision.select(method.grow_scores(decision), {n: ~m for n, m in kept.items()}, drops)
+    kept = decision.select(method.drop_scores(decision), active, {n: total[n] - drops[n] for n in total},
+                           at_most=True)
+    regrow = {n: total[n] - decision.chosen[n] for n in total}
+    grown = decision.select(method.grow_scores(decision), {n: ~m for n, m in kept.items()}, regrow)
     # kept follows the magnitudes (the GPU), grown its scores (random draws on the host, or the
     # gradient read); the sparsifier keeps masks on the host anyway.
     return decision.held({n: kept[n].cpu() | grown[n].cpu() for n in kept})

@@ -58,6 +58,10 @@ def preflight_sparsity(run_cfg: RunConfig, model_config, dp_size: int, max_steps
     check_layout(cfg, targets, tp_size=run_cfg.tp_size, dp_size=dp_size, zero_stage=run_cfg.zero_stage,
                  max_steps=max_steps)
     sp = run_cfg.structured_pruning
+    if sp is not None and cfg.pattern == "nm" and not cfg.after_shrink:
+        raise ValueError("sparsity pattern \"nm\" with structured_pruning needs \"after_shrink\": true: the shrink "
+                         "removes FFN neurons and heads from the input dimension, which breaks the groups of m; "
+                         "with after_shrink the N:M masks are drawn on the shrunk model")
     if sp is not None and cfg.pattern in ("block", "nm"):
         # The shrink keeps whole heads (head_dim rows of Q/K/V, columns of the attention output)
         # and FFN neurons in multiples of ffn_multiple per TP shard: blocks and N:M groups must

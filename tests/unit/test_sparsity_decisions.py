@@ -286,3 +286,47 @@ def test_nan_in_rigl_gradient_stops_every_rank():
         return "no error"
 
     assert all(message.startswith("mask scores contain NaN") for message in world.run(on_rank))
+
+
+@pytest.mark.parametrize("method,pattern", [("set", "unstructured"), ("set", "block"), ("rigl", "unstructured"),
+                                            ("gmp", "unstructured")])
+@pytest.mark.parametrize("layout", [REFERENCE] + LAYOUTS)
+def test_an_update_after_carried_masks_brings_every_weight_to_its_goal(method, pattern, layout):
+    """Masks taken over from a structured shrink (``install_logical_masks``) hold what survived
+    the cut, not the goal's count: here "a" lost its first two rows' active weights and "b" got
+    its first two rows whole. At the next update SET and RigL keep what they can and regrow up to
+    the goal, so every weight holds exactly the goal's count again; GMP, which only prunes, keeps
+    all of "a" (cut below its goal: only its first two rows) and prunes "b" down to the goal."""
+    cfg = section(method, pattern)
+    dp, stage, dtype = layout
+    world = FakeWorld(random_weights(), dp=dp, stage=stage, dtype=dtype)
+    sps = world.sparsifiers(cfg, max_steps=STEPS)
+    world.run(lambda rank: sps[rank].prepare())
+    carried = dict(agreed(world.run(lambda rank: sps[rank].logical_masks())))
+    carried["a"] = carried["a"].clone()
+    carried["a"][:2] = False          # block-aligned for block_size 2
+    if method == "gmp":               # GMP starts dense: below its first goal takes a deeper cut
+        carried["a"][2:] = False
+        carried["a"][:2] = True
+    carried["b"] = carried["b"].clone()
+    carried["b"][:2] = True
+    world.run(lambda rank: sps[rank].install_logical_masks(carried, step=1))
+    update = next(s for s in range(2, STEPS + 1) if sps[0].is_update_step(s))
+
+    def one_step(rank, step):
+        sps[rank].before_step(step)
+        sps[rank].mask_gradients()
+        return sps[rank].step(step)
+
+    for step in range(2, update + 1):
+        for name in SHAPES:
+            world.set_gradient(name, gradient(step, name))
+        world.run(lambda rank: one_step(rank, step))
+    after = agreed(world.run(lambda rank: sps[rank].logical_masks()))
+    for name in SHAPES:
+        goal = expected_count(cfg, name, update)
+        if method == "gmp" and name == "a":
+            assert int(carried[name].sum()) < goal
+            assert torch.equal(after[name], carried[name]), name  # nothing to prune: all kept
+        else:
+            assert int(after[name].sum()) == goal, (name, int(carried[name].sum()), goal)
