@@ -354,3 +354,23 @@ def test_l1_drives_units_without_data_gradient_down_and_the_decision_removes_the
         dict(model.named_parameters())[layer_key(0, HEAD_COEF)][[0, 2, 3]] = 1.0
     heads, _ = pruner.plan.decide(*pruner.gather_scores())
     assert heads[0].tolist() == [True, False, True, True]
+
+
+def test_sparsity_patterns_that_a_shrink_would_break_are_refused_at_start_up():
+    """With structured pruning, a block must fit one head and one ffn_multiple of neurons, and
+    N:M masks can only be drawn after the shrink; both are refused before any process starts."""
+    from dist_sparse.train.sparse import preflight_sparsity
+
+    model = tiny_config(num_attention_heads=4, hidden_size=32, intermediate_size=64)  # head size 8
+    def cfg(**sparsity):
+        return parse_run_config({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+                                 "zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 2,
+                                 "structured_pruning": {**ISSUE_EXAMPLE, "ffn_multiple": 8},
+                                 "sparsity": {"method": "set", "sparsity": 0.5, **sparsity}})
+    preflight_sparsity(cfg(pattern="block", block_size=4), model, 1, 100)
+    with pytest.raises(ValueError, match="block_size 16 does not divide the head size"):
+        preflight_sparsity(cfg(pattern="block", block_size=16), model, 1, 100)
+    nm = {"method": "static", "pattern": "nm", "n": 2, "m": 4}
+    with pytest.raises(ValueError, match='needs "after_shrink": true'):
+        preflight_sparsity(cfg(**nm), model, 1, 100)
+    preflight_sparsity(cfg(**nm, after_shrink=True), model, 1, 100)
