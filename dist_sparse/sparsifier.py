@@ -102,6 +102,17 @@ def check_layout(cfg: SparsityConfig, targets: list[Target], *, tp_size: int, dp
     pattern.check_final(cfg, targets, counts, dp_size, zero_stage)
 
 
+def check_state_config(state: dict, cfg: SparsityConfig) -> None:
+    """A sparsity state (``Sparsifier.state_dict``) of another format, or written under another
+    ``"sparsity"`` section than ``cfg``, cannot be resumed: raise saying what changed."""
+    if state.get("format") != STATE_FORMAT:
+        raise ValueError("the checkpoint's sparsity state has an unknown format")
+    if state.get("fingerprint") != config_fingerprint(cfg):
+        raise ValueError(f"the checkpoint was written under a different \"sparsity\" section "
+                         f"({section_changes(state.get('config', {}), cfg.model_dump())}); resume with the same "
+                         "section, or pass --sparsity-reset to keep the weights and start new masks")
+
+
 class Sparsifier:
     def __init__(self, cfg: SparsityConfig, targets: list[Target], zero: ZeroAccess, groups: ParallelGroups,
                  max_steps: int, *, collectives=comm):
@@ -291,12 +302,7 @@ class Sparsifier:
         return [(t.numel, self._densities[t.name]) for t in self.targets]
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError("the checkpoint's sparsity state has an unknown format")
-        if state["fingerprint"] != config_fingerprint(self.cfg):
-            raise ValueError(f"the checkpoint was written under a different \"sparsity\" section "
-                             f"({section_changes(state.get('config', {}), self.cfg.model_dump())}); resume with the "
-                             "same section, or pass --sparsity-reset to keep the weights and start new masks")
+        check_state_config(state, self.cfg)
         names = {t.name for t in self.targets}
         if set(state["masks"]) != names:
             raise ValueError("the checkpoint's masks are for other parameters than this model's sparse targets")

@@ -56,15 +56,17 @@ class Pattern:
         """What a decision keeps of ``t`` to reach ``goal`` (``methods.Goal``), in the pattern's units."""
         raise NotImplementedError
 
-    def select(self, decision, scores: dict, eligible: dict, ks: dict) -> dict[str, torch.Tensor]:
-        """Per target, the mask over its piece of the ``ks`` best eligible units by ``scores``."""
+    def select(self, decision, scores: dict, eligible: dict, ks: dict,
+               at_most: bool = False) -> dict[str, torch.Tensor]:
+        """Per target, the mask over its piece of the ``ks`` best eligible units by ``scores``
+        (``at_most``: fewer where fewer are eligible; ``decision.chosen`` says how many)."""
         raise NotImplementedError
 
 
-def _topk(decision, parts: list[Part], ks: list[int], split: bool) -> list[torch.Tensor]:
+def _topk(decision, parts: list[Part], ks: list[int], split: bool, at_most: bool) -> list[torch.Tensor]:
     sel = SelectStats()
     chosen = distributed_topk(parts, ks, group=decision.group(split), stats=sel,
-                              collectives=decision.layout.collectives, at_most=decision.at_most)
+                              collectives=decision.layout.collectives, at_most=at_most)
     decision.sync_bytes += sel.bytes
     decision.chosen = {t.name: k for t, k in zip(decision.targets, sel.chosen)}
     return chosen
@@ -74,14 +76,14 @@ class Unstructured(Pattern):
     def units(self, cfg, t, goal, tp_size):
         return decision_count(cfg, t, goal.densities[t.name], tp_size)
 
-    def select(self, decision, scores, eligible, ks):
+    def select(self, decision, scores, eligible, ks, at_most=False):
         parts = []
         for t in decision.targets:
             start = decision.pieces.parts[t.name].start
             parts.append(Part(sortable_keys(scores[t.name]).flatten(), eligible[t.name].flatten(),
                               lambda pos, t=t, start=start: t.global_index(pos + start), t.numel,
                               decision.salt(t), _nans(scores[t.name])))
-        chosen = _topk(decision, parts, [ks[t.name] for t in decision.targets], decision.pieces.split)
+        chosen = _topk(decision, parts, [ks[t.name] for t in decision.targets], decision.pieces.split, at_most)
         return {t.name: c for t, c in zip(decision.targets, chosen)}
 
 
@@ -130,7 +132,7 @@ class Block(Pattern):
             grid = host.to(grid.device)
         return grid
 
-    def select(self, decision, scores, eligible, ks):
+    def select(self, decision, scores, eligible, ks, at_most=False):
         parts = []
         for t in decision.targets:
             grid = self.grid(t)
@@ -139,7 +141,7 @@ class Block(Pattern):
             parts.append(Part(sortable_keys(sums).flatten(), elig.flatten(), grid.global_index, grid.numel,
                               decision.salt(t), _nans(sums)))
         # Every DP rank holds the whole grid: only TP shards decide together.
-        chosen = _topk(decision, parts, [ks[t.name] for t in decision.targets], split=False)
+        chosen = _topk(decision, parts, [ks[t.name] for t in decision.targets], split=False, at_most=at_most)
         return {t.name: decision.cut(t, expand_block_mask(c.view(self.grid(t).shard_shape), self.block))
                 for t, c in zip(decision.targets, chosen)}
 
@@ -176,7 +178,7 @@ class NM(Pattern):
         """Weights kept per group of ``m``: never fewer than ``n``."""
         return max(self.n, round(self.m * (1 - goal.sparsity)))
 
-    def select(self, decision, scores, eligible, ks):
+    def select(self, decision, scores, eligible, ks, at_most=False):
         keep = next(iter(ks.values()))
         assert all(k == keep for k in ks.values()), "every weight keeps the same count per group"
         layout, targets = decision.layout, decision.targets

@@ -28,7 +28,6 @@ class Decision:
         self.grad_scores = grad_scores or {}  # RigL's |dense gradient|, in the held form
         self.sync_bytes = 0  # what this rank sent (or received, for gathers) to decide
         self._pieces: Pieces | None = None
-        self.at_most = False  # a selection may keep fewer units than asked when fewer are eligible
         self.chosen: dict[str, int] = {}  # units the last selection kept, per target
 
     @property
@@ -76,11 +75,7 @@ class Decision:
         return {t.name: self.pattern.units(self.cfg, t, goal, self.layout.groups.tp_size) for t in self.targets}
 
     def select(self, scores: dict, eligible: dict, ks: dict, at_most: bool = False) -> dict[str, torch.Tensor]:
-        self.at_most = at_most
-        try:
-            return self.pattern.select(self, scores, eligible, ks)
-        finally:
-            self.at_most = False
+        return self.pattern.select(self, scores, eligible, ks, at_most)
 
     def held(self, decided: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         counter = [0]

@@ -354,15 +354,21 @@ def check_data(recorded: dict, meta: dict, *, data: str, run_data: str | None = 
                              "resume with that data")
 
 
+def check_max_steps(started_for: int, max_steps: int) -> None:
+    """The run's length may not change on resume (run.json says it before any process starts,
+    the checkpoint again on load)."""
+    if started_for != max_steps:
+        raise ValueError(f"--resume: the run was started for {started_for} steps, not {max_steps}; "
+                         "the learning-rate and sparsity schedules depend on it (start a new run to change it)")
+
+
 def check_resume(client: ClientState, *, model: str, max_steps: int, dp_size: int, data_meta: dict, data: str,
                  run_data: str | None = None) -> None:
     """What exact resume needs to be the same as when the checkpoint was written."""
     if client.model != model:
         raise ValueError(f"--resume: the checkpoint is of model {client.model!r}, not {model!r}")
     check_data(client.data_meta, data_meta, data=data, run_data=run_data)
-    if client.max_steps != max_steps:
-        raise ValueError(f"--resume: the run was started for {client.max_steps} steps, not {max_steps}; "
-                         "the learning-rate and sparsity schedules depend on it (start a new run to change it)")
+    check_max_steps(client.max_steps, max_steps)
     if client.dp_size != dp_size:
         raise ValueError(f"--resume: the checkpoint was written with data-parallel size {client.dp_size}, "
                          f"this run has {dp_size}; exact data-order resume needs the same size")

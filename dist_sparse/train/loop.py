@@ -28,7 +28,7 @@ from dist_sparse.distributed.zero import ZeroAccess, link_optimizer_state
 from dist_sparse.folders import write_json_atomic
 from dist_sparse.model.config import DistSparseBertConfig
 from dist_sparse.model.presets import build_config, build_model
-from dist_sparse.sparsifier import section_changes
+from dist_sparse.sparsifier import check_state_config, section_changes
 from dist_sparse.structured.pruner import StructuredPruner, attach_coefficients
 from dist_sparse.structured.pruner import validate as validate_structured
 from dist_sparse.train import checkpoint as ckpt
@@ -80,12 +80,11 @@ def run(argv: list[str] | None = None) -> int:
     run = Path(args.output)
     rd.check_paths(run, Path(args.data))
     resume_tag = rd.check_run_dir(run, args.resume, args.overwrite, args.resume_tag)
-    run_json = _read_run_json(run) if resume_tag is not None else {}
+    run_json = rd.read_run_json(run) if resume_tag is not None else {}
     if resume_tag is not None:
         ckpt.check_data(run_json.get("data_meta") or {}, meta, data=args.data, run_data=run_json.get("data"))
-        if run_json.get("max_steps") not in (None, max_steps):  # the checkpoint says it again on load
-            raise ValueError(f"--resume: the run was started for {run_json['max_steps']} steps, not {max_steps}; "
-                             "the learning-rate and sparsity schedules depend on it (start a new run to change it)")
+        if run_json.get("max_steps") is not None:
+            ckpt.check_max_steps(run_json["max_steps"], max_steps)
     # A checkpoint names its own model shape (a structured run may have shrunk it) and the state of
     # the structured search; both are needed before the model is built.
     structure = None
@@ -303,12 +302,6 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _read_run_json(run: Path) -> dict:
-    """What the run recorded when it started (its data, among others); {} if there is no run.json."""
-    path = run / "run.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 @torch.no_grad()
 def evaluate(engine, eval_ds, collator, micro_bs: int, batches: int, seed: int, groups) -> dict[str, float]:
     """MLM loss (token-weighted) and accuracy on the held-out split, over all DP ranks.
@@ -376,8 +369,5 @@ def _resumed_masks(tag_dir: Path, rank: int, cfg, reset: bool, due: bool, waitin
     if reset:
         return None
     state = torch.load(path, weights_only=False)
-    if state.get("fingerprint") != config_fingerprint(cfg):
-        raise ValueError(f"--resume: the checkpoint was written under a different \"sparsity\" section "
-                         f"({section_changes(state.get('config', {}), cfg.model_dump())}); resume with the same "
-                         "section, or pass --sparsity-reset to keep the weights and start new masks")
+    check_state_config(state, cfg)  # the sparsifier checks it again when it loads its own file
     return state

@@ -27,13 +27,19 @@ def checkpoint_dir(run: Path) -> Path:
     return run / CHECKPOINTS_DIR
 
 
-def _our_run_json(run: Path) -> bool:
-    """Whether ``run/run.json`` is one a run of ours wrote (the first thing a start writes)."""
+def read_run_json(run: Path) -> dict:
+    """What the run recorded when it started (its data, length, config), or {} if ``run/run.json``
+    is missing, unreadable or not a JSON object."""
     try:
         content = json.loads((run / "run.json").read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(content, dict) and {"argv", "deepspeed_config", "data_meta"} <= content.keys()
+        return {}
+    return content if isinstance(content, dict) else {}
+
+
+def _our_run_json(run: Path) -> bool:
+    """Whether ``run/run.json`` is one a run of ours wrote (the first thing a start writes)."""
+    return {"argv", "deepspeed_config", "data_meta"} <= read_run_json(run).keys()
 
 
 def holds_a_run(run: Path) -> bool:

@@ -43,10 +43,6 @@ class EarlyBertComponent(Component):
         self.lr_lambda = lr_lambda
         self.is_rank0 = is_rank0
 
-    @property
-    def searching(self) -> bool:
-        return self.pruner.searching
-
     def bind(self, trainer) -> None:
         """Find the coefficients on the trainer's engine (at start-up)."""
         self.pruner.bind(trainer.engine.module)
