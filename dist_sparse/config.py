@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # Sections of the DeepSpeed JSON that dist_sparse owns. Later capabilities add theirs here.
-OWN_SECTIONS = ("training", "sparsity", "structured_pruning")
+OWN_SECTIONS = ("training", "sparsity", "structured_pruning", "distillation")
 
 
 class _Section(BaseModel):
@@ -212,6 +212,82 @@ class StructuredPruningConfig(_Section):
         return self
 
 
+class DistillationConfig(_Section):
+    """The ``"distillation"`` section: a frozen teacher beside the student.
+
+    The loss is ``hard * (the task's or MLM's own loss) + logits * soft cross-entropy of the
+    student's logits against the teacher's at ``temperature`` (times temperature^2, Hinton et al.;
+    MSE for regression) + hidden * MSE of hidden states (the embedding output and every student
+    layer's output against its teacher layer's) + attention * MSE of pre-softmax attention scores
+    (TinyBERT). In pre-training the logits are the MLM logits at the masked positions.
+    SparseBERT's recipe: logits, hidden and attention at 1, hard 0; Prune Once for All's
+    pre-training recipe: hard 0.5, logits 0.5, temperature 2.
+    """
+
+    teacher: str
+    """A fine-tuned model for the same task (pre-training: a pre-trained model) on disk: a dist_sparse
+    run or checkpoint, or a Hugging Face BERT folder. Its tokenizer must be the student's."""
+
+    teacher_tag: str | None = None
+    """Checkpoint tag of a dist_sparse teacher run (default: the one ``latest`` names)."""
+
+    temperature: float = Field(default=1.0, gt=0.0)
+    """Softmax temperature of the soft cross-entropy on logits."""
+
+    logits: float = Field(default=1.0, ge=0.0)
+    """Weight of the soft cross-entropy (regression: MSE) between student and teacher logits."""
+
+    hidden: float = Field(default=0.0, ge=0.0)
+    """Weight of the MSE between hidden states (needs the same hidden size)."""
+
+    attention: float = Field(default=0.0, ge=0.0)
+    """Weight of the MSE between attention scores (needs the same head count in mapped layers)."""
+
+    hard: float = Field(default=0.0, ge=0.0)
+    """Weight of the student's own loss on the labels (task loss, or MLM in pre-training)."""
+
+    layer_map: list[int] | None = None
+    """Teacher layer (0-based) whose output each student layer learns; default: the same layer
+    when the depths match, else evenly spaced (student layer i -> teacher layer
+    (i + 1) * T / S - 1, TinyBERT's uniform map). Must be increasing."""
+
+    teacher_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """The teacher's precision: auto is bf16 on a GPU and fp32 on the CPU."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.logits == self.hidden == self.attention == self.hard == 0.0:
+            raise ValueError("every loss weight (logits, hidden, attention, hard) is 0: nothing to train on")
+        if self.layer_map is not None:
+            if not self.layer_map or min(self.layer_map) < 0:
+                raise ValueError(f"layer_map {self.layer_map}: teacher layers are 0-based indices, one per student layer")
+            if any(b <= a for a, b in zip(self.layer_map, self.layer_map[1:])):
+                raise ValueError(f"layer_map {self.layer_map} must be increasing (student layer i learns a teacher "
+                                 "layer below student layer i+1's)")
+        return self
+
+    def resolved_layer_map(self, student_layers: int, teacher_layers: int) -> list[int]:
+        """Teacher layer per student layer; ValueError when it cannot be one."""
+        if self.layer_map is not None:
+            if len(self.layer_map) != student_layers:
+                raise ValueError(f"distillation.layer_map has {len(self.layer_map)} entries, the student has "
+                                 f"{student_layers} layers")
+            if self.layer_map[-1] >= teacher_layers:
+                raise ValueError(f"distillation.layer_map names teacher layer {self.layer_map[-1]}, the teacher "
+                                 f"has {teacher_layers} layers (0-based)")
+            return list(self.layer_map)
+        if student_layers > teacher_layers and (self.hidden or self.attention):
+            raise ValueError(f"the student has {student_layers} layers, the teacher {teacher_layers}: give "
+                             "distillation.layer_map (a teacher layer per student layer) or set hidden and "
+                             "attention to 0")
+        if student_layers > teacher_layers:
+            return []  # only logits: no layer is matched
+        step = teacher_layers // student_layers if teacher_layers % student_layers == 0 else None
+        if step is not None:
+            return [(i + 1) * step - 1 for i in range(student_layers)]
+        return [round((i + 1) * teacher_layers / student_layers) - 1 for i in range(student_layers)]
+
+
 class RunConfig(BaseModel):
     """A DeepSpeed config split into DeepSpeed's part and ours."""
 
@@ -221,6 +297,7 @@ class RunConfig(BaseModel):
     training: TrainingConfig
     sparsity: SparsityConfig | None = None
     structured_pruning: StructuredPruningConfig | None = None
+    distillation: DistillationConfig | None = None
 
     @property
     def zero_stage(self) -> int:
@@ -264,8 +341,10 @@ def parse_run_config(raw: dict[str, Any], source: str = "<dict>") -> RunConfig:
     if sparsity is not None and sparsity.after_shrink and structured is None:
         raise ValueError(f'{source}: "sparsity.after_shrink" needs a "structured_pruning" section (there is no '
                          "shrink to wait for); remove it")
+    distillation = (parse_section(raw, "distillation", DistillationConfig, source)
+                    if "distillation" in raw else None)
     return RunConfig(deepspeed=ds, training=parse_section(raw, "training", TrainingConfig, source),
-                     sparsity=sparsity, structured_pruning=structured)
+                     sparsity=sparsity, structured_pruning=structured, distillation=distillation)
 
 
 def load_run_config(path: str | Path) -> RunConfig:

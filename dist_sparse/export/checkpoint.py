@@ -83,16 +83,24 @@ def _consolidate_rank(info: CheckpointInfo, tp_rank: int) -> dict[str, torch.Ten
     return {k: v.detach() for k, v in weights.items()}
 
 
+def model_class(model_config):
+    """The class a checkpoint's model was trained as: the sequence classifier of a fine-tuning run
+    (its config names that architecture), else the pre-training model."""
+    from dist_sparse.model import DistSparseBertForPreTraining, DistSparseBertForSequenceClassification
+
+    if "DistSparseBertForSequenceClassification" in (getattr(model_config, "architectures", None) or []):
+        return DistSparseBertForSequenceClassification
+    return DistSparseBertForPreTraining
+
+
 def logical_shapes(model_config, with_coefficients: bool) -> dict[str, tuple[int, ...]]:
     """Shape of every state-dict entry of the whole (unsharded) model as trained.
 
     The model is built on the meta device (no memory). Coefficients: one per head and per FFN
     neuron of every layer, present while the structured search runs.
     """
-    from dist_sparse.model import DistSparseBertForPreTraining
-
     with torch.device("meta"):
-        model = DistSparseBertForPreTraining(model_config)
+        model = model_class(model_config)(model_config)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if with_coefficients:
         for i in range(model_config.num_hidden_layers):
@@ -124,4 +132,4 @@ def consolidate(info: CheckpointInfo, model_config, provenance: dict | None = No
     return merged
 
 
-__all__ = ["TIED_KEYS", "consolidate", "logical_shapes"]
+__all__ = ["TIED_KEYS", "consolidate", "logical_shapes", "model_class"]

@@ -4,6 +4,7 @@ from .bert import (
     BertForPreTrainingOutput,
     DistSparseBertForMaskedLM,
     DistSparseBertForPreTraining,
+    DistSparseBertForSequenceClassification,
     DistSparseBertModel,
     DistSparseBertPreTrainedModel,
     padding_mask_to_additive,
@@ -13,18 +14,22 @@ from .presets import PRESETS, build_config, build_model, count_parameters, dense
 
 
 def register_auto_classes() -> None:
-    """Make ``AutoConfig`` / ``AutoModel`` / ``AutoModelForPreTraining`` / ``AutoModelForMaskedLM`` resolve
+    """Make ``AutoConfig`` / ``AutoModel`` / ``AutoModelForPreTraining`` / ``AutoModelForMaskedLM`` /
+    ``AutoModelForSequenceClassification`` resolve
     ``model_type="dist_sparse_bert"``, so saved folders load through the Auto API.
 
     Idempotent (``exist_ok=True``): importing this package twice, or another module registering
     the same classes again, must not raise.
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForPreTraining
+    from transformers import (AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForPreTraining,
+                              AutoModelForSequenceClassification)
 
     AutoConfig.register(DistSparseBertConfig.model_type, DistSparseBertConfig, exist_ok=True)
     AutoModel.register(DistSparseBertConfig, DistSparseBertModel, exist_ok=True)
     AutoModelForPreTraining.register(DistSparseBertConfig, DistSparseBertForPreTraining, exist_ok=True)
     AutoModelForMaskedLM.register(DistSparseBertConfig, DistSparseBertForMaskedLM, exist_ok=True)
+    AutoModelForSequenceClassification.register(DistSparseBertConfig, DistSparseBertForSequenceClassification,
+                                                exist_ok=True)
 
 
 register_auto_classes()
@@ -35,6 +40,7 @@ __all__ = [
     "DistSparseBertConfig",
     "DistSparseBertForMaskedLM",
     "DistSparseBertForPreTraining",
+    "DistSparseBertForSequenceClassification",
     "DistSparseBertModel",
     "DistSparseBertPreTrainedModel",
     "build_config",

@@ -9,14 +9,18 @@ Written against transformers v5, which removed ``prune_heads``.  Two constraints
   only has narrower Q/K/V outputs and a narrower ``attention.output.dense`` input; a layer with
   fewer FFN neurons a narrower ``intermediate.dense`` output / ``output.dense`` input.
 
-Attention always runs through ``torch.nn.functional.scaled_dot_product_attention`` (flash /
-memory-efficient kernels on GPU); there is no eager path and no attention-probability output.
+Attention runs through ``torch.nn.functional.scaled_dot_product_attention`` (flash /
+memory-efficient kernels on GPU). Only when a caller asks for the attention scores (distillation
+reads them, ``output_attention_scores=True``) does a layer compute them explicitly, as
+``q @ k^T * scale`` before the padding bias and the softmax (TinyBERT's choice: scores, not
+probabilities, carry the teacher's attention without the softmax flattening it).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +29,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPooling, MaskedLMOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling, MaskedLMOutput, SequenceClassifierOutput
 
 from .config import DistSparseBertConfig
 
@@ -46,6 +50,29 @@ except ImportError:  # pragma: no cover - only if transformers moves it
 
 
 IGNORE_INDEX = -100
+
+
+@dataclass
+class DistSparseBertModelOutput(BaseModelOutputWithPooling):
+    """``BaseModelOutputWithPooling`` plus ``attention_scores``: per layer, the (batch, heads this rank
+    holds, seq, seq) pre-softmax scores, when asked for. HF's ``attentions`` are probabilities and
+    this model never computes those, so the two are kept apart."""
+
+    attention_scores: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class DistSparsePreTrainingOutput(BertForPreTrainingOutput):
+    """``BertForPreTrainingOutput`` plus the encoder's attention scores (see DistSparseBertModelOutput)."""
+
+    attention_scores: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class DistSparseSequenceClassifierOutput(SequenceClassifierOutput):
+    """``SequenceClassifierOutput`` plus the encoder's attention scores (see DistSparseBertModelOutput)."""
+
+    attention_scores: tuple[torch.Tensor, ...] | None = None
 
 
 def _activation(config: DistSparseBertConfig):
@@ -121,7 +148,10 @@ class DistSparseBertSelfAttention(nn.Module):
         # the state dict) unless structured pruning attaches them (dist_sparse.structured).
         self.register_parameter("slimming_coef", None)
 
-    def forward(self, hidden_states: torch.Tensor, attention_bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, attention_bias: torch.Tensor | None = None,
+                return_scores: bool = False):
+        """The heads' context, (batch, seq, heads * head_dim); with ``return_scores`` also the
+        pre-softmax scores (batch, heads, seq, seq), computed explicitly instead of by SDPA."""
         batch, seq = hidden_states.shape[:2]
         # -1 for the head count: under AutoTP a rank holds only its slice of the Q/K/V rows, i.e.
         # fewer heads than the config says, and a pruned layer fewer than num_attention_heads.
@@ -140,18 +170,27 @@ class DistSparseBertSelfAttention(nn.Module):
         v = self.value(hidden_states).view(split).transpose(1, 2)
         dropout_p = self.dropout_p if self.training else 0.0
         region = self.dropout_rng_region
+        scores = None
         with region() if region is not None and dropout_p > 0 else contextlib.nullcontext():
-            context = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=attention_bias,
-                dropout_p=dropout_p,
-                scale=self.scaling,
-            )
+            if return_scores:
+                scores = torch.matmul(q, k.transpose(-1, -2)) * self.scaling
+                biased = scores if attention_bias is None else scores + attention_bias
+                # softmax in fp32 as SDPA's kernels accumulate it; dropout on the probabilities as SDPA
+                probs = F.dropout(torch.softmax(biased.float(), dim=-1).to(q.dtype), p=dropout_p)
+                context = torch.matmul(probs, v)
+            else:
+                context = F.scaled_dot_product_attention(
+                    q,
+                    k,
+                    v,
+                    attn_mask=attention_bias,
+                    dropout_p=dropout_p,
+                    scale=self.scaling,
+                )
         if self.slimming_coef is not None:  # (batch, heads, seq, head_dim) scaled per head
             context = context * self.slimming_coef.to(context.dtype).view(1, -1, 1, 1)
-        return context.transpose(1, 2).reshape(batch, seq, -1)
+        context = context.transpose(1, 2).reshape(batch, seq, -1)
+        return (context, scores) if return_scores else context
 
 
 class DistSparseBertSelfOutput(nn.Module):
@@ -174,7 +213,11 @@ class DistSparseBertAttention(nn.Module):
         self.self = DistSparseBertSelfAttention(config, layer_idx)
         self.output = DistSparseBertSelfOutput(config, layer_idx)
 
-    def forward(self, hidden_states: torch.Tensor, attention_bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, attention_bias: torch.Tensor | None = None,
+                return_scores: bool = False):
+        if return_scores:
+            context, scores = self.self(hidden_states, attention_bias, return_scores=True)
+            return self.output(context, hidden_states), scores
         return self.output(self.self(hidden_states, attention_bias), hidden_states)
 
 
@@ -216,7 +259,11 @@ class DistSparseBertLayer(GradientCheckpointingLayer):
         self.intermediate = DistSparseBertIntermediate(config, layer_idx)
         self.output = DistSparseBertOutput(config, layer_idx)
 
-    def forward(self, hidden_states: torch.Tensor, attention_bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, attention_bias: torch.Tensor | None = None,
+                return_scores: bool = False):
+        if return_scores:
+            attention_output, scores = self.attention(hidden_states, attention_bias, return_scores=True)
+            return self.output(self.intermediate(attention_output), attention_output), scores
         attention_output = self.attention(hidden_states, attention_bias)
         return self.output(self.intermediate(attention_output), attention_output)
 
@@ -226,10 +273,22 @@ class DistSparseBertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList([DistSparseBertLayer(config, i) for i in range(config.num_hidden_layers)])
 
-    def forward(self, hidden_states: torch.Tensor, attention_bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, attention_bias: torch.Tensor | None = None,
+                output_hidden_states: bool = False, output_attention_scores: bool = False):
+        """(last hidden states, every layer's input and the last output or None, every layer's
+        attention scores or None). ``all_hidden[0]`` is the embedding output, as in HF."""
+        all_hidden = [hidden_states] if output_hidden_states else None
+        all_scores = [] if output_attention_scores else None
         for layer in self.layer:
-            hidden_states = layer(hidden_states, attention_bias)
-        return hidden_states
+            if output_attention_scores:
+                hidden_states, scores = layer(hidden_states, attention_bias, return_scores=True)
+                all_scores.append(scores)
+            else:
+                hidden_states = layer(hidden_states, attention_bias)
+            if all_hidden is not None:
+                all_hidden.append(hidden_states)
+        return (hidden_states, None if all_hidden is None else tuple(all_hidden),
+                None if all_scores is None else tuple(all_scores))
 
 
 class DistSparseBertPooler(nn.Module):
@@ -339,12 +398,17 @@ class DistSparseBertModel(DistSparseBertPreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         return_dict: bool = True,
+        output_hidden_states: bool = False,
+        output_attention_scores: bool = False,
     ):
         hidden_states = self.embeddings(input_ids, token_type_ids, position_ids)
         attention_bias = padding_mask_to_additive(attention_mask, hidden_states.dtype)
-        sequence_output = self.encoder(hidden_states, attention_bias)
+        sequence_output, all_hidden, all_scores = self.encoder(
+            hidden_states, attention_bias, output_hidden_states=output_hidden_states,
+            output_attention_scores=output_attention_scores)
         pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
-        out = BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=pooled_output)
+        out = DistSparseBertModelOutput(last_hidden_state=sequence_output, pooler_output=pooled_output,
+                                        hidden_states=all_hidden, attention_scores=all_scores)
         return out if return_dict else out.to_tuple()
 
 
@@ -392,6 +456,8 @@ class DistSparseBertForPreTraining(_MLMDecoderAccess, DistSparseBertPreTrainedMo
         next_sentence_label: torch.Tensor | None = None,
         return_dict: bool = True,
         position_ids: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attention_scores: bool = False,
     ):
         """Logits of both heads, and the loss when labels are given.
 
@@ -399,7 +465,9 @@ class DistSparseBertForPreTraining(_MLMDecoderAccess, DistSparseBertPreTrainedMo
         is given) + mean NSP cross entropy (when ``next_sentence_label`` is given).  HF only
         returns a loss when both are given; with both given the value is the same.
         """
-        outputs = self.bert(input_ids, attention_mask, token_type_ids, position_ids, return_dict=True)
+        outputs = self.bert(input_ids, attention_mask, token_type_ids, position_ids, return_dict=True,
+                            output_hidden_states=output_hidden_states,
+                            output_attention_scores=output_attention_scores)
         prediction_logits, seq_relationship_logits = self.cls(outputs.last_hidden_state, outputs.pooler_output)
 
         loss = None
@@ -409,8 +477,9 @@ class DistSparseBertForPreTraining(_MLMDecoderAccess, DistSparseBertPreTrainedMo
             nsp_loss = F.cross_entropy(seq_relationship_logits.reshape(-1, 2).float(), next_sentence_label.reshape(-1))
             loss = nsp_loss if loss is None else loss + nsp_loss
 
-        out = BertForPreTrainingOutput(
-            loss=loss, prediction_logits=prediction_logits, seq_relationship_logits=seq_relationship_logits
+        out = DistSparsePreTrainingOutput(
+            loss=loss, prediction_logits=prediction_logits, seq_relationship_logits=seq_relationship_logits,
+            hidden_states=outputs.hidden_states, attention_scores=outputs.attention_scores,
         )
         return out if return_dict else out.to_tuple()
 
@@ -460,8 +529,65 @@ class DistSparseBertForMaskedLM(_MLMDecoderAccess, DistSparseBertPreTrainedModel
         return out if return_dict else out.to_tuple()
 
 
+class DistSparseBertForSequenceClassification(DistSparseBertPreTrainedModel):
+    """BERT with a classification / regression head on the pooled first token; state-dict
+    compatible with ``BertForSequenceClassification`` (``bert.*``, ``classifier.*``).
+
+    ``config.num_labels == 1`` is regression (mean squared error), otherwise single-label
+    classification (cross entropy), as HF decides when ``problem_type`` is unset. A folder of the
+    pre-training model loads into it (its MLM/NSP heads are not used; the classifier starts new).
+    """
+
+    _keys_to_ignore_on_load_unexpected = [r"^cls\."]
+
+    def __init__(self, config: DistSparseBertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        if getattr(config, "problem_type", None) == "multi_label_classification":
+            raise ValueError("multi-label classification is not supported; use one label per example")
+        self.bert = DistSparseBertModel(config)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_dict: bool = True,
+        position_ids: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attention_scores: bool = False,
+        **kwargs,
+    ):
+        """Logits (batch, num_labels), the loss when ``labels`` is given, and on request the
+        hidden states (embedding output first) and attention scores a distillation reads."""
+        outputs = self.bert(input_ids, attention_mask, token_type_ids, position_ids, return_dict=True,
+                            output_hidden_states=output_hidden_states,
+                            output_attention_scores=output_attention_scores)
+        logits = self.classifier(self.dropout(outputs.pooler_output))
+        loss = task_loss(logits, labels, self.num_labels) if labels is not None else None
+        out = DistSparseSequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                                 attention_scores=outputs.attention_scores)
+        return out if return_dict else out.to_tuple()
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """Mean squared error for one output (regression), else cross entropy; in fp32."""
+    if num_labels == 1:
+        return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+    return F.cross_entropy(logits.reshape(-1, num_labels).float(), labels.reshape(-1))
+
+
 __all__ = [
     "BertForPreTrainingOutput",
+    "DistSparseBertForSequenceClassification",
+    "DistSparseBertModelOutput",
+    "DistSparseSequenceClassifierOutput",
+    "task_loss",
     "DistSparseBertForMaskedLM",
     "DistSparseBertForPreTraining",
     "DistSparseBertModel",

@@ -3,15 +3,28 @@
 The Trainer calls ``loss(engine, batch)`` once per micro batch and back-propagates what it
 returns, so a distillation loss (a teacher's outputs beside the student's) or a task loss is a
 new function here, not a change to the step sequence.
+
+The distillation terms are pure functions of tensors (unit-tested against hand computations);
+:class:`DistillationLoss` runs the student and the teacher and weighs them.
+
+Tensor parallelism: under AutoTP a student rank holds a contiguous slice of each layer's heads,
+so its attention scores are those heads' only. Its attention term is that slice's share of the
+whole (normalised by the total head count), so the TP ranks' terms sum to the TP=1 loss, and
+AutoTP's column-parallel backward (an all-reduce of the input gradient over the TP group) sums
+their gradients where they meet. Every other term sees replicated tensors and is the same on
+every TP rank, as the task loss is.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 LossFn = Callable[[object, dict], torch.Tensor]
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def pretraining_loss(engine, batch: dict) -> torch.Tensor:
@@ -20,4 +33,129 @@ def pretraining_loss(engine, batch: dict) -> torch.Tensor:
     return engine(**batch).loss
 
 
-__all__ = ["LossFn", "pretraining_loss"]
+def task_loss(engine, batch: dict) -> torch.Tensor:
+    """Fine-tuning: the sequence classifier's own loss on ``labels`` (cross entropy, or MSE for
+    regression; see ``DistSparseBertForSequenceClassification``)."""
+    return engine(**batch).loss
+
+
+# ---------------------------------------------------------------------------------------------
+# the distillation terms (pure)
+
+
+def soft_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over rows of the cross entropy of softmax(student / T) against softmax(teacher / T),
+    times T^2 so the gradient's scale does not shrink with T (Hinton et al. 2015). In fp32."""
+    t = float(temperature)
+    target = torch.softmax(teacher.float() / t, dim=-1)
+    return -(target * torch.log_softmax(student.float() / t, dim=-1)).sum(-1).mean() * (t * t)
+
+
+def hidden_mse(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...], layer_map: list[int],
+               mask: torch.Tensor | None) -> torch.Tensor:
+    """Sum over matched layers of the MSE between hidden states, averaged over the real (mask 1)
+    tokens and the hidden size. ``student[0]``/``teacher[0]`` are the embedding outputs and are
+    matched; student layer i's output ``student[i + 1]`` is matched with ``teacher[layer_map[i] + 1]``."""
+    pairs = [(0, 0)] + [(i + 1, t + 1) for i, t in enumerate(layer_map)]
+    total = student[0].new_zeros((), dtype=torch.float32)
+    for s, t in pairs:
+        diff = (student[s].float() - teacher[t].float()).pow(2).mean(-1)  # (batch, seq)
+        total = total + (diff.mean() if mask is None else (diff * mask).sum() / mask.sum().clamp(min=1))
+    return total
+
+
+def attention_mse(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...], layer_map: list[int],
+                  mask: torch.Tensor | None, tp_rank: int = 0, tp_size: int = 1) -> torch.Tensor:
+    """Sum over student layers of the MSE between pre-softmax attention scores (batch, heads,
+    seq, seq), over pairs of real query and key tokens, averaged over the layer's heads.
+
+    Under tensor parallelism ``student[i]`` holds this TP rank's contiguous slice of the layer's
+    heads (AutoTP splits Q/K/V rows evenly): it is compared with the same heads of
+    ``teacher[layer_map[i]]`` and divided by the whole layer's head count, so the TP ranks'
+    terms add up to the TP=1 value.
+    """
+    total = student[0].new_zeros((), dtype=torch.float32)
+    for i, t in enumerate(layer_map):
+        s = student[i].float()
+        heads = s.shape[1]
+        ref = teacher[t][:, tp_rank * heads:(tp_rank + 1) * heads].float()
+        sq = (s - ref).pow(2).sum(1)  # (batch, seq, seq), summed over this slice's heads
+        denom = heads * tp_size
+        if mask is None:
+            total = total + sq.mean() / denom
+        else:
+            pair = mask[:, :, None] * mask[:, None, :]
+            total = total + (sq * pair).sum() / (pair.sum().clamp(min=1) * denom)
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DistillationWeights:
+    hard: float
+    logits: float
+    hidden: float
+    attention: float
+    temperature: float
+
+
+class DistillationLoss:
+    """The student's loss against a frozen teacher (``dist_sparse.train.teacher.Teacher``).
+
+    ``kind``: "task" (sequence classification: the logits of the pooled token; regression takes
+    MSE on them instead of the soft cross-entropy) or "mlm" (pre-training: the MLM logits at the
+    positions the MLM loss reads, labels != -100). ``tp_rank``/``tp_size``: the student's
+    tensor-parallel place (its heads are a slice). ``last`` holds the detached terms of the latest
+    micro batch, for logging.
+    """
+
+    def __init__(self, teacher, weights: DistillationWeights, layer_map: list[int], *, kind: str,
+                 regression: bool = False, tp_rank: int = 0, tp_size: int = 1):
+        if kind not in ("task", "mlm"):
+            raise ValueError(f"kind must be 'task' or 'mlm', not {kind!r}")
+        self.teacher = teacher
+        self.w = weights
+        self.layer_map = list(layer_map)
+        self.kind = kind
+        self.regression = regression
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.last: dict[str, torch.Tensor] = {}
+
+    def __call__(self, engine, batch: dict) -> torch.Tensor:
+        w = self.w
+        hidden, scores = w.hidden > 0, w.attention > 0
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        student_kwargs = dict(inputs)
+        if w.hard > 0:
+            student_kwargs.update({k: v for k, v in batch.items() if k not in MODEL_INPUTS})
+        out = engine(**student_kwargs, output_hidden_states=hidden, output_attention_scores=scores)
+        ref = self.teacher(inputs, hidden=hidden, scores=scores)
+        terms: dict[str, torch.Tensor] = {}
+        if w.hard > 0:
+            terms["hard"] = out.loss
+        if w.logits > 0:
+            terms["logits"] = self._logits_term(out, ref, batch)
+        mask = batch["attention_mask"].float() if "attention_mask" in batch else None
+        if hidden:
+            terms["hidden"] = hidden_mse(out.hidden_states, ref.hidden_states, self.layer_map, mask)
+        if scores:
+            terms["attention"] = attention_mse(out.attention_scores, ref.attention_scores, self.layer_map, mask,
+                                               tp_rank=self.tp_rank, tp_size=self.tp_size)
+        loss = sum(getattr(w, name) * value for name, value in terms.items())
+        self.last = {name: value.detach() for name, value in terms.items()}
+        return loss
+
+    def _logits_term(self, out, ref, batch) -> torch.Tensor:
+        if self.kind == "task":
+            if self.regression:
+                return F.mse_loss(out.logits.float(), ref.logits.float())
+            return soft_cross_entropy(out.logits, ref.logits, self.w.temperature)
+        selected = batch["labels"] != -100  # the positions the MLM loss reads
+        return soft_cross_entropy(out.prediction_logits[selected], ref.prediction_logits[selected],
+                                  self.w.temperature)
+
+
+__all__ = ["DistillationLoss", "DistillationWeights", "LossFn", "attention_mse", "hidden_mse", "pretraining_loss",
+           "soft_cross_entropy", "task_loss"]

@@ -5,10 +5,14 @@ from __future__ import annotations
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, kind: str = "pretrain") -> int:
+    """``kind``: "pretrain" (``train.loop``) or "finetune" (``train.finetune``)."""
     from dist_sparse.distributed.comm import remove_shm_buffers
-    from dist_sparse.train.loop import run
 
+    if kind == "finetune":
+        from dist_sparse.train.finetune import run
+    else:
+        from dist_sparse.train.loop import run
     try:
         return run(argv)
     except ValueError as err:

@@ -1,0 +1,387 @@
+"""Fine-tuning on a downstream task (``launchers/finetune.py``), on the pre-training machinery.
+
+The same Trainer, engine builder, checkpoint format, run directory rules and sparsity component
+as pre-training; what differs is the data (a task written by ``dist-sparse prepare-task``), the
+model (a sequence classifier started from a dist_sparse checkpoint or a Hugging Face BERT
+folder), the loss (the task's, or a distillation from a frozen teacher) and the evaluation (the
+task's metrics over the whole validation split).
+
+Determinism is as in pre-training: the data order is a function of (seed, epoch), dropout draws
+from generators reseeded every micro step, so ``--resume`` continues exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from dist_sparse.config import RunConfig, load_run_config, lr_multiplier, resolve_batch_sizes
+from dist_sparse.data.loader import ResumableBatchIterator
+from dist_sparse.data.task import TaskCollator, load_task
+from dist_sparse.distributed import comm
+from dist_sparse.distributed.rng import tp_rng
+from dist_sparse.distributed.topology import ParallelDims
+from dist_sparse.distributed.zero import link_optimizer_state
+from dist_sparse.folders import write_json_atomic
+from dist_sparse.model.config import DistSparseBertConfig
+from dist_sparse.train import checkpoint as ckpt
+from dist_sparse.train import run_dir as rd
+from dist_sparse.train.engine import build_engine
+from dist_sparse.train.initial import InitialWeights, build_task_model, load_initial
+from dist_sparse.train.loop import _load_checkpoint, _resumed_masks, step_seed
+from dist_sparse.train.losses import DistillationLoss, DistillationWeights, task_loss
+from dist_sparse.train.metrics import MetricsWriter
+from dist_sparse.train.sparse import SparsityComponent, config_fingerprint, preflight_sparsity
+from dist_sparse.train.task_metrics import task_metrics
+from dist_sparse.train.teacher import Teacher, teacher_dtype
+from dist_sparse.train.trainer import Trainer
+
+log = logging.getLogger("dist_sparse.finetune")
+RESULTS_FILE = "eval_results.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="finetune.py",
+        description="Fine-tune BERT on a task written by `dist-sparse prepare-task` (start with the deepspeed launcher).")
+    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", required=True,
+                   help="DeepSpeed JSON config (DeepSpeed's own flag name); 'training', 'sparsity' and "
+                        "'distillation' are dist_sparse's sections")
+    p.add_argument("--task", required=True, help="a task folder written by `dist-sparse prepare-task`")
+    p.add_argument("--init", required=True,
+                   help="weights to start from: a dist_sparse run or checkpoint, or a Hugging Face BERT folder")
+    p.add_argument("--init-tag", default=None, metavar="TAG", help="checkpoint tag of a dist_sparse --init run")
+    p.add_argument("--output", required=True, help="run directory (checkpoints, tensorboard, metrics)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides training.max_steps)")
+    length.add_argument("--epochs", type=float, default=None,
+                        help="passes over the training split, rounded up to whole optimizer steps")
+    p.add_argument("--save-interval", type=int, default=None, help="checkpoint every N steps (0: at the end)")
+    p.add_argument("--eval-interval", type=int, default=None, help="evaluate every N steps (0: at the end)")
+    p.add_argument("--seed", type=int, default=None, help="overrides training.seed")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/latest")
+    p.add_argument("--resume-tag", default=None, metavar="TAG",
+                   help="continue from RUN/checkpoints/TAG instead of the one 'latest' names (implies --resume)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    return p
+
+
+def _length(args, run_cfg: RunConfig, num_train: int, global_batch: int) -> int:
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ValueError(f"--max-steps must be at least 1 (got {args.max_steps})")
+    if args.epochs is not None:
+        if args.epochs <= 0:
+            raise ValueError(f"--epochs must be positive (got {args.epochs})")
+        return max(1, math.ceil(args.epochs * num_train / global_batch))
+    steps = args.max_steps if args.max_steps is not None else run_cfg.training.max_steps
+    if steps is None:
+        raise ValueError("set the length: --max-steps N, --epochs E or training.max_steps in the config")
+    return steps
+
+
+def check_tokenizer_fits(what: str, initial: InitialWeights, meta: dict) -> None:
+    """The weights must have been trained with the task's tokenizer: the same vocabulary size
+    always, and the same ids for the same text where the weights' tokenizer is known."""
+    vocab = initial.config.vocab_size
+    if vocab != meta["vocab_size"]:
+        raise ValueError(f"{what} {initial.source} has a vocabulary of {vocab}, the task's tokenizer "
+                         f"{meta['vocab_size']}: prepare the task with the tokenizer the model was trained with "
+                         "(dist-sparse prepare-task --tokenizer ...)")
+    if initial.tokenizer_dir is None or not (initial.tokenizer_dir / "tokenizer.json").is_file():
+        return
+    from dist_sparse.export.hf import tokenizer_difference
+
+    task_tok = Path(meta["_path"]) / "tokenizer"
+    if (task_tok / "tokenizer.json").is_file():
+        diff = tokenizer_difference(initial.tokenizer_dir, task_tok)
+        if diff:
+            raise ValueError(f"{what} {initial.source} was trained with another tokenizer ({initial.tokenizer_dir}) "
+                             f"than the task's ({task_tok}): their {', '.join(diff)} differ; prepare the task with "
+                             f"--tokenizer {initial.tokenizer_dir}")
+
+
+def check_teacher(cfg, student: DistSparseBertConfig, teacher: DistSparseBertConfig, tp_size: int) -> list[int]:
+    """The teacher against the student and the distillation section; returns the layer map."""
+    layer_map = cfg.resolved_layer_map(student.num_hidden_layers, teacher.num_hidden_layers)
+    if cfg.hidden and student.hidden_size != teacher.hidden_size:
+        raise ValueError(f"distillation.hidden needs the same hidden size: the student has {student.hidden_size}, "
+                         f"the teacher {teacher.hidden_size}; set hidden to 0")
+    if cfg.attention:
+        for i, t in enumerate(layer_map):
+            if student.heads_of(i) != teacher.heads_of(t) or student.head_dim != teacher.head_dim:
+                raise ValueError(f"distillation.attention compares heads one to one: student layer {i} has "
+                                 f"{student.heads_of(i)} heads of width {student.head_dim}, teacher layer {t} "
+                                 f"{teacher.heads_of(t)} of width {teacher.head_dim}; set attention to 0")
+        if any(student.heads_of(i) % tp_size for i in range(student.num_hidden_layers)):
+            raise ValueError("distillation.attention under tensor parallelism needs every layer's head count "
+                             f"divisible by the tensor-parallel degree {tp_size}")
+    return layer_map
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    run_cfg = load_run_config(args.deepspeed_config)
+    if run_cfg.structured_pruning is not None:
+        raise ValueError("a \"structured_pruning\" section is for pre-training (EarlyBERT); fine-tune the shrunk "
+                         "model instead (--init RUN of the structured run)")
+    t = run_cfg.training
+    datasets, meta = load_task(args.task)
+    meta = {**meta, "_path": str(Path(args.task).resolve())}
+    dims = ParallelDims.from_env(run_cfg.tp_size)
+    world, dp_size = dims.world, dims.dp
+    global_batch, micro_bs, grad_acc = resolve_batch_sizes(run_cfg.deepspeed, dp_size)
+    train_ds, eval_ds = datasets["train"], datasets["validation"]
+    max_steps = _length(args, run_cfg, len(train_ds), global_batch)
+    save_interval = args.save_interval if args.save_interval is not None else t.save_interval
+    eval_interval = args.eval_interval if args.eval_interval is not None else t.eval_interval
+    seed = args.seed if args.seed is not None else t.seed
+
+    run = Path(args.output)
+    rd.check_paths(run, Path(args.task))
+    resume_tag = rd.check_run_dir(run, args.resume, args.overwrite, args.resume_tag)
+    run_json = rd.read_run_json(run) if resume_tag is not None else {}
+    if resume_tag is not None:
+        ckpt.check_data(run_json.get("data_meta") or {}, meta, data=args.task, run_data=run_json.get("data"))
+        if run_json.get("max_steps") is not None:
+            ckpt.check_max_steps(run_json["max_steps"], max_steps)
+        written = ckpt.checkpoint_layout(rd.checkpoint_dir(run) / resume_tag)
+        if written is not None and written != (dp_size, run_cfg.tp_size):
+            raise ValueError(f"--resume: checkpoint {resume_tag} was written by {written[0]} data-parallel x "
+                             f"{written[1]} tensor-parallel ranks, this launch has {dp_size} x {run_cfg.tp_size}")
+    labels = list(meta["labels"])
+    task_kw = dict(num_labels=meta["num_labels"], labels=labels, task_type=meta["task_type"])
+
+    # The student's weights: from --init on a new run (every rank reads them: no process group
+    # yet), from the checkpoint on resume (the config from its structure record).
+    initial = None
+    if resume_tag is None:
+        initial = load_initial(args.init, args.init_tag)
+        check_tokenizer_fits("--init", initial, meta)
+        model, parts = build_task_model(initial, **task_kw)
+        model_config = model.config
+    else:
+        structure = ckpt.read_structure(rd.checkpoint_dir(run) / resume_tag)
+        model_config = DistSparseBertConfig.from_dict(structure.model_config)
+        model = None
+        parts = {}
+    preflight_sparsity(run_cfg, model_config, dp_size, max_steps)
+    if resume_tag is not None:
+        _resumed_masks(rd.checkpoint_dir(run) / resume_tag, 0, run_cfg.sparsity, False,
+                       due=run_cfg.sparsity is not None, waiting=False)
+    dist_cfg = run_cfg.distillation
+    teacher_model = layer_map = None
+    if dist_cfg is not None:
+        teacher_init = load_initial(dist_cfg.teacher, dist_cfg.teacher_tag)
+        check_tokenizer_fits("the teacher", teacher_init, meta)
+        teacher_model, _ = build_task_model(teacher_init, **task_kw, require_classifier=True)
+        layer_map = check_teacher(dist_cfg, model_config, teacher_model.config, run_cfg.tp_size)
+        teacher_source = teacher_init.source
+        del teacher_init
+
+    comm.init()
+    assert comm.world_size() == world, "WORLD_SIZE disagrees with the process group"
+    is_rank0 = comm.rank() == 0
+    if is_rank0:
+        run.mkdir(parents=True, exist_ok=True)
+        if args.overwrite:
+            rd.clear_run(run)
+        elif resume_tag is None:
+            rd.clear_failed_start(run)
+        rd.checkpoint_dir(run).mkdir(exist_ok=True)
+        if resume_tag is None:
+            write_json_atomic(run / "run.json", {
+                "argv": argv, "kind": "finetune", "model": str(Path(args.init).resolve()), "init": initial.source,
+                "init_parts": parts, "data": meta["_path"],
+                "deepspeed_config": json.loads(Path(args.deepspeed_config).read_text()),
+                "teacher": teacher_source if dist_cfg is not None else None,
+                "max_steps": max_steps, "seed": seed, "world_size": world, "dp_size": dp_size,
+                "tp_size": run_cfg.tp_size, "global_batch": global_batch, "micro_batch": micro_bs,
+                "gradient_accumulation": grad_acc, "data_meta": _recorded_meta(meta)})
+            log.info("fine-tuning %s from %s (pooler %s, classifier %s)", meta["_path"], initial.source,
+                     parts["pooler"], parts["classifier"])
+    comm.barrier()
+    del initial
+
+    torch.manual_seed(seed)
+    if model is None:  # resume: the weights come from the checkpoint
+        from dist_sparse.model import DistSparseBertForSequenceClassification
+        model = DistSparseBertForSequenceClassification(model_config)
+
+    def lr_lambda(s: int) -> float:
+        return lr_multiplier(s, run_cfg.training, max_steps)
+
+    engine = build_engine(model, run_cfg, lr_lambda=lr_lambda)
+    del model
+    groups = comm.parallel_groups(dims)
+
+    def make_engine(model, *, lr_lambda=lr_lambda, start_step: int = 0):
+        return build_engine(model, run_cfg, lr_lambda=lr_lambda, start_step=start_step, groups=groups)
+
+    loss_fn = task_loss
+    teacher = None
+    if dist_cfg is not None:
+        teacher = Teacher(teacher_model, engine.device, teacher_dtype(dist_cfg.teacher_dtype, engine.device))
+        del teacher_model
+        loss_fn = DistillationLoss(
+            teacher, DistillationWeights(dist_cfg.hard, dist_cfg.logits, dist_cfg.hidden, dist_cfg.attention,
+                                         dist_cfg.temperature),
+            layer_map, kind="task", regression=meta["task_type"] == "regression",
+            tp_rank=groups.tp_rank, tp_size=groups.tp_size)
+
+    tokens_per_step = global_batch * meta["seq_len"]
+    components = []
+    sparsity = None
+    if run_cfg.sparsity is not None:
+        sparsity = SparsityComponent.for_run(run_cfg, groups, max_steps, meta["seq_len"], tokens_per_step)
+        components.append(sparsity)
+    trainer = Trainer(engine, model_config, groups, zero_stage=run_cfg.zero_stage, build_engine=make_engine,
+                      components=components, loss=loss_fn)
+    del engine
+    if sparsity is not None:
+        sparsity.attach(trainer)
+
+    collator = TaskCollator(pad_id=meta["special_ids"]["[PAD]"])
+    loader = ResumableBatchIterator(len(train_ds), micro_bs, groups.dp_rank, groups.dp_size, seed, drop_last=False)
+    progress = ckpt.Progress()
+    ckpt_dir = rd.checkpoint_dir(run)
+    if resume_tag is not None:
+        progress = _load_checkpoint(trainer.engine, ckpt_dir, resume_tag, loader,
+                                    argparse.Namespace(model=str(Path(args.init).resolve())), meta, groups,
+                                    max_steps, run_data=run_json.get("data"))
+        link_optimizer_state(trainer.engine.optimizer, run_cfg.zero_stage)
+        if sparsity is not None:
+            sparsity.load_state_dict(_resumed_masks(ckpt_dir / resume_tag, comm.rank(), run_cfg.sparsity, False,
+                                                    due=True, waiting=False))
+        if is_rank0:
+            rd.truncate_metrics(run / "metrics.jsonl", progress.step)
+    elif sparsity is not None:
+        sparsity.start(draw=True)
+    comm.barrier()
+
+    metrics = MetricsWriter(run, enabled=is_rank0, purge_step=progress.step + 1 if resume_tag else None)
+    if sparsity is not None and resume_tag is None:
+        metrics.scalars("sparsity", 0, sparsity.scalars(trainer, None))
+    pbar = None
+    if is_rank0 and not args.no_progress:
+        from tqdm import tqdm
+        pbar = tqdm(total=max_steps, initial=progress.step, desc="finetune", unit="step", dynamic_ncols=True)
+
+    def save(step: int) -> None:
+        client = ckpt.ClientState(progress=progress, loader=loader.state_dict(), seed=seed, max_steps=max_steps,
+                                  model=str(Path(args.init).resolve()), model_config=trainer.model_config.to_dict(),
+                                  data_meta=_recorded_meta(meta), dp_size=groups.dp_size, tp_size=groups.tp_size,
+                                  sparsity=None if run_cfg.sparsity is None else config_fingerprint(run_cfg.sparsity))
+        rank_files = {ckpt.rng_file(comm.rank()): ckpt.rng_state()}
+        if sparsity is not None:
+            rank_files[ckpt.sparsity_file(comm.rank())] = sparsity.state_dict()
+        ckpt.save(trainer.engine, ckpt_dir, ckpt.tag_of(step), client,
+                  ckpt.StructureRecord(trainer.model_config.to_dict(), None), rank_files,
+                  is_rank0=is_rank0, keep=run_cfg.training.keep_checkpoints)
+
+    def micro_batches(step: int):
+        device = trainer.engine.device
+        for micro in range(grad_acc):
+            indices = next(loader)
+            batch = collator([train_ds[i] for i in indices])
+            torch.manual_seed(step_seed(seed, step, micro, groups.dp_rank, stream=1))
+            tp_rng.seed(step_seed(seed, step, micro, groups.dp_rank, stream=4), groups.tp_rank)
+            yield {k: v.to(device) for k, v in batch.items()}
+
+    result_eval: dict[str, float] = {}
+    while progress.step < max_steps:
+        t0 = time.perf_counter()
+        result = trainer.train_step(micro_batches(progress.step), step=progress.step + 1)
+        local = torch.stack([result.loss_sum, torch.tensor(float(result.micro_steps), dtype=torch.float64,
+                                                           device=result.loss_sum.device), result.tokens])
+        comm.all_reduce_sum_(local, groups.dp_group)
+        local = local.cpu()
+        progress.step += 1
+        progress.samples += global_batch
+        progress.tokens += int(local[2])
+        loss = float(local[0] / local[1])
+        for group, scalars in result.scalars.items():
+            metrics.scalars(group, progress.step, scalars)
+        engine = trainer.engine
+        if progress.step % run_cfg.training.log_interval == 0 or progress.step == max_steps:
+            grad_norm = engine.get_global_grad_norm()
+            scalars = {"loss": loss, "lr": engine.get_lr()[0],
+                       "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                       "samples_per_sec": global_batch / (time.perf_counter() - t0)}
+            if isinstance(loss_fn, DistillationLoss):  # rank 0's last micro batch, per term
+                scalars.update({f"distill_{k}": float(v) for k, v in loss_fn.last.items()})
+            metrics.scalars("train", progress.step, scalars)
+        if pbar is not None:
+            pbar.update(1)
+            pbar.set_postfix(loss=f"{loss:.4f}")
+        last = progress.step == max_steps
+        if (eval_interval and progress.step % eval_interval == 0) or last:
+            result_eval = evaluate(engine, eval_ds, collator, micro_bs, meta, groups)
+            metrics.scalars("eval", progress.step, result_eval)
+            if is_rank0:
+                log.info("step %d eval %s", progress.step, {k: round(v, 4) for k, v in result_eval.items()})
+        del engine
+        if (save_interval and progress.step % save_interval == 0) or last:
+            save(progress.step)
+
+    if pbar is not None:
+        pbar.close()
+    metrics.close()
+    if is_rank0:
+        write_json_atomic(run / RESULTS_FILE, {"step": progress.step, "split": "validation", **result_eval})
+        print(f"run directory: {run.resolve()}")
+        print(f"  validation ({meta.get('metric', 'metrics')}): "
+              + ", ".join(f"{k} {v:.4f}" for k, v in result_eval.items()))
+        print(f"  checkpoints: {ckpt_dir.resolve()} (latest: {ckpt.latest_tag(ckpt_dir)})")
+        print(f"  tensorboard: {(run / 'tensorboard').resolve()}  (tensorboard --logdir {run / 'tensorboard'})")
+    comm.barrier()
+    return 0
+
+
+def _recorded_meta(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if not k.startswith("_")}
+
+
+@torch.no_grad()
+def evaluate(engine, eval_ds, collator, micro_bs: int, meta: dict, groups) -> dict[str, float]:
+    """The task's metrics over the whole validation split: each data-parallel rank predicts its
+    stride of it, the predictions are gathered over the DP group, and every rank computes the
+    same numbers (TP peers hold the same predictions)."""
+    engine.eval()
+    n = len(eval_ds)
+    mine = list(range(groups.dp_rank, n, groups.dp_size))
+    # Every rank runs the same number of forward passes: under ZeRO-3 (and TP) a forward is a
+    # sequence of collectives, and a rank with one batch fewer would leave its peers waiting.
+    # A rank short of examples runs its first one again and drops the result.
+    batches = math.ceil(math.ceil(n / groups.dp_size) / micro_bs)
+    preds, golds, loss_sum = [], [], 0.0
+    for b in range(batches):
+        chunk = mine[b * micro_bs:(b + 1) * micro_bs]
+        real = len(chunk)
+        batch = {k: v.to(engine.device) for k, v in collator([eval_ds[i] for i in (chunk or mine[:1] or [0])]).items()}
+        out = engine(**batch)
+        if not real:
+            continue
+        loss_sum += float(out.loss) * real
+        logits = out.logits.float().cpu()
+        preds += (logits.squeeze(-1) if meta["task_type"] == "regression" else logits.argmax(-1)).tolist()
+        golds += batch["labels"].cpu().tolist()
+    engine.train()
+    gathered = comm.all_gather_object((preds, golds, loss_sum), groups.dp_group)
+    all_preds = [p for g in gathered for p in g[0]]
+    all_golds = [y for g in gathered for y in g[1]]
+    results = task_metrics(meta["task_type"], meta["num_labels"], all_preds, all_golds)
+    results["loss"] = sum(g[2] for g in gathered) / max(n, 1)
+    return results
+
+
+__all__ = ["build_parser", "check_teacher", "check_tokenizer_fits", "evaluate", "run"]
