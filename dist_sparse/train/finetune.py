@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -44,6 +45,15 @@ from dist_sparse.train.trainer import Trainer
 
 log = logging.getLogger("dist_sparse.finetune")
 RESULTS_FILE = "eval_results.json"
+# Set to log the number of live tensors after every step (train/live_tensors): a test of leaks.
+COUNT_TENSORS_ENV = "DIST_SPARSE_COUNT_TENSORS"
+
+
+def _live_tensors() -> int:
+    import gc
+
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,6 +177,8 @@ def run(argv: list[str] | None = None) -> int:
     if resume_tag is None:
         initial = load_initial(args.init, args.init_tag)
         check_tokenizer_fits("--init", initial, meta)
+        # A new classifier (and pooler) is drawn here: the same on every rank, and again on a rerun.
+        torch.manual_seed(seed)
         model, parts = build_task_model(initial, **task_kw)
         model_config = model.config
     else:
@@ -231,12 +243,14 @@ def run(argv: list[str] | None = None) -> int:
     teacher = None
     if dist_cfg is not None:
         teacher = Teacher(teacher_model, engine.device, teacher_dtype(dist_cfg.teacher_dtype, engine.device))
+        teacher_at_start = teacher.fingerprint()
         del teacher_model
         loss_fn = DistillationLoss(
             teacher, DistillationWeights(dist_cfg.hard, dist_cfg.logits, dist_cfg.hidden, dist_cfg.attention,
                                          dist_cfg.temperature),
             layer_map, kind="task", regression=meta["task_type"] == "regression",
-            tp_rank=groups.tp_rank, tp_size=groups.tp_size)
+            tp_rank=groups.tp_rank, tp_size=groups.tp_size,
+            tp_sum=lambda t: comm.all_reduce_sum_(t, groups.tp_group))
 
     tokens_per_step = global_batch * meta["seq_len"]
     components = []
@@ -250,7 +264,7 @@ def run(argv: list[str] | None = None) -> int:
     if sparsity is not None:
         sparsity.attach(trainer)
 
-    collator = TaskCollator(pad_id=meta["special_ids"]["[PAD]"])
+    collator = TaskCollator(pad_id=meta["special_ids"]["[PAD]"], task_type=meta["task_type"])
     loader = ResumableBatchIterator(len(train_ds), micro_bs, groups.dp_rank, groups.dp_size, seed, drop_last=False)
     progress = ckpt.Progress()
     ckpt_dir = rd.checkpoint_dir(run)
@@ -298,6 +312,7 @@ def run(argv: list[str] | None = None) -> int:
             yield {k: v.to(device) for k, v in batch.items()}
 
     result_eval: dict[str, float] = {}
+    count_tensors = bool(os.environ.get(COUNT_TENSORS_ENV))
     while progress.step < max_steps:
         t0 = time.perf_counter()
         result = trainer.train_step(micro_batches(progress.step), step=progress.step + 1)
@@ -319,6 +334,8 @@ def run(argv: list[str] | None = None) -> int:
                        "samples_per_sec": global_batch / (time.perf_counter() - t0)}
             if isinstance(loss_fn, DistillationLoss):  # rank 0's last micro batch, per term
                 scalars.update({f"distill_{k}": float(v) for k, v in loss_fn.last.items()})
+            if count_tensors:
+                scalars["live_tensors"] = float(_live_tensors())
             metrics.scalars("train", progress.step, scalars)
         if pbar is not None:
             pbar.update(1)
@@ -336,8 +353,14 @@ def run(argv: list[str] | None = None) -> int:
     if pbar is not None:
         pbar.close()
     metrics.close()
+    extra = {}
+    if teacher is not None:
+        # Nothing may write to the teacher: checked, not assumed (its fingerprint at start and end).
+        extra = {"teacher_sha256_start": teacher_at_start, "teacher_sha256_end": teacher.fingerprint()}
+        if extra["teacher_sha256_start"] != extra["teacher_sha256_end"]:
+            raise RuntimeError("the teacher's weights changed during training")
     if is_rank0:
-        write_json_atomic(run / RESULTS_FILE, {"step": progress.step, "split": "validation", **result_eval})
+        write_json_atomic(run / RESULTS_FILE, {"step": progress.step, "split": "validation", **result_eval, **extra})
         print(f"run directory: {run.resolve()}")
         print(f"  validation ({meta.get('metric', 'metrics')}): "
               + ", ".join(f"{k} {v:.4f}" for k, v in result_eval.items()))

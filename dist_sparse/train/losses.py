@@ -112,7 +112,8 @@ class DistillationLoss:
     """
 
     def __init__(self, teacher, weights: DistillationWeights, layer_map: list[int], *, kind: str,
-                 regression: bool = False, tp_rank: int = 0, tp_size: int = 1):
+                 regression: bool = False, tp_rank: int = 0, tp_size: int = 1,
+                 tp_sum: Callable[[torch.Tensor], torch.Tensor] | None = None):
         if kind not in ("task", "mlm"):
             raise ValueError(f"kind must be 'task' or 'mlm', not {kind!r}")
         self.teacher = teacher
@@ -121,6 +122,9 @@ class DistillationLoss:
         self.kind = kind
         self.regression = regression
         self.tp_rank, self.tp_size = tp_rank, tp_size
+        if tp_size > 1 and weights.attention > 0 and tp_sum is None:
+            raise ValueError("the attention term under tensor parallelism needs tp_sum (a sum over the TP group)")
+        self.tp_sum = tp_sum
         self.last: dict[str, torch.Tensor] = {}
 
     def __call__(self, engine, batch: dict) -> torch.Tensor:
@@ -141,8 +145,14 @@ class DistillationLoss:
         if hidden:
             terms["hidden"] = hidden_mse(out.hidden_states, ref.hidden_states, self.layer_map, mask)
         if scores:
-            terms["attention"] = attention_mse(out.attention_scores, ref.attention_scores, self.layer_map, mask,
-                                               tp_rank=self.tp_rank, tp_size=self.tp_size)
+            share = attention_mse(out.attention_scores, ref.attention_scores, self.layer_map, mask,
+                                  tp_rank=self.tp_rank, tp_size=self.tp_size)
+            if self.tp_size > 1:
+                # The value of the whole term (what is logged, the same on every TP rank), the
+                # gradient of this rank's share (AutoTP's backward sums the shares' gradients).
+                whole = self.tp_sum(share.detach().clone())
+                share = share + (whole - share.detach())
+            terms["attention"] = share
         loss = sum(getattr(w, name) * value for name, value in terms.items())
         self.last = {name: value.detach() for name, value in terms.items()}
         return loss
