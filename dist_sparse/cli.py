@@ -19,6 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_prepare_arguments(p)
     p.set_defaults(func=run_prepare)
 
+    from dist_sparse.data.task import add_prepare_task_arguments, run_prepare_task
+    p = sub.add_parser("prepare-task", help="labelled text -> tokenized fine-tuning examples (Arrow)")
+    add_prepare_task_arguments(p)
+    p.set_defaults(func=run_prepare_task)
+
     p = sub.add_parser("inspect", help="per-layer masks and sparsity state of a run or checkpoint")
     p.add_argument("path", help="RUN, RUN/checkpoints, or RUN/checkpoints/<tag>")
     p.add_argument("--tag", help="checkpoint tag to inspect, e.g. global_step20 (default: the one 'latest' names)")
