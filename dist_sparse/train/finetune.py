@@ -35,7 +35,7 @@ from dist_sparse.train import checkpoint as ckpt
 from dist_sparse.train import run_dir as rd
 from dist_sparse.train.engine import build_engine
 from dist_sparse.train.initial import InitialWeights, build_task_model, load_initial
-from dist_sparse.train.loop import _load_checkpoint, _resumed_masks, step_seed
+from dist_sparse.train.loop import load_run_checkpoint, resumed_masks, step_seed
 from dist_sparse.train.losses import DistillationLoss, DistillationWeights, task_loss
 from dist_sparse.train.metrics import MetricsWriter
 from dist_sparse.train.sparse import SparsityComponent, config_fingerprint, preflight_sparsity
@@ -188,7 +188,7 @@ def run(argv: list[str] | None = None) -> int:
         parts = {}
     preflight_sparsity(run_cfg, model_config, dp_size, max_steps)
     if resume_tag is not None:
-        _resumed_masks(rd.checkpoint_dir(run) / resume_tag, 0, run_cfg.sparsity, False,
+        resumed_masks(rd.checkpoint_dir(run) / resume_tag, 0, run_cfg.sparsity, False,
                        due=run_cfg.sparsity is not None, waiting=False)
     dist_cfg = run_cfg.distillation
     teacher_model = layer_map = None
@@ -269,12 +269,13 @@ def run(argv: list[str] | None = None) -> int:
     progress = ckpt.Progress()
     ckpt_dir = rd.checkpoint_dir(run)
     if resume_tag is not None:
-        progress = _load_checkpoint(trainer.engine, ckpt_dir, resume_tag, loader,
-                                    argparse.Namespace(model=str(Path(args.init).resolve())), meta, groups,
-                                    max_steps, run_data=run_json.get("data"))
+        progress = load_run_checkpoint(trainer.engine, ckpt_dir, resume_tag, loader,
+                                       model=str(Path(args.init).resolve()), data=args.task,
+                                       meta=_recorded_meta(meta), groups=groups, max_steps=max_steps,
+                                       run_data=run_json.get("data"))
         link_optimizer_state(trainer.engine.optimizer, run_cfg.zero_stage)
         if sparsity is not None:
-            sparsity.load_state_dict(_resumed_masks(ckpt_dir / resume_tag, comm.rank(), run_cfg.sparsity, False,
+            sparsity.load_state_dict(resumed_masks(ckpt_dir / resume_tag, comm.rank(), run_cfg.sparsity, False,
                                                     due=True, waiting=False))
         if is_rank0:
             rd.truncate_metrics(run / "metrics.jsonl", progress.step)

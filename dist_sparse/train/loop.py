@@ -120,7 +120,7 @@ def run(argv: list[str] | None = None) -> int:
     if resume_tag is not None:  # the masks against the config, from rank 0's file
         waits = run_cfg.sparsity is not None and run_cfg.sparsity.after_shrink and \
             sp_cfg is not None and (structured_state is None or structured_state.searching)
-        _resumed_masks(rd.checkpoint_dir(run) / resume_tag, 0, run_cfg.sparsity, args.sparsity_reset,
+        resumed_masks(rd.checkpoint_dir(run) / resume_tag, 0, run_cfg.sparsity, args.sparsity_reset,
                        due=run_cfg.sparsity is not None and not waits, waiting=waits)
 
     comm.init()
@@ -202,10 +202,11 @@ def run(argv: list[str] | None = None) -> int:
     ckpt_dir = rd.checkpoint_dir(run)
 
     if resume_tag is not None:
-        progress = _load_checkpoint(trainer.engine, ckpt_dir, resume_tag, loader, args, meta, groups, max_steps,
-                                    run_data=run_json.get("data"))
+        progress = load_run_checkpoint(trainer.engine, ckpt_dir, resume_tag, loader, model=args.model,
+                                       data=args.data, meta=meta, groups=groups, max_steps=max_steps,
+                                       run_data=run_json.get("data"))
         link_optimizer_state(trainer.engine.optimizer, run_cfg.zero_stage)
-        state = _resumed_masks(ckpt_dir / resume_tag, comm.rank(), run_cfg.sparsity, args.sparsity_reset,
+        state = resumed_masks(ckpt_dir / resume_tag, comm.rank(), run_cfg.sparsity, args.sparsity_reset,
                                due=masks_now, waiting=sparsity is not None and not masks_now)
         if state is not None:
             sparsity.load_state_dict(state)
@@ -330,11 +331,14 @@ def evaluate(engine, eval_ds, collator, micro_bs: int, batches: int, seed: int, 
     return {"mlm_loss": float(totals[0]) / count, "mlm_accuracy": float(totals[2]) / count}
 
 
-def _load_checkpoint(engine, ckpt_dir: Path, tag: str, loader, args, meta, groups, max_steps: int,
-                     run_data: str | None) -> ckpt.Progress:
+def load_run_checkpoint(engine, ckpt_dir: Path, tag: str, loader, *, model: str, data: str, meta: dict, groups,
+                        max_steps: int, run_data: str | None) -> ckpt.Progress:
+    """Load checkpoint ``tag`` into ``engine`` and ``loader`` (a collective), check it against this
+    launch (``model``: the preset or init the run was started from; ``data`` as given), restore
+    this rank's RNG states; the run's progress."""
     client = ckpt.load_client_state(engine, ckpt_dir, tag)
-    ckpt.check_resume(client, model=args.model, max_steps=max_steps, dp_size=groups.dp_size, data_meta=meta,
-                      data=args.data, run_data=run_data)
+    ckpt.check_resume(client, model=model, max_steps=max_steps, dp_size=groups.dp_size, data_meta=meta,
+                      data=data, run_data=run_data)
     loader.load_state_dict(client.loader)
     state = ckpt.read_rank_file(ckpt_dir / tag, ckpt.rng_file(comm.rank()))
     if state is not None:
@@ -342,7 +346,7 @@ def _load_checkpoint(engine, ckpt_dir: Path, tag: str, loader, args, meta, group
     return client.progress
 
 
-def _resumed_masks(tag_dir: Path, rank: int, cfg, reset: bool, due: bool, waiting: bool) -> dict | None:
+def resumed_masks(tag_dir: Path, rank: int, cfg, reset: bool, due: bool, waiting: bool) -> dict | None:
     """Rank ``rank``'s sparsity state in checkpoint ``tag_dir`` if the run is to resume it, None if
     not; a mismatch between the checkpoint and the config is an error unless ``--sparsity-reset``
     says to start new masks (or, with no sparsity section, none). ``due``: the config's masks

@@ -126,10 +126,11 @@ def spawn_ranks(cmd: list[str], nproc: int, port: int, env: dict, timeout: float
 
 
 def launch(args: list, nproc: int = 2, timeout: int = 600, check: bool = True,
-           via: str = "spawn") -> subprocess.CompletedProcess:
-    """Run ``args`` (a script and its arguments) on ``nproc`` CPU ranks; output captured for asserts."""
+           via: str = "spawn", env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``args`` (a script and its arguments) on ``nproc`` CPU ranks; output captured for asserts.
+    ``env``: extra environment variables of the ranks."""
     port = free_port()
-    env = launch_env()
+    env = {**launch_env(), **(env or {})}
     args = [str(a) for a in args]
     try:
         if via == "deepspeed":
