@@ -34,13 +34,13 @@ from dist_sparse.model.config import DistSparseBertConfig
 from dist_sparse.train import checkpoint as ckpt
 from dist_sparse.train import run_dir as rd
 from dist_sparse.train.engine import build_engine
-from dist_sparse.train.initial import InitialWeights, build_task_model, load_initial
+from dist_sparse.train.initial import build_task_model, check_tokenizer_fits, load_initial
 from dist_sparse.train.loop import load_run_checkpoint, resumed_masks, step_seed
 from dist_sparse.train.losses import DistillationLoss, DistillationWeights, task_loss
 from dist_sparse.train.metrics import MetricsWriter
 from dist_sparse.train.sparse import SparsityComponent, config_fingerprint, preflight_sparsity
 from dist_sparse.train.task_metrics import task_metrics
-from dist_sparse.train.teacher import Teacher, teacher_dtype
+from dist_sparse.train.teacher import Teacher, check_teacher, teacher_dtype
 from dist_sparse.train.trainer import Trainer
 
 log = logging.getLogger("dist_sparse.finetune")
@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights to start from: a dist_sparse run or checkpoint, or a Hugging Face BERT folder")
     p.add_argument("--init-tag", default=None, metavar="TAG", help="checkpoint tag of a dist_sparse --init run")
     p.add_argument("--output", required=True, help="run directory (checkpoints, tensorboard, metrics)")
+    p.add_argument("--teacher", default=None, metavar="PATH",
+                   help="the distillation teacher, instead of the config's distillation.teacher")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides training.max_steps)")
     length.add_argument("--epochs", type=float, default=None,
@@ -95,45 +97,6 @@ def _length(args, run_cfg: RunConfig, num_train: int, global_batch: int) -> int:
     if steps is None:
         raise ValueError("set the length: --max-steps N, --epochs E or training.max_steps in the config")
     return steps
-
-
-def check_tokenizer_fits(what: str, initial: InitialWeights, meta: dict) -> None:
-    """The weights must have been trained with the task's tokenizer: the same vocabulary size
-    always, and the same ids for the same text where the weights' tokenizer is known."""
-    vocab = initial.config.vocab_size
-    if vocab != meta["vocab_size"]:
-        raise ValueError(f"{what} {initial.source} has a vocabulary of {vocab}, the task's tokenizer "
-                         f"{meta['vocab_size']}: prepare the task with the tokenizer the model was trained with "
-                         "(dist-sparse prepare-task --tokenizer ...)")
-    if initial.tokenizer_dir is None or not (initial.tokenizer_dir / "tokenizer.json").is_file():
-        return
-    from dist_sparse.export.hf import tokenizer_difference
-
-    task_tok = Path(meta["_path"]) / "tokenizer"
-    if (task_tok / "tokenizer.json").is_file():
-        diff = tokenizer_difference(initial.tokenizer_dir, task_tok)
-        if diff:
-            raise ValueError(f"{what} {initial.source} was trained with another tokenizer ({initial.tokenizer_dir}) "
-                             f"than the task's ({task_tok}): their {', '.join(diff)} differ; prepare the task with "
-                             f"--tokenizer {initial.tokenizer_dir}")
-
-
-def check_teacher(cfg, student: DistSparseBertConfig, teacher: DistSparseBertConfig, tp_size: int) -> list[int]:
-    """The teacher against the student and the distillation section; returns the layer map."""
-    layer_map = cfg.resolved_layer_map(student.num_hidden_layers, teacher.num_hidden_layers)
-    if cfg.hidden and student.hidden_size != teacher.hidden_size:
-        raise ValueError(f"distillation.hidden needs the same hidden size: the student has {student.hidden_size}, "
-                         f"the teacher {teacher.hidden_size}; set hidden to 0")
-    if cfg.attention:
-        for i, t in enumerate(layer_map):
-            if student.heads_of(i) != teacher.heads_of(t) or student.head_dim != teacher.head_dim:
-                raise ValueError(f"distillation.attention compares heads one to one: student layer {i} has "
-                                 f"{student.heads_of(i)} heads of width {student.head_dim}, teacher layer {t} "
-                                 f"{teacher.heads_of(t)} of width {teacher.head_dim}; set attention to 0")
-        if any(student.heads_of(i) % tp_size for i in range(student.num_hidden_layers)):
-            raise ValueError("distillation.attention under tensor parallelism needs every layer's head count "
-                             f"divisible by the tensor-parallel degree {tp_size}")
-    return layer_map
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -176,7 +139,7 @@ def run(argv: list[str] | None = None) -> int:
     initial = None
     if resume_tag is None:
         initial = load_initial(args.init, args.init_tag)
-        check_tokenizer_fits("--init", initial, meta)
+        check_tokenizer_fits("--init", initial, meta["vocab_size"], Path(meta["_path"]) / "tokenizer")
         # A new classifier (and pooler) is drawn here: the same on every rank, and again on a rerun.
         torch.manual_seed(seed)
         model, parts = build_task_model(initial, **task_kw)
@@ -191,10 +154,14 @@ def run(argv: list[str] | None = None) -> int:
         resumed_masks(rd.checkpoint_dir(run) / resume_tag, 0, run_cfg.sparsity, False,
                        due=run_cfg.sparsity is not None, waiting=False)
     dist_cfg = run_cfg.distillation
+    if args.teacher is not None:
+        if dist_cfg is None:
+            raise ValueError("--teacher needs a \"distillation\" section in the config (its loss weights)")
+        dist_cfg = dist_cfg.model_copy(update={"teacher": args.teacher})
     teacher_model = layer_map = None
     if dist_cfg is not None:
         teacher_init = load_initial(dist_cfg.teacher, dist_cfg.teacher_tag)
-        check_tokenizer_fits("the teacher", teacher_init, meta)
+        check_tokenizer_fits("the teacher", teacher_init, meta["vocab_size"], Path(meta["_path"]) / "tokenizer")
         teacher_model, _ = build_task_model(teacher_init, **task_kw, require_classifier=True)
         layer_map = check_teacher(dist_cfg, model_config, teacher_model.config, run_cfg.tp_size)
         teacher_source = teacher_init.source
@@ -357,9 +324,8 @@ def run(argv: list[str] | None = None) -> int:
     extra = {}
     if teacher is not None:
         # Nothing may write to the teacher: checked, not assumed (its fingerprint at start and end).
-        extra = {"teacher_sha256_start": teacher_at_start, "teacher_sha256_end": teacher.fingerprint()}
-        if extra["teacher_sha256_start"] != extra["teacher_sha256_end"]:
-            raise RuntimeError("the teacher's weights changed during training")
+        teacher.check_unchanged(teacher_at_start)
+        extra = {"teacher_sha256": teacher_at_start}
     if is_rank0:
         write_json_atomic(run / RESULTS_FILE, {"step": progress.step, "split": "validation", **result_eval, **extra})
         print(f"run directory: {run.resolve()}")
@@ -408,4 +374,4 @@ def evaluate(engine, eval_ds, collator, micro_bs: int, meta: dict, groups) -> di
     return results
 
 
-__all__ = ["build_parser", "check_teacher", "check_tokenizer_fits", "evaluate", "run"]
+__all__ = ["build_parser", "evaluate", "run"]

@@ -201,6 +201,51 @@ def build_task_model(initial: InitialWeights, *, num_labels: int, labels: list[s
     return model, {part: ("new" if part in fresh else "loaded") for part in new_parts}
 
 
+def check_tokenizer_fits(what: str, initial: InitialWeights, vocab_size: int, tokenizer_dir: Path) -> None:
+    """The weights must have been trained with the data's tokenizer (``tokenizer_dir``, of
+    ``vocab_size`` pieces): the same vocabulary size always, and the same ids for the same text
+    where the weights' own tokenizer is known (a dist_sparse run's, a folder's tokenizer.json)."""
+    vocab = initial.config.vocab_size
+    if vocab != vocab_size:
+        raise ValueError(f"{what} {initial.source} has a vocabulary of {vocab}, the data's tokenizer "
+                         f"{vocab_size}: prepare the data with the tokenizer the model was trained with "
+                         "(--tokenizer of prepare-task / prepare-data)")
+    if initial.tokenizer_dir is None or not (initial.tokenizer_dir / "tokenizer.json").is_file():
+        return
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        return
+    from dist_sparse.export.hf import tokenizer_difference
+
+    diff = tokenizer_difference(initial.tokenizer_dir, tokenizer_dir)
+    if diff:
+        raise ValueError(f"{what} {initial.source} was trained with another tokenizer ({initial.tokenizer_dir}) "
+                         f"than the data's ({tokenizer_dir}): their {', '.join(diff)} differ; prepare the data "
+                         f"with --tokenizer {initial.tokenizer_dir}")
+
+
+def build_pretraining_model(initial: InitialWeights):
+    """A ``DistSparseBertForPreTraining`` with the initial weights, which must include the MLM head
+    (a pre-trained teacher: a dist_sparse pre-training checkpoint, a HF BertForPreTraining or
+    BertForMaskedLM folder). The NSP head and pooler may be missing (a masked-LM folder): the
+    distillation reads the MLM logits only."""
+    from dist_sparse.export.checkpoint import TIED_KEYS
+    from dist_sparse.model import DistSparseBertForPreTraining
+
+    if not any(k.startswith("cls.predictions.") for k in initial.state_dict):
+        raise ValueError(f"{initial.source} has no masked-LM head: a pre-training teacher must be a pre-trained "
+                         "model (BertForPreTraining / BertForMaskedLM, or a dist_sparse pre-training run)")
+    model = DistSparseBertForPreTraining(initial.config)
+    missing, unexpected = model.load_state_dict(initial.state_dict, strict=False)
+    optional = set(TIED_KEYS) | {"cls.seq_relationship.weight", "cls.seq_relationship.bias", *POOLER_KEYS}
+    missing = [k for k in missing if k not in optional]
+    unexpected = [k for k in unexpected if not k.startswith("classifier.")]
+    if missing or unexpected:
+        raise ValueError(f"the weights of {initial.source} do not fit a BERT of its own config: missing "
+                         f"{missing[:4]}, unexpected {unexpected[:4]}")
+    model.tie_weights()
+    return model
+
+
 def _classifier_mismatch(initial: InitialWeights, num_labels: int, labels: list[str]) -> str | None:
     """Why the initial classifier cannot serve these labels, or None when it can."""
     if not initial.has_classifier:
@@ -214,4 +259,5 @@ def _classifier_mismatch(initial: InitialWeights, num_labels: int, labels: list[
     return None
 
 
-__all__ = ["InitialWeights", "build_task_model", "load_initial", "task_config"]
+__all__ = ["InitialWeights", "build_pretraining_model", "build_task_model", "check_tokenizer_fits", "load_initial",
+           "task_config"]

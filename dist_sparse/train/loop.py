@@ -35,9 +35,12 @@ from dist_sparse.train import checkpoint as ckpt
 from dist_sparse.train import run_dir as rd
 from dist_sparse.train.args import build_parser
 from dist_sparse.train.engine import build_engine
+from dist_sparse.train.initial import build_pretraining_model, check_tokenizer_fits, load_initial
+from dist_sparse.train.losses import DistillationLoss, DistillationWeights, pretraining_loss
 from dist_sparse.train.metrics import MetricsWriter
 from dist_sparse.train.sparse import SparsityComponent, config_fingerprint, preflight_sparsity
 from dist_sparse.train.structured import EarlyBertComponent
+from dist_sparse.train.teacher import Teacher, check_teacher, teacher_dtype
 from dist_sparse.train.trainer import Trainer
 
 log = logging.getLogger("dist_sparse.train")
@@ -104,6 +107,19 @@ def run(argv: list[str] | None = None) -> int:
                              "it decides the ticket, so it cannot change mid-run")
         if structured_state is None or structured_state.searching:
             validate_structured(sp_cfg, model_config, run_cfg.tp_size, run_cfg)
+    # A teacher for the MLM logits (Prune Once for All): checked against the data and the student
+    # before any process group exists; built as a plain frozen module beside the engine.
+    dist_cfg = run_cfg.distillation
+    teacher_model = layer_map = None
+    if dist_cfg is not None:
+        if sp_cfg is not None:
+            raise ValueError("a \"distillation\" section with \"structured_pruning\" is not supported: the shrink "
+                             "changes the student's heads under the teacher's; distil the shrunk model in a second run")
+        teacher_init = load_initial(dist_cfg.teacher, dist_cfg.teacher_tag)
+        check_tokenizer_fits("the teacher", teacher_init, meta["vocab_size"], Path(args.data) / "tokenizer")
+        teacher_model = build_pretraining_model(teacher_init)
+        layer_map = check_teacher(dist_cfg, model_config, teacher_model.config, run_cfg.tp_size)
+        del teacher_init
     # The launcher sets WORLD_SIZE, so the layout and batch arithmetic are checked before any
     # process group exists.
     dims = ParallelDims.from_env(run_cfg.tp_size)
@@ -188,8 +204,18 @@ def run(argv: list[str] | None = None) -> int:
                                         seq_len=meta["seq_len"], global_batch=global_batch, lr_lambda=lr_lambda,
                                         is_rank0=is_rank0)
         components.append(structured)
+    loss_fn = pretraining_loss
+    if teacher_model is not None:
+        teacher = Teacher(teacher_model, engine.device, teacher_dtype(dist_cfg.teacher_dtype, engine.device))
+        teacher_at_start = teacher.fingerprint()
+        del teacher_model
+        loss_fn = DistillationLoss(
+            teacher, DistillationWeights(dist_cfg.hard, dist_cfg.logits, dist_cfg.hidden, dist_cfg.attention,
+                                         dist_cfg.temperature),
+            layer_map, kind="mlm", tp_rank=groups.tp_rank, tp_size=groups.tp_size,
+            tp_sum=lambda t: comm.all_reduce_sum_(t, groups.tp_group))
     trainer = Trainer(engine, model_config, groups, zero_stage=run_cfg.zero_stage, build_engine=make_engine,
-                      components=components)
+                      components=components, loss=loss_fn)
     del engine  # the trainer holds the only reference
     if structured is not None:
         structured.bind(trainer)
@@ -278,7 +304,10 @@ def run(argv: list[str] | None = None) -> int:
             metrics.scalars("train", progress.step, {
                 "loss": loss, "lr": engine.get_lr()[0],
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "samples_per_sec": global_batch / elapsed, "tokens_per_sec": float(local[2]) / elapsed})
+                "samples_per_sec": global_batch / elapsed, "tokens_per_sec": float(local[2]) / elapsed,
+                # rank 0's last micro batch, per distillation term
+                **({f"distill_{k}": float(v) for k, v in loss_fn.last.items()}
+                   if isinstance(loss_fn, DistillationLoss) else {})})
         if pbar is not None:
             pbar.update(1)
             pbar.set_postfix(loss=f"{loss:.4f}")
@@ -295,6 +324,8 @@ def run(argv: list[str] | None = None) -> int:
     if pbar is not None:
         pbar.close()
     metrics.close()
+    if loss_fn is not pretraining_loss:
+        loss_fn.teacher.check_unchanged(teacher_at_start)
     if is_rank0:
         print(f"run directory: {run.resolve()}")
         print(f"  checkpoints: {ckpt_dir.resolve()} (latest: {ckpt.latest_tag(ckpt_dir)})")

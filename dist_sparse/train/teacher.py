@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dist_sparse.model.config import DistSparseBertConfig
+
 
 def teacher_dtype(choice: str, device: torch.device) -> torch.dtype:
     """``auto``: bf16 on a GPU (half the memory, the tensor cores), fp32 on a CPU (where bf16
@@ -32,6 +34,24 @@ def teacher_dtype(choice: str, device: torch.device) -> torch.dtype:
     if choice == "bf16":
         return torch.bfloat16
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def check_teacher(cfg, student: DistSparseBertConfig, teacher: DistSparseBertConfig, tp_size: int) -> list[int]:
+    """The teacher against the student and the distillation section; returns the layer map."""
+    layer_map = cfg.resolved_layer_map(student.num_hidden_layers, teacher.num_hidden_layers)
+    if cfg.hidden and student.hidden_size != teacher.hidden_size:
+        raise ValueError(f"distillation.hidden needs the same hidden size: the student has {student.hidden_size}, "
+                         f"the teacher {teacher.hidden_size}; set hidden to 0")
+    if cfg.attention:
+        for i, t in enumerate(layer_map):
+            if student.heads_of(i) != teacher.heads_of(t) or student.head_dim != teacher.head_dim:
+                raise ValueError(f"distillation.attention compares heads one to one: student layer {i} has "
+                                 f"{student.heads_of(i)} heads of width {student.head_dim}, teacher layer {t} "
+                                 f"{teacher.heads_of(t)} of width {teacher.head_dim}; set attention to 0")
+        if any(student.heads_of(i) % tp_size for i in range(student.num_hidden_layers)):
+            raise ValueError("distillation.attention under tensor parallelism needs every layer's head count "
+                             f"divisible by the tensor-parallel degree {tp_size}")
+    return layer_map
 
 
 class Teacher:
@@ -53,6 +73,12 @@ class Teacher:
     def parameters(self):
         return self.model.parameters()
 
+    def check_unchanged(self, fingerprint: str) -> None:
+        """Raise if the teacher's weights are no longer those of ``fingerprint`` (taken at start):
+        nothing may write to a teacher, and this is checked, not assumed."""
+        if self.fingerprint() != fingerprint:
+            raise RuntimeError("the teacher's weights changed during training: something wrote to a frozen model")
+
     def fingerprint(self) -> str:
         """A SHA-256 of every teacher weight's bytes: equal before and after training (the tests
         check that nothing wrote to the teacher)."""
@@ -65,4 +91,4 @@ class Teacher:
         return h.hexdigest()
 
 
-__all__ = ["Teacher", "teacher_dtype"]
+__all__ = ["Teacher", "check_teacher", "teacher_dtype"]
