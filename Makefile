@@ -20,7 +20,7 @@ DEMO_MODEL ?= bert-tiny
 # `make demo DEMO_CONFIG=ds_configs/cpu_zero2_sparse_set.json` trains sparse (SET, 80%, ERK).
 DEMO_CONFIG ?= ds_configs/cpu_zero2.json
 
-.PHONY: setup demo demo-sparse demo-structured demo-sparse-structured test test-fast clean-demo
+.PHONY: setup demo demo-sparse demo-structured demo-sparse-structured demo-finetune test test-fast clean-demo
 
 setup: $(STAMP)
 
@@ -56,6 +56,28 @@ demo-structured:
 demo-sparse-structured:
 	$(MAKE) demo DEMO_CONFIG=ds_configs/cpu_zero2_adamw_earlybert_set.json DEMO=demo-sparse-structured DEMO_MODEL=bert-mini
 	$(VENV)/bin/dist-sparse inspect demo-sparse-structured/run
+
+# Fine-tuning on the default task (is a State of the Union paragraph from before 1900?), from the
+# demo's pre-trained run: a dense fine-tuned teacher, then SparseBERT (the pre-trained model pruned
+# to 90% with GMP while distilling the teacher's logits, hidden states and attention), then the
+# Hugging Face export of the sparse classifier. Runs `make demo` first when its run is missing.
+FT_STEPS ?= 300
+demo-finetune: $(STAMP)
+	@test -f $(DEMO)/run/checkpoints/latest || $(MAKE) demo
+	@test -f $(DEMO)/task/meta.json || $(VENV)/bin/dist-sparse prepare-task --default-task \
+	    --tokenizer $(DEMO)/data --output $(DEMO)/task --seq-len 128
+	PATH=$(abspath $(VENV))/bin:$$PATH deepspeed --num_gpus $(DEMO_RANKS) launchers/finetune.py \
+	    --deepspeed_config ds_configs/cpu_zero2_finetune.json --task $(DEMO)/task --init $(DEMO)/run \
+	    --output $(DEMO)/finetune-teacher --max-steps $(FT_STEPS) --eval-interval 100 --overwrite
+	PATH=$(abspath $(VENV))/bin:$$PATH deepspeed --num_gpus $(DEMO_RANKS) launchers/finetune.py \
+	    --deepspeed_config ds_configs/cpu_zero2_finetune_sparsebert.json --teacher $(DEMO)/finetune-teacher \
+	    --task $(DEMO)/task --init $(DEMO)/run --output $(DEMO)/finetune-sparse --max-steps $(FT_STEPS) \
+	    --eval-interval 100 --overwrite
+	$(VENV)/bin/dist-sparse inspect $(DEMO)/finetune-sparse
+	$(VENV)/bin/dist-sparse export $(DEMO)/finetune-sparse $(DEMO)/finetune-hf --overwrite
+	@echo "demo-finetune done: validation metrics in $(DEMO)/finetune-teacher/eval_results.json (dense teacher) and"
+	@echo "  $(DEMO)/finetune-sparse/eval_results.json (90% sparse student); the sparse classifier in $(DEMO)/finetune-hf"
+	@echo "  (AutoModelForSequenceClassification.from_pretrained(\"$(DEMO)/finetune-hf\"))"
 
 test: $(STAMP)
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q tests
