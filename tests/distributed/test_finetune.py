@@ -88,10 +88,16 @@ def rows(run: Path, split: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def teacher_run(task_dir, init_dir, tmp_path_factory):
-    """A dense fine-tuned classifier: the teacher of the runs below (a dist_sparse checkpoint)."""
+    """A dense fine-tuned classifier: the teacher of the runs below (a dist_sparse checkpoint).
+    Trained as the BERT-large recipes run: bf16 with fp32 gradient accumulation on ZeRO-1
+    (DeepSpeed's BF16_Optimizer), accumulation 2; the students read it back from its fp32 masters."""
     tmp = tmp_path_factory.mktemp("teacher")
     run = tmp / "run"
-    finetune(ds_config(tmp, "teacher.json", gas=1), task_dir, init_dir, run, "--max-steps", 12)
+    finetune(ds_config(tmp, "teacher.json", stage=1, micro=4, gas=2, bf16={"enabled": True},
+                       data_types={"grad_accum_dtype": "fp32"}), task_dir, init_dir, run, "--max-steps", 12)
+    assert (run / "checkpoints" / "global_step12" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file()
+    results = json.loads((run / "eval_results.json").read_text())
+    assert 0.0 <= results["accuracy"] <= 1.0 and math.isfinite(results["loss"])
     return run
 
 
