@@ -144,6 +144,11 @@ def run(argv: list[str] | None = None) -> int:
         torch.manual_seed(seed)
         model, parts = build_task_model(initial, **task_kw)
         model_config = model.config
+        zeros = encoder_zero_fraction(initial.state_dict)
+        if zeros >= 0.05 and run_cfg.sparsity is None and int(os.environ.get("RANK", "0")) == 0:
+            log.warning("%.1f%% of the encoder's Linear weights of %s are zero, and without a \"sparsity\" section "
+                        "fine-tuning fills them in; add one (e.g. method \"gmp\" or \"static\" with init "
+                        "\"magnitude\" at that sparsity) to keep the model sparse", 100 * zeros, initial.source)
     else:
         structure = ckpt.read_structure(rd.checkpoint_dir(run) / resume_tag)
         model_config = DistSparseBertConfig.from_dict(structure.model_config)
@@ -335,6 +340,16 @@ def run(argv: list[str] | None = None) -> int:
         print(f"  tensorboard: {(run / 'tensorboard').resolve()}  (tensorboard --logdir {run / 'tensorboard'})")
     comm.barrier()
     return 0
+
+
+def encoder_zero_fraction(state_dict: dict[str, torch.Tensor]) -> float:
+    """The fraction of exact zeros over the encoder's Linear weights (what sparse training prunes)."""
+    zeros = total = 0
+    for name, w in state_dict.items():
+        if name.startswith("bert.encoder.layer.") and name.endswith(".weight") and w.dim() == 2:
+            zeros += int((w == 0).sum())
+            total += w.numel()
+    return zeros / total if total else 0.0
 
 
 def _recorded_meta(meta: dict) -> dict:

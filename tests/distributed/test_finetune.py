@@ -268,6 +268,29 @@ def test_start_up_refusals(task_dir, init_dir, teacher_run, tmp_path, capsys, mo
     structured = ds_config(tmp_path, "sp.json", structured_pruning={"head_ratio": 0.5, "ffn_ratio": 0.5})
     assert "is for pre-training" in refused(structured)
     assert "is not a prepared task" in refused(ds_config(tmp_path, "plain2.json"), "--task", str(init_dir))
+    assert "--teacher needs a \"distillation\" section" in refused(ds_config(tmp_path, "plain3.json"),
+                                                                    "--teacher", str(teacher_run))
+    run = tmp_path / "refused_run"
+    code = main(["--deepspeed_config", str(ds_config(tmp_path, "plain4.json")), "--task", str(task_dir), "--init",
+                 str(init_dir), "--output", str(run), "--epochs", "0"], kind="finetune")
+    assert code == 2 and "--epochs must be positive" in capsys.readouterr().err and not run.exists()
+
+
+def test_epochs_round_up_to_whole_steps():
+    import argparse
+
+    from dist_sparse.config import parse_run_config
+    from dist_sparse.train.finetune import _length
+
+    cfg = parse_run_config({"training": {"max_steps": 7}})
+    ask = lambda **kw: argparse.Namespace(**{"max_steps": None, "epochs": None, **kw})  # noqa: E731
+    assert _length(ask(epochs=1.0), cfg, num_train=100, global_batch=32) == 4      # 100 / 32 = 3.1 -> 4
+    assert _length(ask(epochs=2.0), cfg, num_train=96, global_batch=32) == 6
+    assert _length(ask(epochs=0.01), cfg, num_train=96, global_batch=32) == 1
+    assert _length(ask(max_steps=5), cfg, num_train=96, global_batch=32) == 5
+    assert _length(ask(), cfg, num_train=96, global_batch=32) == 7
+    with pytest.raises(ValueError, match="set the length"):
+        _length(ask(), parse_run_config({}), num_train=96, global_batch=32)
 
 
 def test_pretraining_with_a_teacher(data_dir, init_dir, tmp_path):
