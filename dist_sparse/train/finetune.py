@@ -217,6 +217,12 @@ def run(argv: list[str] | None = None) -> int:
         teacher = Teacher(teacher_model, engine.device, teacher_dtype(dist_cfg.teacher_dtype, engine.device))
         teacher_at_start = teacher.fingerprint()
         del teacher_model
+        recorded = run_json.get("teacher_sha256") if resume_tag is not None else None
+        if recorded is not None and recorded != teacher_at_start:
+            raise ValueError(f"--resume: the teacher {dist_cfg.teacher} is not the one the run started with (its "
+                             "weights differ from those run.json records); resume with that teacher")
+        if is_rank0 and resume_tag is None:
+            write_json_atomic(run / "run.json", {**rd.read_run_json(run), "teacher_sha256": teacher_at_start})
         loss_fn = DistillationLoss(
             teacher, DistillationWeights(dist_cfg.hard, dist_cfg.logits, dist_cfg.hidden, dist_cfg.attention,
                                          dist_cfg.temperature),

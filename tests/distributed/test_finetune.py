@@ -193,6 +193,17 @@ def test_teacher_beside_a_zero3_student_with_gmp_and_exact_resume(task_dir, init
     shutil.copytree(run, resumed)
     shutil.rmtree(resumed / "checkpoints" / "global_step16")
     (resumed / "checkpoints" / "latest").write_text("global_step8")
+    # another teacher for the same labels is refused: the run would continue on other targets
+    from transformers import BertConfig, BertForSequenceClassification
+    meta = json.loads((task_dir / "meta.json").read_text())
+    other = tmp_path / "other_teacher"
+    BertForSequenceClassification(BertConfig(vocab_size=meta["vocab_size"], **SIZES, num_labels=2,
+                                             id2label=dict(enumerate(meta["labels"])),
+                                             label2id={n: i for i, n in enumerate(meta["labels"])})
+                                  ).save_pretrained(other)
+    proc = finetune(cfg, task_dir, init_dir, resumed, "--max-steps", steps, "--resume", "--teacher", other,
+                    check=False)
+    assert proc.returncode != 0 and "is not the one the run started with" in proc.stdout + proc.stderr
     finetune(cfg, task_dir, init_dir, resumed, "--max-steps", steps, "--save-interval", 8, "--eval-interval", 8,
              "--resume")
     again = {r["step"]: r["loss"] for r in rows(resumed, "train")}
