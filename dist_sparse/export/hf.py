@@ -1,17 +1,24 @@
 """Export a checkpoint to a Hugging Face folder, verified in a fresh process.
 
+The model is what the run trained: the pre-training model (MLM + NSP heads) of a pre-training
+run, the sequence classifier of a fine-tuning run (its config names that architecture, with the
+labels; ``export.checkpoint.model_class``).
+
 Formats:
 
-* ``dense`` (default): a stock ``BertForPreTraining`` folder that plain transformers loads with no
-  missing or unexpected keys. Pruned weights are exact zeros; heads and FFN neurons removed by
-  structured pruning are zero rows/columns at their original positions, so the function is
-  exactly the trained one.
+* ``dense`` (default): a stock ``BertForPreTraining`` / ``BertForSequenceClassification`` folder
+  that plain transformers loads with no missing or unexpected keys (a classifier's config has
+  ``id2label``, ``label2id``, ``problem_type``). Pruned weights are exact zeros; heads and FFN
+  neurons removed by structured pruning are zero rows/columns at their original positions, so the
+  function is exactly the trained one.
 * ``compact``: the trained per-layer head counts and FFN widths, physically smaller, with the
   model's configuration and modeling code written into the folder (standalone: it does not import
-  dist_sparse); loaded with ``trust_remote_code=True``.
+  dist_sparse); loaded with ``trust_remote_code=True``, through every Auto class of BERT's heads
+  (pre-training, masked LM, sequence and token classification, question answering).
 
-Both carry the tokenizer, a README model card and ``sparsity.json`` (per-layer density, pattern,
-kept heads and FFN widths with their original indices).
+Both carry the tokenizer (a fine-tuning run's: its task folder's ``tokenizer/``), a README model
+card and ``sparsity.json`` (per-layer density, pattern, kept heads and FFN widths with their
+original indices, and a classifier's labels).
 
 Any ZeRO stage, any DP x TP layout, without the training world size (:mod:`.checkpoint`).
 Every export loads the written folder in a fresh process with plain transformers, runs a
@@ -35,7 +42,7 @@ from pathlib import Path
 import torch
 
 from dist_sparse import folders
-from dist_sparse.export.checkpoint import TIED_KEYS, consolidate
+from dist_sparse.export.checkpoint import TIED_KEYS, consolidate, model_class
 from dist_sparse.export.structured import TrainedStructure, compact_state_dict, dense_state_dict
 from dist_sparse.train.checkpoint import (CheckpointInfo, DamagedFile, checkpoint_tags, locate, read_info,
                                           sparsity_summary)
@@ -62,8 +69,10 @@ TOKENIZER_ID_PARTS = {"model": "vocabulary (pieces, ids, scores)", "normalizer":
 
 
 def recorded_tokenizer(tag_dir: Path) -> tuple[Path, Path | None]:
-    """(run.json, the tokenizer the run trained with as run.json records it: DATA/tokenizer).
-    The second is None when there is no run.json (a checkpoint copied out of its run)."""
+    """(run.json, the tokenizer the run trained with as run.json records it: DATA/tokenizer, where
+    DATA is a pre-training run's prepared data or a fine-tuning run's task folder, both of which
+    keep their tokenizer in ``tokenizer/``). The second is None when there is no run.json (a
+    checkpoint copied out of its run)."""
     run_json = tag_dir.parent.parent / "run.json"
     if not run_json.is_file():
         return run_json, None
@@ -209,15 +218,42 @@ def _check_not_inside(out_dir: Path, protected: dict[str, Path]) -> None:
             raise ValueError(f"OUT_DIR {out_dir} is inside the {what} ({path}); pick a folder outside it")
 
 
+# What a checkpoint's model is, as the export and its verification treat it.
+PRETRAINING, SEQUENCE_CLASSIFICATION = "pretraining", "sequence_classification"
+# The stock transformers class of a dense export, and ours (in the folder's code) of a compact one.
+EXPORT_CLASSES = {PRETRAINING: {"dense": "BertForPreTraining", "compact": "DistSparseBertForPreTraining"},
+                  SEQUENCE_CLASSIFICATION: {"dense": "BertForSequenceClassification",
+                                            "compact": "DistSparseBertForSequenceClassification"}}
+
+
+def model_kind(config) -> str:
+    """PRETRAINING or SEQUENCE_CLASSIFICATION: the class the checkpoint's model was trained as."""
+    from dist_sparse.model import DistSparseBertForSequenceClassification
+
+    return SEQUENCE_CLASSIFICATION if model_class(config) is DistSparseBertForSequenceClassification else PRETRAINING
+
+
+def label_record(config) -> dict:
+    """A classifier's labels as its config holds them, in plain JSON form: what sparsity.json and
+    the model card say and what the verification expects the written config to hold. Regression
+    (one output) has no label names."""
+    id2label = {int(k): v for k, v in (config.id2label or {}).items()}
+    problem = getattr(config, "problem_type", None)
+    return {"num_labels": config.num_labels, "problem_type": problem,
+            "id2label": {str(i): id2label[i] for i in sorted(id2label)},
+            "label2id": {k: int(v) for k, v in (config.label2id or {}).items()},
+            "labels": None if problem == "regression" else [id2label.get(i) for i in range(config.num_labels)]}
+
+
 def trained_model(weights: dict[str, torch.Tensor], config):
-    """The model exactly as trained: our BERT at the trained sizes, with the slimming coefficients
-    as parameters when the checkpoint has them (so the reference involves no folding or padding)."""
+    """The model exactly as trained: our BERT (pre-training model or sequence classifier) at the
+    trained sizes, with the slimming coefficients as parameters when the checkpoint has them (so
+    the reference involves no folding or padding)."""
     from torch import nn
 
-    from dist_sparse.model import DistSparseBertForPreTraining
     from dist_sparse.structure import HEAD_COEF, NEURON_COEF, layer_key
 
-    model = DistSparseBertForPreTraining(config)
+    model = model_class(config)(config)
     for i, layer in enumerate(model.bert.encoder.layer):
         for module, suffix in ((layer.attention.self, HEAD_COEF), (layer.intermediate, NEURON_COEF)):
             key = layer_key(i, suffix)
@@ -237,17 +273,18 @@ def _load_exactly(model, weights: dict) -> None:
 
 
 def _export_model(weights: dict, structure: TrainedStructure, fmt: str):
-    """The model object to save_pretrained, and the config it was built with."""
+    """The model object to save_pretrained, and the config it was built with: the stock class of
+    the trained model's kind (dense), or ours at the trained sizes (compact)."""
     if fmt == "dense":
-        from transformers import BertForPreTraining
+        import transformers
 
         sd, cfg = dense_state_dict(weights, structure)
-        model = BertForPreTraining(cfg.to_hf_bert_config())
+        # the kind from the trained config: the dense config has no architectures any more
+        cls = getattr(transformers, EXPORT_CLASSES[model_kind(structure.config)]["dense"])
+        model = cls(cfg.to_hf_bert_config())
     else:
-        from dist_sparse.model import DistSparseBertForPreTraining
-
         sd, cfg = compact_state_dict(weights, structure)
-        model = DistSparseBertForPreTraining(cfg)
+        model = model_class(cfg)(cfg)
     _load_exactly(model, sd)
     return model.eval(), cfg
 
@@ -277,10 +314,14 @@ def sparsity_report(info: CheckpointInfo, structure: TrainedStructure, masks: di
             active = sum(e["active"] for e in mine)
             entry["density"] = active / total if total else None
         layers[f"layer.{i}"] = entry
+    kind = model_kind(cfg)
     out = {"format": fmt,
            "checkpoint": {"tag": info.tag_dir.name, "step": info.step, "zero_stage": info.zero_stage,
                           "dp_size": info.dp_size, "tp_size": info.tp_size},
+           "model": {"kind": kind, "architecture": EXPORT_CLASSES[kind][fmt]},
            "layers": layers, "structured": None, "method": None}
+    if kind == SEQUENCE_CLASSIFICATION:
+        out["labels"] = label_record(cfg)
     s = info.structured
     if s is not None:
         out["structured"] = {"method": s.method, "phase": s.phase, "ticket_step": s.ticket_step, "forced": s.forced,
@@ -308,16 +349,45 @@ def _numel(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _task_lines(info: CheckpointInfo, report: dict) -> list[str]:
+    """What a fine-tuned classifier's card says of its task: labels, inputs, the validation result
+    of the exported step when the run recorded one."""
+    meta = info.client_state.get("data_meta", {})
+    labels = report["labels"]
+    if labels["problem_type"] == "regression":
+        what = "a regression head (one output, mean squared error)"
+    else:
+        names = ", ".join(f"{i} = `{name}`" for i, name in enumerate(labels["labels"]))
+        what = f"a classifier into {labels['num_labels']} labels ({names}; `id2label` in config.json)"
+    columns = meta.get("text_columns") or []
+    inputs = "sentence pairs" if len(columns) > 1 else "single texts"
+    lines = [f"A BERT sequence classifier: {what}, fine-tuned from `{info.client_state.get('model', '?')}` on "
+             f"{inputs} (column{'s' if len(columns) > 1 else ''} {', '.join(f'`{c}`' for c in columns) or '?'}, label "
+             f"column `{meta.get('label_column', '?')}`; data: {meta.get('source', '?')}).", ""]
+    results = info.tag_dir.parent.parent / "eval_results.json"
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        got = json.loads(results.read_text())
+        if got.get("step") == info.step:
+            shown = {k: v for k, v in got.items() if isinstance(v, float) and not k.startswith("teacher")}
+            lines += ["Validation at this step: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()) + ".", ""]
+    return lines
+
+
 def model_card(info: CheckpointInfo, report: dict, fmt: str, trained_params: int, exported_params: int,
                max_diff: float, tolerance: float) -> str:
     state = info.client_state
     cfg = info.model_config
     meta = state.get("data_meta", {})
-    lines = [f"# {state.get('model', 'BERT')} pre-trained with dist_sparse", "",
+    classifier = report["model"]["kind"] == SEQUENCE_CLASSIFICATION
+    title = ("BERT sequence classifier fine-tuned with dist_sparse" if classifier
+             else f"{state.get('model', 'BERT')} pre-trained with dist_sparse")
+    lines = [f"# {title}", "",
              f"Exported ({fmt}) from DeepSpeed checkpoint `{info.tag_dir.name}` at step {info.step} of "
              f"{state.get('max_steps', '?')}: ZeRO-{info.zero_stage}, data-parallel {info.dp_size} x tensor-parallel "
-             f"{info.tp_size}, sequence length {meta.get('seq_len', '?')}, vocabulary {cfg.get('vocab_size')} "
-             f"(sentencepiece {meta.get('tokenizer_type', '')}).", ""]
+             f"{info.tp_size}, sequence length {meta.get('seq_len', '?')}, vocabulary {cfg.get('vocab_size')}"
+             + (f" (sentencepiece {meta.get('tokenizer_type', '')})." if not classifier else "."), ""]
+    if classifier:
+        lines += _task_lines(info, report)
     if report.get("method"):
         weights = report["weights"]
         total = sum(w["shape"][0] * w["shape"][1] for w in weights.values())
@@ -331,8 +401,9 @@ def model_card(info: CheckpointInfo, report: dict, fmt: str, trained_params: int
     s = report.get("structured")
     if s and s["phase"] == "shrunk":
         how = "forced at the end of the search" if s.get("forced") else "early-bird criterion met"
-        lines += [f"Structured pruning ({s['method']}): the ticket was drawn at step {s.get('ticket_step')} ({how}) and "
-                  f"the model physically shrunk; training continued on the smaller model. Parameters: "
+        where = "of the pre-training this model was fine-tuned from " if classifier else ""
+        lines += [f"Structured pruning ({s['method']}): the ticket was drawn at step {s.get('ticket_step')} {where}"
+                  f"({how}) and the model physically shrunk; training continued on the smaller model. Parameters: "
                   f"{trained_params:,} trained" + (f", {exported_params:,} in this dense export (removed heads and "
                                                    "FFN neurons stored as zero rows/columns)" if fmt == "dense"
                                                    else " (this compact export has the same)") + ".", "",
@@ -345,7 +416,19 @@ def model_card(info: CheckpointInfo, report: dict, fmt: str, trained_params: int
     elif s:
         lines += [f"Structured pruning ({s['method']}) was still searching at this step: the slimming coefficients "
                   "are folded into the weights (same function) and no head or neuron is removed yet.", ""]
-    if fmt == "dense":
+    if classifier:
+        remote = ", trust_remote_code=True" if fmt == "compact" else ""
+        lines += [("Format: dense-equivalent, a stock `BertForSequenceClassification` folder. Load with plain "
+                   "transformers:" if fmt == "dense" else
+                   "Format: compact, per-layer head counts and FFN widths physically smaller. The folder carries its "
+                   "configuration and modeling code (standalone, torch + transformers only); it loads into "
+                   "`AutoModelForSequenceClassification` (this classifier), and for further fine-tuning into "
+                   "`AutoModelForTokenClassification` and `AutoModelForQuestionAnswering` (new heads):"), "",
+                  "```python", "from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline",
+                  f"model = AutoModelForSequenceClassification.from_pretrained(PATH{remote})",
+                  "tokenizer = AutoTokenizer.from_pretrained(PATH)",
+                  f"classify = pipeline(\"text-classification\", model=PATH{remote})", "```", ""]
+    elif fmt == "dense":
         lines += ["Format: dense-equivalent, a stock `BertForPreTraining` folder. Load with plain transformers:", "",
                   "```python", "from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline",
                   "model = AutoModelForMaskedLM.from_pretrained(PATH)",
@@ -376,30 +459,46 @@ SAMPLES = {
 
 VERIFY_SCRIPT = r"""
 import json, sys, torch
-from transformers import AutoModelForMaskedLM, AutoModelForPreTraining, AutoTokenizer, BertForPreTraining
-folder, out, fmt = sys.argv[1], sys.argv[4], sys.argv[5]
+from transformers import (AutoModelForMaskedLM, AutoModelForPreTraining, AutoModelForSequenceClassification,
+                          AutoTokenizer, BertForPreTraining)
+folder, out, fmt, model_kind = sys.argv[1], sys.argv[4], sys.argv[5], sys.argv[6]
 samples, special = json.loads(sys.argv[2]), json.loads(sys.argv[3])
 remote = fmt == "compact"
+info_of = lambda info: {k: sorted(map(str, v)) for k, v in info.items() if k != "error_msgs"}
 tok = AutoTokenizer.from_pretrained(folder)
-if remote:
-    pre, pre_info = AutoModelForPreTraining.from_pretrained(folder, trust_remote_code=True, output_loading_info=True)
+if model_kind == "sequence_classification":  # the classifier, as a user loads it
+    clf, clf_info = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=remote,
+                                                                       output_loading_info=True)
+    models = {"classifier": clf.eval()}
+    c = clf.config
+    result = {"infos": {"classifier": info_of(clf_info)}, "classes": [type(clf).__name__],
+              "labels": {"num_labels": c.num_labels, "problem_type": c.problem_type,
+                         "id2label": {str(k): v for k, v in c.id2label.items()},
+                         "label2id": {k: int(v) for k, v in c.label2id.items()}}}
 else:
-    pre, pre_info = BertForPreTraining.from_pretrained(folder, output_loading_info=True)
-mlm, mlm_info = AutoModelForMaskedLM.from_pretrained(folder, trust_remote_code=remote, output_loading_info=True)
-result = {"pre_info": {k: sorted(map(str, v)) for k, v in pre_info.items() if k != "error_msgs"},
-          "mlm_info": {k: sorted(map(str, v)) for k, v in mlm_info.items() if k != "error_msgs"},
-          "classes": [type(pre).__name__, type(mlm).__name__],
-          "tokenizer": {"size": len(tok), "roles": {role: getattr(tok, role + "_token") for role in special},
-                        "ids": {t: tok.convert_tokens_to_ids(t) for t in special.values()}}}
+    if remote:
+        pre, pre_info = AutoModelForPreTraining.from_pretrained(folder, trust_remote_code=True, output_loading_info=True)
+    else:
+        pre, pre_info = BertForPreTraining.from_pretrained(folder, output_loading_info=True)
+    mlm, mlm_info = AutoModelForMaskedLM.from_pretrained(folder, trust_remote_code=remote, output_loading_info=True)
+    models = {"pretraining": pre.eval(), "masked_lm": mlm.eval()}
+    result = {"infos": {"pretraining": info_of(pre_info), "masked_lm": info_of(mlm_info)},
+              "classes": [type(pre).__name__, type(mlm).__name__]}
+result["tokenizer"] = {"size": len(tok), "roles": {role: getattr(tok, role + "_token") for role in special},
+                       "ids": {t: tok.convert_tokens_to_ids(t) for t in special.values()}}
 for kind, texts in samples.items():
     batch = tok(*zip(*texts), padding=True, truncation=True, return_tensors="pt") if kind == "pair" else \
         tok(texts, padding=True, truncation=True, return_tensors="pt")
+    got = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+           "token_type_ids": batch.get("token_type_ids")}
     with torch.no_grad():
-        p = pre.eval()(**batch)
-        m = mlm.eval()(**batch)
-    result[kind] = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                    "token_type_ids": batch.get("token_type_ids"), "pretraining": p.prediction_logits,
-                    "nsp": p.seq_relationship_logits, "masked_lm": m.logits}
+        for name, model in models.items():
+            o = model(**batch)
+            if name == "pretraining":
+                got.update(pretraining=o.prediction_logits, nsp=o.seq_relationship_logits)
+            else:
+                got[name] = o.logits
+    result[kind] = got
 result["dist_sparse_modules"] = sorted(n for n in sys.modules if n.split(".")[0] == "dist_sparse")
 torch.save(result, out)
 """
@@ -431,15 +530,17 @@ def tokenization_difference(got, want, texts: list) -> str | None:
 
 
 def verify_folder(folder: Path, reference, fmt: str = "dense", tokenizer_dir: Path | None = None,
-                  special_ids: dict[str, int] | None = None) -> float:
+                  special_ids: dict[str, int] | None = None, kind: str = PRETRAINING) -> float:
     """Load ``folder`` with plain transformers in a fresh process, tokenize SAMPLES with its
-    tokenizer and run them through its models; the largest |logit difference| (MLM logits of both
-    models, NSP logits) to ``reference`` fed the same text tokenized by ``tokenizer_dir`` (the
-    tokenizer the model was trained with; the written one's own ids when None).
+    tokenizer and run them through its models; the largest |logit difference| to ``reference``
+    fed the same text tokenized by ``tokenizer_dir`` (the tokenizer the model was trained with; the
+    written one's own ids when None). ``kind`` PRETRAINING: the MLM logits of the pre-training and
+    the masked-LM model and the NSP logits; SEQUENCE_CLASSIFICATION: the classifier's logits of
+    ``AutoModelForSequenceClassification``, whose config must carry the reference's labels.
 
-    Raises ValueError when the folder does not load, loads with missing/unexpected keys, imports
-    dist_sparse (compact), or its tokenizer does not fit the model (size, ``special_ids``) or
-    tokenizes the samples differently from ``tokenizer_dir``.
+    Raises ValueError when the folder does not load, loads with missing/unexpected keys or as
+    another class than the export's, imports dist_sparse (compact), or its tokenizer does not fit
+    the model (size, ``special_ids``) or tokenizes the samples differently from ``tokenizer_dir``.
     """
     from dist_sparse.data.tokenizer import SPECIAL_IDS, SPECIAL_TOKENS
 
@@ -451,17 +552,26 @@ def verify_folder(folder: Path, reference, fmt: str = "dense", tokenizer_dir: Pa
         # the check is not served by modules another export left behind.
         env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(Path(tmp) / "modules"))
         proc = subprocess.run([sys.executable, "-c", VERIFY_SCRIPT, str(folder), json.dumps(SAMPLES),
-                               json.dumps(SPECIAL_TOKENS), str(out), fmt], capture_output=True, text=True, env=env)
+                               json.dumps(SPECIAL_TOKENS), str(out), fmt, kind], capture_output=True, text=True,
+                              env=env)
         if proc.returncode != 0:
             raise ValueError(f"the exported folder does not load with plain transformers:\n{proc.stderr[-3000:]}")
         got = torch.load(out, weights_only=False)
-    pre, mlm = got["pre_info"], got["mlm_info"]
-    if pre["missing_keys"] or pre["unexpected_keys"] or pre.get("mismatched_keys"):
-        raise ValueError(f"transformers loads the pre-training model with missing keys {pre['missing_keys']}, "
-                         f"unexpected {pre['unexpected_keys']}, mismatched {pre.get('mismatched_keys')}")
-    if mlm["missing_keys"] or set(mlm["unexpected_keys"]) - PRETRAINING_ONLY_KEYS or mlm.get("mismatched_keys"):
-        raise ValueError(f"transformers loads the masked-LM model with missing keys {mlm['missing_keys']}, "
-                         f"unexpected {mlm['unexpected_keys']}, mismatched {mlm.get('mismatched_keys')}")
+    for name, info in got["infos"].items():
+        # a stock masked-LM model has no place for the pooler / NSP head of a pre-training folder
+        ignorable = PRETRAINING_ONLY_KEYS if name == "masked_lm" else set()
+        if info["missing_keys"] or set(info["unexpected_keys"]) - ignorable or info.get("mismatched_keys"):
+            raise ValueError(f"transformers loads the {name.replace('_', '-')} model with missing keys "
+                             f"{info['missing_keys']}, unexpected {info['unexpected_keys']}, mismatched "
+                             f"{info.get('mismatched_keys')}")
+    if kind == SEQUENCE_CLASSIFICATION:
+        want_class = EXPORT_CLASSES[kind][fmt]
+        if got["classes"] != [want_class]:
+            raise ValueError(f"AutoModelForSequenceClassification loads the exported folder as {got['classes'][0]}, "
+                             f"not {want_class}")
+        want_labels = {k: v for k, v in label_record(reference.config).items() if k != "labels"}
+        if got["labels"] != want_labels:
+            raise ValueError(f"the exported config's labels {got['labels']} are not the trained model's {want_labels}")
     if got["dist_sparse_modules"]:
         raise ValueError(f"loading the exported folder imported {got['dist_sparse_modules'][:3]}: it is not standalone")
     why = tokenizer_mismatch(got["tokenizer"], reference.config.vocab_size, special_ids)
@@ -473,9 +583,9 @@ def verify_folder(folder: Path, reference, fmt: str = "dense", tokenizer_dir: Pa
 
         ref_tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     diffs = []
-    for kind, texts in SAMPLES.items():
-        mine = got[kind]
-        want = _tokenize(ref_tok, kind, texts) if ref_tok is not None else mine
+    for sample, texts in SAMPLES.items():
+        mine = got[sample]
+        want = _tokenize(ref_tok, sample, texts) if ref_tok is not None else mine
         differ = tokenization_difference(mine, want, texts)
         if differ:
             raise ValueError(f"the exported tokenizer gives {differ} than the tokenizer the model was trained with "
@@ -483,6 +593,9 @@ def verify_folder(folder: Path, reference, fmt: str = "dense", tokenizer_dir: Pa
         with torch.no_grad():  # the trained model on the text as its own tokenizer gives it
             ref = reference(input_ids=want["input_ids"], attention_mask=want["attention_mask"],
                             token_type_ids=want.get("token_type_ids"))
+        if kind == SEQUENCE_CLASSIFICATION:  # one row of logits per text, in order
+            diffs.append((mine["classifier"] - ref.logits).abs().max().item())
+            continue
         # the real tokens of each text, in order (the same ids on both sides, as just checked)
         ours, theirs = mine["attention_mask"].bool(), want["attention_mask"].bool()
         expected = ref.prediction_logits[theirs]
@@ -597,7 +710,8 @@ def export(checkpoint: str | Path, out_dir: str | Path, fmt: str = "dense", over
             (tmp / "sparsity.json").write_text(json.dumps(report, indent=2) + "\n")
         # The written tokenizer must give the ids of the one the model was trained with: the run's
         # own, or the one the user vouched for with --force-tokenizer.
-        max_diff = verify_folder(tmp, reference, fmt, run_tok_dir or tok_dir, expected_special_ids(info))
+        max_diff = verify_folder(tmp, reference, fmt, run_tok_dir or tok_dir, expected_special_ids(info),
+                                 kind=model_kind(config))
         print(f"verified: plain transformers reproduces the trained model's logits to {max_diff:.3g} "
               f"(tolerance {tolerance:g})")
         if not max_diff <= tolerance:

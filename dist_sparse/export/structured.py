@@ -13,12 +13,19 @@ A checkpoint is in one of three states (``structure.json``'s ``"structured"``):
   (``dist_sparse.structure.pad_state_dict``), so a stock ``BertConfig`` describes it and the
   function stays exactly the same.
 
-All pure functions on ``{name: tensor}`` dicts, one process.
+A fine-tuning run started from a shrunk model records that model's structured state (its ticket)
+in its own checkpoints (``train/finetune.py``), so a fine-tuned shrunk model pads back the same
+way; :func:`shrunk_record_of_export` gives it back from a compact export's sparsity.json when
+the fine-tuning started from such a folder.
+
+All pure functions on ``{name: tensor}`` dicts (and one reader of sparsity.json), one process.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -53,8 +60,10 @@ class TrainedStructure:
         if ticket is None:
             if not cfg.is_uniform():
                 raise ValueError("the checkpoint's model has per-layer head counts / FFN widths but no structured-"
-                                 "pruning ticket saying which original heads and neurons they are; only "
-                                 "--format compact can export it")
+                                 "pruning ticket saying which original heads and neurons they are (a fine-tuning "
+                                 "run records the ticket of the shrunk checkpoint or compact export it started "
+                                 "from; this one has none), so it cannot be padded back to stock BERT shapes; only "
+                                 "--format compact can export it (it keeps the per-layer sizes)")
             return [{"heads": list(range(cfg.num_attention_heads)), "neurons": list(range(cfg.intermediate_size))}
                     for _ in range(layers)]
         if len(ticket.heads) != layers:
@@ -105,4 +114,35 @@ def compact_state_dict(sd: dict[str, torch.Tensor], structure: TrainedStructure)
     return fold(sd, structure.config), structure.config
 
 
-__all__ = ["TrainedStructure", "compact_state_dict", "dense_state_dict", "fold", "uniform_config"]
+def shrunk_record_of_export(folder: str | Path, config) -> dict | None:
+    """The structured-pruning state (``StructuredState.to_dict()`` form: phase ``"shrunk"`` and the
+    ticket) of a compact export of a shrunk model, rebuilt from the kept heads / FFN neurons its
+    sparsity.json lists per layer; None when ``folder`` is no such export (no sparsity.json, a model
+    of uniform sizes, no kept indices recorded) or the indices do not describe ``config`` (the
+    folder's model config, per-layer sizes included)."""
+    from dist_sparse.structure import Ticket
+
+    path = Path(folder) / "sparsity.json"
+    if config.is_uniform() or not path.is_file():
+        return None
+    try:
+        report = json.loads(path.read_text())
+        layers = [report["layers"][f"layer.{i}"] for i in range(config.num_hidden_layers)]
+        ticket = Ticket(tuple(tuple(int(h) for h in e["kept_heads"]) for e in layers),
+                        tuple(tuple(int(n) for n in e["kept_ffn_neurons"]) for e in layers))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    s = report.get("structured") or {}
+    record = {"phase": "shrunk", "ticket": ticket.to_dict(),
+              "ticket_step": s.get("ticket_step") if isinstance(s.get("ticket_step"), int) else None,
+              "forced": bool(s.get("forced")), "detector": {},
+              "config": s.get("config") if isinstance(s.get("config"), dict) else None}
+    try:
+        TrainedStructure(config, record).kept_units()  # the sizes must be the config's
+    except ValueError:
+        return None
+    return record
+
+
+__all__ = ["TrainedStructure", "compact_state_dict", "dense_state_dict", "fold", "shrunk_record_of_export",
+           "uniform_config"]

@@ -4,7 +4,9 @@ from .bert import (
     BertForPreTrainingOutput,
     DistSparseBertForMaskedLM,
     DistSparseBertForPreTraining,
+    DistSparseBertForQuestionAnswering,
     DistSparseBertForSequenceClassification,
+    DistSparseBertForTokenClassification,
     DistSparseBertModel,
     DistSparseBertPreTrainedModel,
     padding_mask_to_additive,
@@ -15,14 +17,16 @@ from .presets import PRESETS, build_config, build_model, count_parameters, dense
 
 def register_auto_classes() -> None:
     """Make ``AutoConfig`` / ``AutoModel`` / ``AutoModelForPreTraining`` / ``AutoModelForMaskedLM`` /
-    ``AutoModelForSequenceClassification`` resolve
-    ``model_type="dist_sparse_bert"``, so saved folders load through the Auto API.
+    ``AutoModelForSequenceClassification`` / ``AutoModelForTokenClassification`` /
+    ``AutoModelForQuestionAnswering`` resolve ``model_type="dist_sparse_bert"``, so saved folders
+    load through the Auto API.
 
     Idempotent (``exist_ok=True``): importing this package twice, or another module registering
     the same classes again, must not raise.
     """
     from transformers import (AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForPreTraining,
-                              AutoModelForSequenceClassification)
+                              AutoModelForQuestionAnswering, AutoModelForSequenceClassification,
+                              AutoModelForTokenClassification)
 
     AutoConfig.register(DistSparseBertConfig.model_type, DistSparseBertConfig, exist_ok=True)
     AutoModel.register(DistSparseBertConfig, DistSparseBertModel, exist_ok=True)
@@ -30,6 +34,8 @@ def register_auto_classes() -> None:
     AutoModelForMaskedLM.register(DistSparseBertConfig, DistSparseBertForMaskedLM, exist_ok=True)
     AutoModelForSequenceClassification.register(DistSparseBertConfig, DistSparseBertForSequenceClassification,
                                                 exist_ok=True)
+    AutoModelForTokenClassification.register(DistSparseBertConfig, DistSparseBertForTokenClassification, exist_ok=True)
+    AutoModelForQuestionAnswering.register(DistSparseBertConfig, DistSparseBertForQuestionAnswering, exist_ok=True)
 
 
 register_auto_classes()
@@ -40,7 +46,9 @@ __all__ = [
     "DistSparseBertConfig",
     "DistSparseBertForMaskedLM",
     "DistSparseBertForPreTraining",
+    "DistSparseBertForQuestionAnswering",
     "DistSparseBertForSequenceClassification",
+    "DistSparseBertForTokenClassification",
     "DistSparseBertModel",
     "DistSparseBertPreTrainedModel",
     "build_config",

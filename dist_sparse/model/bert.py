@@ -29,7 +29,8 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPooling, MaskedLMOutput, SequenceClassifierOutput
+from transformers.modeling_outputs import (BaseModelOutputWithPooling, MaskedLMOutput, QuestionAnsweringModelOutput,
+                                           SequenceClassifierOutput, TokenClassifierOutput)
 
 from .config import DistSparseBertConfig
 
@@ -71,6 +72,20 @@ class DistSparsePreTrainingOutput(BertForPreTrainingOutput):
 @dataclass
 class DistSparseSequenceClassifierOutput(SequenceClassifierOutput):
     """``SequenceClassifierOutput`` plus the encoder's attention scores (see DistSparseBertModelOutput)."""
+
+    attention_scores: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class DistSparseTokenClassifierOutput(TokenClassifierOutput):
+    """``TokenClassifierOutput`` plus the encoder's attention scores (see DistSparseBertModelOutput)."""
+
+    attention_scores: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class DistSparseQuestionAnsweringOutput(QuestionAnsweringModelOutput):
+    """``QuestionAnsweringModelOutput`` plus the encoder's attention scores (see DistSparseBertModelOutput)."""
 
     attention_scores: tuple[torch.Tensor, ...] | None = None
 
@@ -575,6 +590,114 @@ class DistSparseBertForSequenceClassification(DistSparseBertPreTrainedModel):
         return out if return_dict else out.to_tuple()
 
 
+# A pre-training or sequence-classification folder also holds what a per-token head has no use for.
+_UNUSED_BY_TOKEN_HEADS = [r"^cls\.", r"^bert\.pooler\."]
+
+
+class DistSparseBertForTokenClassification(DistSparseBertPreTrainedModel):
+    """BERT with a linear classifier on every token (NER, POS tagging); state-dict compatible with
+    ``BertForTokenClassification`` (``bert.*`` without a pooler, ``classifier.*``) and the same
+    function: logits (batch, seq, num_labels), mean cross entropy over labels != -100.
+
+    Training here does not use it; a compact export maps ``AutoModelForTokenClassification`` to it,
+    so a model with per-layer widths can be fine-tuned for tagging by stock transformers code.
+    """
+
+    _keys_to_ignore_on_load_unexpected = list(_UNUSED_BY_TOKEN_HEADS)
+
+    def __init__(self, config: DistSparseBertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = DistSparseBertModel(config, add_pooling_layer=False)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_dict: bool = True,
+        position_ids: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attention_scores: bool = False,
+        **kwargs,
+    ):
+        """Per-token logits, and the loss when ``labels`` (batch, seq; -100 = not scored) is given.
+        Extra keyword arguments (Trainer and pipelines pass some) are accepted and ignored."""
+        outputs = self.bert(input_ids, attention_mask, token_type_ids, position_ids, return_dict=True,
+                            output_hidden_states=output_hidden_states,
+                            output_attention_scores=output_attention_scores)
+        logits = self.classifier(self.dropout(outputs.last_hidden_state))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.reshape(-1, self.num_labels).float(), labels.reshape(-1),
+                                   ignore_index=IGNORE_INDEX)
+        out = DistSparseTokenClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                              attention_scores=outputs.attention_scores)
+        return out if return_dict else out.to_tuple()
+
+
+class DistSparseBertForQuestionAnswering(DistSparseBertPreTrainedModel):
+    """BERT with a span head for extractive question answering (SQuAD); state-dict compatible with
+    ``BertForQuestionAnswering`` (``bert.*`` without a pooler, ``qa_outputs.*``) and the same
+    function: ``qa_outputs`` has ``config.num_labels`` outputs (2: start and end logits), the loss
+    is the mean of the start and end cross entropies, positions outside the sequence ignored.
+
+    Training here does not use it; a compact export maps ``AutoModelForQuestionAnswering`` to it.
+    """
+
+    _keys_to_ignore_on_load_unexpected = list(_UNUSED_BY_TOKEN_HEADS)
+
+    def __init__(self, config: DistSparseBertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = DistSparseBertModel(config, add_pooling_layer=False)
+        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        start_positions: torch.Tensor | None = None,
+        end_positions: torch.Tensor | None = None,
+        return_dict: bool = True,
+        position_ids: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attention_scores: bool = False,
+        **kwargs,
+    ):
+        """Start and end logits (batch, seq), and the loss when both position tensors are given."""
+        outputs = self.bert(input_ids, attention_mask, token_type_ids, position_ids, return_dict=True,
+                            output_hidden_states=output_hidden_states,
+                            output_attention_scores=output_attention_scores)
+        logits = self.qa_outputs(outputs.last_hidden_state)
+        start_logits, end_logits = logits.split(1, dim=-1)
+        start_logits = start_logits.squeeze(-1).contiguous()
+        end_logits = end_logits.squeeze(-1).contiguous()
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            if start_positions.dim() > 1:
+                start_positions = start_positions.squeeze(-1)
+            if end_positions.dim() > 1:
+                end_positions = end_positions.squeeze(-1)
+            # as HF: a position beyond the sequence (the answer was cut off) is clamped to one past
+            # the end and ignored
+            ignored = start_logits.shape[1]
+            start_positions, end_positions = start_positions.clamp(0, ignored), end_positions.clamp(0, ignored)
+            loss = (F.cross_entropy(start_logits.float(), start_positions, ignore_index=ignored)
+                    + F.cross_entropy(end_logits.float(), end_positions, ignore_index=ignored)) / 2
+        out = DistSparseQuestionAnsweringOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
+                                                hidden_states=outputs.hidden_states,
+                                                attention_scores=outputs.attention_scores)
+        return out if return_dict else out.to_tuple()
+
+
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
     """Mean squared error for one output (regression), else cross entropy; in fp32."""
     if num_labels == 1:
@@ -584,8 +707,12 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> to
 
 __all__ = [
     "BertForPreTrainingOutput",
+    "DistSparseBertForQuestionAnswering",
     "DistSparseBertForSequenceClassification",
+    "DistSparseBertForTokenClassification",
     "DistSparseBertModelOutput",
+    "DistSparseQuestionAnsweringOutput",
+    "DistSparseTokenClassifierOutput",
     "DistSparseSequenceClassifierOutput",
     "task_loss",
     "DistSparseBertForMaskedLM",

@@ -149,9 +149,13 @@ def run(argv: list[str] | None = None) -> int:
             log.warning("%.1f%% of the encoder's Linear weights of %s are zero, and without a \"sparsity\" section "
                         "fine-tuning fills them in; add one (e.g. method \"gmp\" or \"static\" with init "
                         "\"magnitude\" at that sparsity) to keep the model sparse", 100 * zeros, initial.source)
+        # a shrunk --init's ticket (which original heads / neurons it kept), kept in every checkpoint
+        # so that a dense export can pad the fine-tuned model back to stock shapes
+        init_structured = initial.structured
     else:
         structure = ckpt.read_structure(rd.checkpoint_dir(run) / resume_tag)
         model_config = DistSparseBertConfig.from_dict(structure.model_config)
+        init_structured = structure.structured
         model = None
         parts = {}
     preflight_sparsity(run_cfg, model_config, dp_size, max_steps)
@@ -278,7 +282,7 @@ def run(argv: list[str] | None = None) -> int:
         if sparsity is not None:
             rank_files[ckpt.sparsity_file(comm.rank())] = sparsity.state_dict()
         ckpt.save(trainer.engine, ckpt_dir, ckpt.tag_of(step), client,
-                  ckpt.StructureRecord(trainer.model_config.to_dict(), None), rank_files,
+                  ckpt.StructureRecord(trainer.model_config.to_dict(), init_structured), rank_files,
                   is_rank0=is_rank0, keep=run_cfg.training.keep_checkpoints)
 
     def micro_batches(step: int):

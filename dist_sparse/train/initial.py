@@ -37,6 +37,7 @@ class InitialWeights:
     state_dict: dict[str, torch.Tensor]  # whole fp32 tensors, our (= HF's) key names
     source: str                          # for logs and run.json
     tokenizer_dir: Path | None           # the tokenizer the weights were trained with, when known
+    structured: object | None = None     # StructuredState of a shrunk model (its ticket), when recorded
 
     @property
     def has_classifier(self) -> bool:
@@ -85,7 +86,8 @@ def _from_checkpoint(path: Path, tag: str | None) -> InitialWeights:
     weights = {k: v for k, v in weights.items() if k not in TIED_KEYS}
     _, tokenizer = recorded_tokenizer(tag_dir)
     return InitialWeights(config, weights, f"dist_sparse checkpoint {tag_dir} (step {info.step})",
-                          tokenizer if tokenizer is not None and (tokenizer / "tokenizer.json").is_file() else None)
+                          tokenizer if tokenizer is not None and (tokenizer / "tokenizer.json").is_file() else None,
+                          info.structured if info.structured is not None and not info.structured.searching else None)
 
 
 def _hf_config(path: Path) -> DistSparseBertConfig:
@@ -147,7 +149,12 @@ def _from_hf_folder(path: Path) -> InitialWeights:
     weights = _our_names(_read_weights(path))
     weights.pop("bert.embeddings.position_ids", None)  # a buffer older transformers saved
     tokenizer = path if (path / "tokenizer.json").is_file() or (path / "vocab.txt").is_file() else None
-    return InitialWeights(config, weights, f"Hugging Face folder {path.resolve()}", tokenizer)
+    from dist_sparse.export.structured import shrunk_record_of_export
+    from dist_sparse.train.checkpoint import StructuredState
+
+    shrunk = shrunk_record_of_export(path, config)  # a compact export of a shrunk model: its ticket
+    return InitialWeights(config, weights, f"Hugging Face folder {path.resolve()}", tokenizer,
+                          None if shrunk is None else StructuredState.from_dict(shrunk, path / "sparsity.json"))
 
 
 # ---------------------------------------------------------------------------------------------
