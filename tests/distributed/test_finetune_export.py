@@ -39,7 +39,6 @@ TOL = 1e-4
 def ds_config(tmp: Path, name: str, **sections) -> Path:
     cfg = json.loads((ROOT / "ds_configs" / "cpu_zero2_finetune.json").read_text())
     cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"] = 4, 2
-    cfg["optimizer"]["params"]["lr"] = 1e-3
     cfg.update(sections)
     path = tmp / name
     path.write_text(json.dumps(cfg))
