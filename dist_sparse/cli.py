@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="RUN, RUN/checkpoints, or RUN/checkpoints/<tag>")
     p.add_argument("out_dir", help="folder to write: new, empty, or a previous export (with --overwrite)")
     p.add_argument("--format", choices=["dense", "compact"], default="dense",
-                   help="dense: stock BertForPreTraining, removed heads/neurons as zeros (default); compact: "
+                   help="dense: stock BertForPreTraining (a fine-tuned run: BertForSequenceClassification), removed "
+                        "heads/neurons as zeros (default); compact: "
                         "per-layer sizes physically smaller, loaded with trust_remote_code=True")
     p.add_argument("--tag", help="checkpoint tag to export, e.g. global_step20 (default: the one 'latest' names)")
     p.add_argument("--overwrite", action="store_true",

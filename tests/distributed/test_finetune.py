@@ -232,6 +232,16 @@ def test_teacher_beside_a_dp2_x_tp2_student(task_dir, init_dir, teacher_run, tmp
     assert sum(r["loss"] for r in train[-3:]) < sum(r["loss"] for r in train[:3])
     live = [r["live_tensors"] for r in train[2:]]
     assert max(live) == min(live), live
+    # the TP shards merge into a stock classifier (the export verifies its logits against the run's)
+    from transformers import AutoModelForSequenceClassification
+
+    from dist_sparse.export.hf import export
+    summary = export(run, tmp_path / "hf")
+    assert summary["max_diff"] <= 1e-4
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf")
+    assert type(model).__name__ == "BertForSequenceClassification"
+    meta = json.loads((task_dir / "meta.json").read_text())
+    assert [model.config.id2label[i] for i in range(2)] == meta["labels"]
 
 
 def test_start_up_refusals(task_dir, init_dir, teacher_run, tmp_path, capsys, monkeypatch):
