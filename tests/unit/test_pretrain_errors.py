@@ -272,6 +272,17 @@ def test_resume_with_other_data_names_the_property(data_dir, tmp_path, capsys):
     err = run_main(capsys, "--deepspeed_config", CPU_CONFIG, "--data", other, "--output", run,
                    "--max-steps", 8, "--resume")
     assert "has sequence length 48, the run started with 32" in err and str(data_dir) in err
+    # data of the same shape from another corpus: named by its example count, before any process group
+    same_shape = tmp_path / "same_shape"
+    prepare_data(same_shape, default_corpus=True, max_documents=9, vocab_size=400, seq_len=32)
+    capsys.readouterr()
+    recorded = json.loads((data_dir / "meta.json").read_text())
+    (run / "run.json").write_text(json.dumps({"data": str(data_dir), "data_meta": recorded}))
+    err = run_main(capsys, "--deepspeed_config", CPU_CONFIG, "--data", same_shape, "--output", run,
+                   "--max-steps", 8, "--resume")
+    now = json.loads((same_shape / "meta.json").read_text())
+    assert f"--data {same_shape} has training examples {now['num_train']}, the run started with " \
+           f"{recorded['num_train']} ({data_dir}); resume with that data" in err
 
 
 def test_changed_sparsity_section_names_the_keys():
