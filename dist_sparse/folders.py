@@ -114,7 +114,11 @@ def publish_folder(new: Path, dest: Path) -> None:
     old = None
     if dest.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-        os.rename(dest, old / dest.name)
+        try:
+            os.rename(dest, old / dest.name)
+        except BaseException:  # dest cannot be moved (a read-only folder): leave no hidden sibling
+            old.rmdir()
+            raise
     try:
         os.rename(new, dest)
     except BaseException:

@@ -203,7 +203,11 @@ def prepare_data(
 
     tmp = output.parent / f"{output.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:  # before the slow part: the real test that --output's parent can be written
+        tmp.mkdir(parents=True)
+    except OSError as err:
+        raise ValueError(f"cannot write into {_nearest_existing(output.absolute().parent)}: {err.strerror or err}; "
+                         "choose an --output in a folder you can write to") from None
     try:
         meta = _build(
             tmp,
@@ -221,11 +225,19 @@ def prepare_data(
             max_documents=max_documents,
         )
         check_output(output, overwrite)  # it may have appeared while we worked
-        publish_folder(tmp, output)
+        try:
+            publish_folder(tmp, output)
+        except OSError as err:  # --overwrite of a folder that cannot be moved aside (read-only)
+            raise ValueError(f"cannot replace {output}: {err.strerror or err}; make it writable or choose "
+                             "another path") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     meta["elapsed_s"] = time.perf_counter() - started
     return meta
+
+
+def _nearest_existing(path: Path) -> Path:
+    return next((p for p in (path, *path.parents) if p.exists()), path)
 
 
 def _resolve_source(inputs, default_corpus: bool) -> tuple[list[Path], str]:

@@ -652,6 +652,10 @@ def _writing_into(out_dir: Path):
     try:
         yield
     except OSError as err:
+        if err.filename is not None and Path(err.filename).absolute() == out_dir.absolute():
+            # the previous export cannot be moved aside (--overwrite of a read-only folder)
+            raise ValueError(f"cannot replace {out_dir}: {err.strerror or err}; make it writable or pick "
+                             "another OUT_DIR") from None
         raise ValueError(f"cannot write into {_nearest_existing(out_dir.absolute().parent)}: "
                          f"{err.strerror or err}; pick an OUT_DIR in a folder you can write to") from None
 

@@ -340,7 +340,11 @@ def read_rank_file(tag_dir: Path, name: str):
 # ---------------------------------------------------------------------------------------------
 # resume checks: the checkpoint against this launch (pure)
 
-_DATA_PROPERTIES = (("seq_len", "sequence length"), ("vocab_size", "vocabulary size"), ("nsp", "NSP pairs"))
+# The example counts tell another corpus (or another tokenizer) of the same shape; the data
+# iterator would refuse it only after the process groups and the engine were set up.
+_DATA_PROPERTIES = (("seq_len", "sequence length"), ("vocab_size", "vocabulary size"), ("nsp", "NSP pairs"),
+                    ("tokenizer_type", "tokenizer type"), ("num_train", "training examples"),
+                    ("num_eval", "eval examples"))
 
 
 def check_data(recorded: dict, meta: dict, *, data: str, run_data: str | None = None) -> None:

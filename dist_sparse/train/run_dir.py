@@ -59,6 +59,20 @@ def holds_a_run(run: Path) -> bool:
     return events.is_dir() and any(events.iterdir())
 
 
+def foreign_run_files(run: Path) -> str | None:
+    """What in ``run`` looks like a run but no run of ours wrote (a run.json without our keys,
+    event files without a run.json), or None. ``--overwrite`` replaces only what a run of ours
+    wrote, as ``export --overwrite`` replaces only a previous export."""
+    if (run / "run.json").exists():
+        return None if _our_run_json(run) else "a run.json that dist_sparse did not write"
+    metrics = run / "metrics.jsonl"
+    ckpt = checkpoint_dir(run)
+    if (metrics.is_file() and metrics.stat().st_size > 0) or (ckpt.is_dir() and any(ckpt.iterdir())):
+        return None  # our own names; a run of ours whose run.json was removed
+    events = run / "tensorboard"
+    return "event files in tensorboard/ without a run.json" if events.is_dir() and any(events.iterdir()) else None
+
+
 def check_paths(run: Path, data: Path) -> None:
     """The run directory may not be the dataset, nor lie inside it or contain it: checkpoints and
     event files would be mixed into the dataset (and ``--overwrite`` would delete parts of it)."""
@@ -101,9 +115,14 @@ def check_run_dir(run: Path, resume: bool, overwrite: bool, resume_tag: str | No
                                  f"moved or incomplete?); pick one with --resume-tag (available: {available})")
         check_checkpoint_files(ckpt / tag, tags)
         return tag
-    if holds_a_run(run) and not overwrite:
-        raise ValueError(f"--output {run} already holds a run; pass --resume to continue it or "
-                         "--overwrite to replace it")
+    if holds_a_run(run):
+        foreign = foreign_run_files(run)
+        if foreign is not None:
+            raise ValueError(f"--output {run} holds {foreign}; refusing to replace it even with --overwrite "
+                             "(it replaces only a run of dist_sparse): move it out or choose another --output")
+        if not overwrite:
+            raise ValueError(f"--output {run} already holds a run; pass --resume to continue it or "
+                             "--overwrite to replace it")
     return None
 
 

@@ -42,15 +42,18 @@ def launch_env() -> dict:
                 TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions")))
 
 
-def remove_shm_buffers(port: int) -> None:
+def remove_shm_buffers(port: int) -> list[str]:
     """Delete the shared-memory all-reduce buffers DeepSpeed's CPU backend leaves in /dev/shm.
 
     deepspeed 0.19.8 names them after the master port and does not unlink them at exit (about
     64 MiB per rank); every launch uses a new port, so without this a test session would fill
     the RAM-backed /dev/shm.
     """
+    removed = []
     for path in Path("/dev/shm").glob(f"deepspeed_*_{port}_*"):
         path.unlink(missing_ok=True)
+        removed.append(path.name)
+    return removed
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
@@ -147,7 +150,9 @@ def launch(args: list, nproc: int = 2, timeout: int = 600, check: bool = True,
                        for x in (err.output or "", err.stderr or ""))[-6000:]
         pytest.fail(f"launch timed out after {timeout} s ({via}): {' '.join(map(str, err.cmd))}\n{tail}")
     finally:
-        remove_shm_buffers(port)
+        left = remove_shm_buffers(port)
+    # what the job itself left behind (pretrain.py removes its buffers at exit: issue 11, item 15)
+    proc.shm_left = left
     if check and proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-6000:]
         pytest.fail(f"launch failed (exit {proc.returncode}, {via}): {' '.join(cmd)}\n{tail}")

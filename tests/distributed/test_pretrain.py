@@ -21,9 +21,13 @@ PRETRAIN = ROOT / "launchers" / "pretrain.py"
 
 
 def pretrain(config: str | Path, data: Path, run: Path, *extra, nproc: int = 2, **kw):
-    """``config``: a file name in ds_configs/ or a path."""
-    return launch([PRETRAIN, "--deepspeed_config", ROOT / "ds_configs" / config, "--data", data,
+    """``config``: a file name in ds_configs/ or a path. A run that ends well leaves no DeepSpeed
+    buffers in /dev/shm (the entry point removes them; the launch helper only reports them)."""
+    proc = launch([PRETRAIN, "--deepspeed_config", ROOT / "ds_configs" / config, "--data", data,
                    "--model", "bert-tiny", "--output", run, "--no-progress", *extra], nproc=nproc, **kw)
+    if proc.returncode == 0:
+        assert proc.shm_left == [], f"the run left DeepSpeed's buffers in /dev/shm: {proc.shm_left}"
+    return proc
 
 
 def metrics(run: Path, split: str = "train") -> list[dict]:

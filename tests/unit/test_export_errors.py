@@ -378,6 +378,32 @@ def test_a_read_only_parent_is_named(tmp_path, capfd, run_tokenizer):
         locked.chmod(0o755)
 
 
+def test_a_previous_export_that_cannot_be_moved_aside_is_named_and_nothing_is_left(tmp_path, monkeypatch):
+    """--overwrite of a read-only previous export (rename(2) must update its '..'): the folder is
+    named, not its parent, and no hidden `.hf.old-*` sibling is left (the last step of an export;
+    a rename that fails as it does for a user without write permission on the folder)."""
+    from dist_sparse import folders
+    from dist_sparse.export.hf import _writing_into
+
+    dest = fake_export(tmp_path / "hf")
+    before = snapshot(dest)
+    new = tmp_path / ".hf.tmp-1"
+    new.mkdir()
+    real = os.rename
+
+    def rename(src, dst, *args, **kwargs):
+        if Path(src) == dest:
+            raise PermissionError(13, "Permission denied", str(src), str(dst))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(ValueError) as err:
+        with _writing_into(dest):
+            folders.publish_folder(new, dest)
+    assert str(err.value) == f"cannot replace {dest}: Permission denied; make it writable or pick another OUT_DIR"
+    assert leftovers(tmp_path) == [".hf.tmp-1"] and snapshot(dest) == before  # the caller removes its tmp
+
+
 # -- item 14: a truncated shard -------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["zero_pp_rank_1_mp_rank_00_optim_states.pt", "mp_rank_00_model_states.pt",

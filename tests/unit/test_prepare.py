@@ -374,6 +374,31 @@ def test_a_single_document_says_what_is_needed_whatever_the_eval_fraction(prepar
     assert not (tmp_path / "O").exists()
 
 
+def test_folders_that_cannot_be_written_are_one_line(prepared, tmp_path, capsys, monkeypatch):
+    """A parent that takes no new folder (/proc, even for root) is named before the slow part; a
+    previous dataset that cannot be moved aside (read-only) is named, kept whole, and nothing is
+    left beside it."""
+    src, _ = prepared
+    err = cli_error(capsys, "--default-corpus", "--output", "/proc/dist_sparse_data", "--seq-len", 32)
+    assert err.startswith("dist-sparse prepare-data: error: cannot write into /proc: ") and err.endswith(
+        "; choose an --output in a folder you can write to"), err
+    out = tmp_path / "DATA"
+    inputs = [str(p) for p in default_corpus_files()[100:104]]
+    prepare_data(out, inputs=inputs, tokenizer=src, seq_len=32)
+    meta = (out / "meta.json").read_bytes()
+    real = os.rename
+
+    def rename(src_, dst, *args, **kwargs):
+        if str(src_) == str(out):
+            raise PermissionError(13, "Permission denied", str(src_), str(dst))
+        return real(src_, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename)
+    err = cli_error(capsys, "--input", *inputs, "--output", out, "--tokenizer", src, "--seq-len", 32, "--overwrite")
+    assert err.endswith(f"error: cannot replace {out}: Permission denied; make it writable or choose another path")
+    assert (out / "meta.json").read_bytes() == meta and sorted(p.name for p in tmp_path.iterdir()) == ["DATA"]
+
+
 @pytest.mark.parametrize("seq_len", [64, 128])
 def test_nsp_labels_are_balanced_on_the_default_corpus(prepared, tmp_path, seq_len):
     """Pairs built from sentences, chunks of at least two: 50% +- 2% of the pairs are "random

@@ -22,6 +22,9 @@ def data_dir(tmp_path_factory):
     return out
 
 
+OUR_RUN_JSON = json.dumps({"argv": [], "deepspeed_config": {}, "data_meta": {}})  # the keys a start writes
+
+
 def run_main(capsys, *argv) -> str:
     assert main([str(a) for a in argv]) == 2
     err = capsys.readouterr().err
@@ -71,11 +74,11 @@ def test_resume_without_checkpoint(data_dir, tmp_path, capsys):
 def test_output_that_holds_another_run(data_dir, tmp_path, capsys):
     run = tmp_path / "r"
     run.mkdir()
-    (run / "run.json").write_text("{}")
+    (run / "run.json").write_text(OUR_RUN_JSON)
     (run / "metrics.jsonl").write_text('{"split": "train", "step": 1}\n')
     err = run_main(capsys, "--deepspeed_config", CPU_CONFIG, "--data", data_dir, "--output", run, "--max-steps", 2)
     assert "already holds a run" in err and "--overwrite" in err
-    assert (run / "run.json").read_text() == "{}"  # nothing touched
+    assert (run / "run.json").read_text() == OUR_RUN_JSON  # nothing touched
 
 
 def test_missing_data_and_missing_steps(data_dir, tmp_path, capsys):
@@ -103,7 +106,7 @@ def test_run_dir_rules(tmp_path):
     run = tmp_path / "r"
     assert rd.check_run_dir(run, resume=False, overwrite=False) is None  # new directory
     fake_tag(run / "checkpoints", "global_step4")
-    (run / "run.json").write_text("{}")
+    (run / "run.json").write_text(OUR_RUN_JSON)
     with pytest.raises(ValueError, match="already holds a run"):
         rd.check_run_dir(run, resume=False, overwrite=False)
     assert rd.check_run_dir(run, resume=False, overwrite=True) is None
@@ -189,8 +192,33 @@ def test_a_start_that_never_took_a_step_is_not_a_run(tmp_path):
     assert rd.holds_a_run(user)  # event files without our run.json: not ours to replace
     (user / "run.json").write_text('{"experiment": "theirs"}')
     assert rd.holds_a_run(user)
-    with pytest.raises(ValueError, match="already holds a run"):
+    with pytest.raises(ValueError, match="a run.json that dist_sparse did not write; refusing to replace it even"):
         rd.check_run_dir(user, resume=False, overwrite=False)
+
+
+@pytest.mark.parametrize("theirs", ["run.json", "events"])
+def test_overwrite_replaces_only_a_run_of_ours(data_dir, tmp_path, capsys, theirs):
+    """--overwrite means what it means for export and prepare-data: replace what a run of ours
+    wrote, never another tool's run.json or event files (issue 11, item 1)."""
+    run = tmp_path / "r"
+    (run / "tensorboard").mkdir(parents=True)
+    (run / "tensorboard" / "events.out.tfevents.1.other").write_bytes(b"theirs")
+    if theirs == "run.json":
+        (run / "run.json").write_text('{"experiment": "theirs", "lr": 3}')
+        (run / "checkpoints" / "step-100").mkdir(parents=True)
+    (run / "notes.txt").write_text("mine")
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    err = run_main(capsys, "--deepspeed_config", CPU_CONFIG, "--data", data_dir, "--output", run, "--max-steps", 2,
+                   "--overwrite")
+    what = {"run.json": "a run.json that dist_sparse did not write",
+            "events": "event files in tensorboard/ without a run.json"}[theirs]
+    assert f"--output {run} holds {what}; refusing to replace it even with --overwrite" in err
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+    # a run of ours is replaced, the user's own files beside it stay
+    (run / "run.json").write_text(OUR_RUN_JSON)
+    assert rd.check_run_dir(run, resume=False, overwrite=True) is None
+    rd.clear_run(run)
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
 
 
 def test_damaged_checkpoint_file_is_named_and_the_previous_tag_suggested(data_dir, tmp_path, capsys):
@@ -244,6 +272,17 @@ def test_resume_with_other_data_names_the_property(data_dir, tmp_path, capsys):
     err = run_main(capsys, "--deepspeed_config", CPU_CONFIG, "--data", other, "--output", run,
                    "--max-steps", 8, "--resume")
     assert "has sequence length 48, the run started with 32" in err and str(data_dir) in err
+    # data of the same shape from another corpus: named by its example count, before any process group
+    same_shape = tmp_path / "same_shape"
+    prepare_data(same_shape, default_corpus=True, max_documents=9, vocab_size=400, seq_len=32)
+    capsys.readouterr()
+    recorded = json.loads((data_dir / "meta.json").read_text())
+    (run / "run.json").write_text(json.dumps({"data": str(data_dir), "data_meta": recorded}))
+    err = run_main(capsys, "--deepspeed_config", CPU_CONFIG, "--data", same_shape, "--output", run,
+                   "--max-steps", 8, "--resume")
+    now = json.loads((same_shape / "meta.json").read_text())
+    assert f"--data {same_shape} has training examples {now['num_train']}, the run started with " \
+           f"{recorded['num_train']} ({data_dir}); resume with that data" in err
 
 
 def test_changed_sparsity_section_names_the_keys():
