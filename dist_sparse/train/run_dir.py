@@ -73,13 +73,28 @@ def foreign_run_files(run: Path) -> str | None:
     return "event files in tensorboard/ without a run.json" if events.is_dir() and any(events.iterdir()) else None
 
 
+def other_folder_kind(run: Path) -> str | None:
+    """What ``run`` is when it is a folder another command of ours wrote (a prepared dataset or task,
+    a Hugging Face export), or None. A run written into one would mix its files into it, and a
+    later ``prepare-data --overwrite`` / ``export --overwrite`` of that folder would delete the run."""
+    if (run / "meta.json").is_file():
+        return "a prepared dataset or task (meta.json)"
+    if (run / "config.json").is_file():
+        return "a Hugging Face model folder (config.json)"
+    return None
+
+
 def check_paths(run: Path, data: Path) -> None:
     """The run directory may not be the dataset, nor lie inside it or contain it: checkpoints and
-    event files would be mixed into the dataset (and ``--overwrite`` would delete parts of it)."""
+    event files would be mixed into the dataset (and ``--overwrite`` would delete parts of it).
+    Nor may it be another dataset or an export (:func:`other_folder_kind`)."""
     r, d = run.resolve(), data.resolve()
     if r == d or d in r.parents or r in d.parents:
         relation = "is" if r == d else ("lies inside" if d in r.parents else "contains")
         raise ValueError(f"--output {run} {relation} --data {data}: give the run a directory of its own")
+    kind = other_folder_kind(run)
+    if kind is not None:
+        raise ValueError(f"--output {run} is {kind}, not a run directory: give the run a directory of its own")
 
 
 def check_run_dir(run: Path, resume: bool, overwrite: bool, resume_tag: str | None = None) -> str | None:

@@ -333,3 +333,16 @@ def test_the_entry_point_removes_the_buffers_on_an_error(data_dir, tmp_path, cap
         assert not buf.exists()
     finally:
         buf.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("kind", ["meta.json", "config.json"])
+def test_output_may_not_be_another_dataset_or_an_export(data_dir, tmp_path, capsys, kind):
+    """A run written into a prepared dataset or an export would be deleted by that folder's next
+    --overwrite; refused before anything is written, even with --overwrite."""
+    out = tmp_path / "other"
+    out.mkdir()
+    (out / kind).write_text("{}")
+    err = run_main(capsys, "--deepspeed_config", CPU_CONFIG, "--data", data_dir, "--output", out, "--max-steps", 2,
+                   "--overwrite")
+    assert "not a run directory: give the run a directory of its own" in err
+    assert sorted(p.name for p in out.iterdir()) == [kind]
