@@ -58,10 +58,51 @@ class Replacement(Protocol):
 
 def release_engine(engine) -> None:
     """Free what DeepSpeed holds for ``engine``; the caller drops its own reference."""
+    module = engine.module
     engine.destroy()
+    _forget_zero3_module(module)
+    del module
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _forget_zero3_module(module) -> None:
+    """Drop what DeepSpeed's ZeRO-3 keeps of ``module`` in globals after ``engine.destroy()``.
+
+    DeepSpeed 0.19.8 keeps two such references, and through the module's hooks either one keeps
+    the whole engine alive (its optimizer with the fp32 master partitions and both moments, and
+    the parameter partitions), next to the engine built after it:
+
+    - ``DeepSpeedZeRoOffload.__init__`` appends the top module to
+      ``parameter_offload.FWD_MODULE_STACK`` and never pops it. A forward pushes and pops only
+      submodules, so outside a forward the entry sits below any newer engine's and nothing reads it;
+    - ``PartitionedParameterCoordinator.__params_to_release`` is a ``functools.lru_cache`` on the
+      class, keyed by (coordinator, submodule, step) once the trace is complete. Emptying it only
+      makes a live coordinator recompute its next entries.
+    """
+    try:
+        from deepspeed.runtime.zero import parameter_offload, partitioned_param_coordinator
+    except ImportError:  # pragma: no cover - DeepSpeed is a dependency
+        return
+    stack = getattr(parameter_offload, "FWD_MODULE_STACK", None)
+    if isinstance(stack, list):
+        ours = {id(m) for m in module.modules()}
+        stack[:] = [m for m in stack if id(m) not in ours]
+    coordinator = getattr(partitioned_param_coordinator, "PartitionedParameterCoordinator", None)
+    for fn in vars(coordinator).values() if coordinator is not None else ():
+        # the lru_cache sits under DeepSpeed's instrument_w_nvtx wrapper (in its closure)
+        cells = getattr(fn, "__closure__", None) or ()
+        for inner in [fn] + [_cell_value(c) for c in cells]:
+            if callable(getattr(inner, "cache_clear", None)):
+                inner.cache_clear()
+
+
+def _cell_value(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return None
 
 
 class Trainer:

@@ -59,8 +59,8 @@ def test_adamw_earlybert_with_sparsity_carries_masters_moments_and_masks(carry_r
             # a carried mask keeps what survived the cut: not the target count of the new shape
         assert r["shrink"]["counts"] != {n: kept(density, c) for n, c in r["shrink"]["numel"].items()}
     assert ranks[0]["updates"] == ranks[1]["updates"]  # fingerprints and counts equal on both ranks
-    if stage == 2:
-        assert all(r["old_engine_released"] == 1.0 for r in ranks)
+    # nothing keeps the old engine alive, under ZeRO-3 too (release_engine drops DeepSpeed's globals)
+    assert all(r["old_engine_released"] == 1.0 for r in ranks)
 
 
 def test_sparsity_after_shrink_draws_its_first_masks_on_the_shrunk_model(carry_report):

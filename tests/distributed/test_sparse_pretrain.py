@@ -22,6 +22,8 @@ SPARSITY = {"method": "set", "sparsity": 0.8, "distribution": "erk", "update_int
 
 def config(tmp_path: Path, stage: int, sparsity: dict | None, name: str) -> Path:
     cfg = json.loads((ROOT / "ds_configs" / f"cpu_zero{stage}.json").read_text())
+    # the config's global batch as micro batch 4 x accumulation 2, as real recipes accumulate
+    cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"] = 4, 2
     if sparsity is not None:
         cfg["sparsity"] = sparsity
     path = tmp_path / name

@@ -161,8 +161,10 @@ def test_resume_before_and_after_the_shrink_reproduces_the_run(data_dir, tmp_pat
     args = ("--max-steps", 20, "--save-interval", 8)
     whole = tmp_path / "whole"
     pretrain(cfg, data_dir, whole, *args)
-    ticket_step = int(next(m for m in metrics(whole, "structured") if "ticket_step" in m)["ticket_step"])
+    shrink = next(m for m in metrics(whole, "structured") if "ticket_step" in m)
+    ticket_step = int(shrink["ticket_step"])
     assert 8 < ticket_step <= 12
+    assert shrink["shrink/old_engine_released"] == 1.0  # ZeRO-3 frees the old engine as well
 
     broken = tmp_path / "broken"
     os.environ["DIST_SPARSE_TEST_CRASH_IN_SAVE"] = "global_step16"
