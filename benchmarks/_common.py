@@ -300,3 +300,33 @@ def run_main(run: Callable[[list[str] | None], object], argv: list[str] | None =
         print(f"error (rank {os.environ.get('RANK', '0')}): {err}", file=sys.stderr, flush=True)
         return 2
     return 0
+
+
+# --- launching the project's launchers from a benchmark ---------------------------------------
+
+def bin_dir() -> Path:
+    return Path(sys.executable).parent
+
+
+def launch_env() -> dict:
+    """The environment of a ``deepspeed`` launch from a benchmark. One OpenMP thread per rank: N
+    ranks on N cores, no oversubscription. DeepSpeed's JIT-built CPU comm op is cached per
+    virtual environment unless the caller chose a directory."""
+    return dict(os.environ, PATH=f"{bin_dir()}:{os.environ.get('PATH', '')}",
+                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), TOKENIZERS_PARALLELISM="false",
+                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions")))
+
+
+def run_logged(name: str, cmd: list[str], log_path: Path, port: int) -> float:
+    """Run a launch ``cmd`` (on ``port``) with its output in ``log_path``; its wall seconds. Removes
+    the launch's shared-memory buffers; a failure raises with the log's last lines."""
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), stdout=log, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - t0
+    remove_shm_buffers(port)
+    if proc.returncode != 0:
+        tail = log_path.read_text()[-3000:]
+        raise RuntimeError(f"run {name} failed (exit {proc.returncode}); last lines of {log_path}:\n{tail}")
+    return wall

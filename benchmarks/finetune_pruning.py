@@ -63,7 +63,7 @@ from pathlib import Path
 # The shared helpers live beside this file; importing them also puts the repository root on
 # sys.path, for a checkout whose package is not installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, cpu_model, free_port, git_state, loadavg_1m, remove_shm_buffers, utc_now, write_json  # noqa: E402
+from _common import ROOT, bin_dir, launch_env, run_logged, cpu_model, free_port, git_state, loadavg_1m, utc_now, write_json  # noqa: E402
 
 SECTION_TITLE = "## Fine-tuning: knowledge-aware pruning vs small dense (issue 13)"
 BLOCK_START = "<!-- finetune_pruning.py: generated block, start -->"
@@ -169,18 +169,6 @@ def check_matplotlib() -> None:
 
 # --- launching ---------------------------------------------------------------------------------
 
-def bin_dir() -> Path:
-    return Path(sys.executable).parent
-
-
-def launch_env() -> dict:
-    # One OpenMP thread per rank: N ranks on N cores, no oversubscription. DeepSpeed's JIT-built
-    # CPU comm op is cached per virtual environment unless the caller chose a directory.
-    return dict(os.environ, PATH=f"{bin_dir()}:{os.environ.get('PATH', '')}",
-                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), TOKENIZERS_PARALLELISM="false",
-                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
-                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions")))
-
 
 def exe(name: str) -> str:
     path = bin_dir() / name
@@ -249,14 +237,7 @@ def launch(name: str, script: str, script_args: list[str], args, out_dir: Path, 
     log_path = out_dir / "logs" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"[{name}] {' '.join(cmd)}  (log: {log_path})", flush=True)
-    t0 = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), stdout=log, stderr=subprocess.STDOUT)
-    wall = time.perf_counter() - t0
-    remove_shm_buffers(port)
-    if proc.returncode != 0:
-        tail = log_path.read_text()[-3000:]
-        raise RuntimeError(f"run {name} failed (exit {proc.returncode}); last lines of {log_path}:\n{tail}")
+    wall = run_logged(name, cmd, log_path, port)
     stamp.write_text(json.dumps({"key": key, "command": cmd, "wall_s": wall}) + "\n")
     return wall, cmd, False
 

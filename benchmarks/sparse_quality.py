@@ -25,18 +25,16 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 # The shared helpers live beside this file; importing them also puts the repository root on
 # sys.path, for a checkout whose package is not installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, free_port, git_state, loadavg_1m, remove_shm_buffers, utc_now, write_json  # noqa: E402
+from _common import ROOT, bin_dir, launch_env, run_logged, free_port, git_state, loadavg_1m, utc_now, write_json  # noqa: E402
 
 ALL_RUNS = ("dense", "static80", "static90", "set80", "set90", "rigl80", "rigl90")
 METHODS = {"static": "static", "set": "set", "rigl": "rigl"}
@@ -86,18 +84,6 @@ def sparsity_section(method: str, sparsity: float, args) -> dict:
     if method in ("set", "rigl"):
         sec["update_interval"] = args.update_interval
     return sec
-
-
-def bin_dir() -> Path:
-    return Path(sys.executable).parent
-
-
-def launch_env() -> dict:
-    # One OpenMP thread per rank: N ranks on N cores, no oversubscription. DeepSpeed's JIT-built
-    # CPU comm op is cached per virtual environment unless the caller chose a directory.
-    return dict(os.environ, PATH=f"{bin_dir()}:{os.environ.get('PATH', '')}",
-                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), TOKENIZERS_PARALLELISM="false",
-                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions")))
 
 
 def ensure_data(args, out_dir: Path) -> Path:
@@ -194,14 +180,7 @@ def run_one(name: str, args, base: dict, data: Path, out_dir: Path) -> dict:
         cmd += ["--seed", str(args.seed)]
     print(f"[{name}] {' '.join(cmd)}  (log: {log_path})", flush=True)
     code = git_state()  # per run: in a shared checkout the package can change between runs
-    t0 = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), stdout=log, stderr=subprocess.STDOUT)
-    wall = time.perf_counter() - t0
-    remove_shm_buffers(port)
-    if proc.returncode != 0:
-        tail = log_path.read_text()[-3000:]
-        raise RuntimeError(f"run {name} failed (exit {proc.returncode}); last lines of {log_path}:\n{tail}")
+    wall = run_logged(name, cmd, log_path, port)
     res = summarize(name, run_dir, args.steps, wall)
     res.update(method=method, sparsity=sparsity or 0.0, config=str(cfg_path), command=" ".join(cmd), git=code)
     if not args.keep_checkpoints:
