@@ -159,6 +159,29 @@ def shrink_state_dict(sd: dict[str, torch.Tensor], ticket: Ticket, head_dim: int
     return out
 
 
+def reorder_units(sd: dict[str, torch.Tensor], head_orders, neuron_orders, head_dim: int,
+                  prefix: str = LAYER_PREFIX) -> dict[str, torch.Tensor]:
+    """A copy of ``sd`` with every layer's heads and FFN neurons rearranged: position ``p`` of the
+    result holds the old unit ``order[p]`` (a permutation per layer). Q/K/V rows and biases move
+    with the attention-output columns, FFN rows and biases with the down-projection columns, so
+    the model computes the same function (DynaBERT's rewiring). Works on weights and on optimizer
+    moments alike (coefficients must have been folded first)."""
+    if any(is_coefficient(k) for k in sd):
+        raise ValueError("fold the slimming coefficients (fold_coefficients) before reordering")
+    out = dict(sd)
+    for layer, (heads, neurons) in enumerate(zip(head_orders, neuron_orders)):
+        heads, neurons = [int(h) for h in heads], [int(n) for n in neurons]
+        if sorted(heads) != list(range(len(heads))) or sorted(neurons) != list(range(len(neurons))):
+            raise ValueError(f"layer {layer}: a reorder needs a permutation of every head and every neuron")
+        h_idx = head_rows(heads, head_dim)
+        n_idx = torch.as_tensor(neurons, dtype=torch.long)
+        _select(out, layer, HEAD_ROW_MODULES, h_idx, 0, prefix)
+        _select(out, layer, HEAD_COL_MODULES, h_idx, 1, prefix)
+        _select(out, layer, NEURON_ROW_MODULES, n_idx, 0, prefix)
+        _select(out, layer, NEURON_COL_MODULES, n_idx, 1, prefix)
+    return out
+
+
 def _scatter(sd: dict, layer: int, modules, rows: torch.Tensor, full: int, dim: int, prefix: str) -> None:
     for mod in modules:
         for leaf in ("weight", "bias"):
@@ -207,5 +230,5 @@ def shrunk_model_config(config, ticket: Ticket):
 
 
 __all__ = ["COEF_SUFFIX", "HEAD_COEF", "LAYER_PREFIX", "NEURON_COEF", "Ticket", "fold_coefficients",
-           "head_rows", "is_coefficient", "layer_key", "pad_state_dict", "shrink_state_dict",
+           "head_rows", "is_coefficient", "layer_key", "pad_state_dict", "reorder_units", "shrink_state_dict",
            "shrunk_model_config"]

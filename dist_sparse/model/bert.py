@@ -162,6 +162,10 @@ class DistSparseBertSelfAttention(nn.Module):
         # EarlyBERT's slimming coefficients, one per head this rank holds; absent (None, not in
         # the state dict) unless structured pruning attaches them (dist_sparse.structured).
         self.register_parameter("slimming_coef", None)
+        # DynaBERT's per-head gate over this rank's heads (dist_sparse.dynabert): 0/1 selects a
+        # sub-network's heads, a tensor of ones that requires grad measures head importance. Not a
+        # parameter and not in the state dict; None outside DynaBERT.
+        self.head_gate: torch.Tensor | None = None
 
     def forward(self, hidden_states: torch.Tensor, attention_bias: torch.Tensor | None = None,
                 return_scores: bool = False):
@@ -204,6 +208,8 @@ class DistSparseBertSelfAttention(nn.Module):
                 )
         if self.slimming_coef is not None:  # (batch, heads, seq, head_dim) scaled per head
             context = context * self.slimming_coef.to(context.dtype).view(1, -1, 1, 1)
+        if self.head_gate is not None:
+            context = context * self.head_gate.to(context.dtype).view(1, -1, 1, 1)
         context = context.transpose(1, 2).reshape(batch, seq, -1)
         return (context, scores) if return_scores else context
 
@@ -243,11 +249,21 @@ class DistSparseBertIntermediate(nn.Module):
         self.intermediate_act_fn = _activation(config)
         # One slimming coefficient per FFN neuron this rank holds (see the attention's).
         self.register_parameter("slimming_coef", None)
+        # DynaBERT's gates over this rank's neurons (see the attention's head_gate): ``neuron_gate``
+        # scales the activation; ``neuron_pre_gate`` the pre-activation (its gradient at 1 is the
+        # first-order Taylor score of the up-projection row, only used to measure importance).
+        self.neuron_gate: torch.Tensor | None = None
+        self.neuron_pre_gate: torch.Tensor | None = None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        out = self.intermediate_act_fn(self.dense(hidden_states))
+        pre = self.dense(hidden_states)
+        if self.neuron_pre_gate is not None:
+            pre = pre * self.neuron_pre_gate.to(pre.dtype)
+        out = self.intermediate_act_fn(pre)
         if self.slimming_coef is not None:
             out = out * self.slimming_coef.to(out.dtype)
+        if self.neuron_gate is not None:
+            out = out * self.neuron_gate.to(out.dtype)
         return out
 
 
@@ -287,6 +303,9 @@ class DistSparseBertEncoder(nn.Module):
     def __init__(self, config: DistSparseBertConfig):
         super().__init__()
         self.layer = nn.ModuleList([DistSparseBertLayer(config, i) for i in range(config.num_hidden_layers)])
+        # DynaBERT's depth: the layers a sub-network runs (None: all). Every rank must run the
+        # same ones (under ZeRO-3 each layer's forward gathers its parameters collectively).
+        self.active_layers: list[int] | None = None
 
     def forward(self, hidden_states: torch.Tensor, attention_bias: torch.Tensor | None = None,
                 output_hidden_states: bool = False, output_attention_scores: bool = False):
@@ -294,7 +313,8 @@ class DistSparseBertEncoder(nn.Module):
         attention scores or None). ``all_hidden[0]`` is the embedding output, as in HF."""
         all_hidden = [hidden_states] if output_hidden_states else None
         all_scores = [] if output_attention_scores else None
-        for layer in self.layer:
+        layers = self.layer if self.active_layers is None else [self.layer[i] for i in self.active_layers]
+        for layer in layers:
             if output_attention_scores:
                 hidden_states, scores = layer(hidden_states, attention_bias, return_scores=True)
                 all_scores.append(scores)

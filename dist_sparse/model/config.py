@@ -29,6 +29,10 @@ class DistSparseBertConfig(BertConfig):
 
     layer_num_heads: list[int] | None = None
     layer_intermediate_sizes: list[int] | None = None
+    # DynaBERT's rewiring (dist_sparse.dynabert): every layer's heads and FFN neurons were sorted
+    # by importance and dealt round-robin over this many tensor-parallel shards, so the unit at
+    # position p has importance rank dynabert.subnet.position_rank(p); None: never rewired.
+    unit_order_tp: int | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -65,6 +69,16 @@ class DistSparseBertConfig(BertConfig):
                     f"{name} entries must be integers >= 1 (a layer cannot lose all its heads or "
                     f"FFN neurons); bad (layer, value) pairs: {bad}"
                 )
+
+        tp = self.unit_order_tp
+        if tp is not None:
+            if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+                raise ValueError(f"unit_order_tp must be an integer >= 1 or None, got {tp!r}")
+            if not self.is_uniform():
+                raise ValueError("unit_order_tp (DynaBERT's rewiring) needs every layer at full size")
+            if self.num_attention_heads % tp or self.intermediate_size % tp:
+                raise ValueError(f"unit_order_tp {tp} does not divide {self.num_attention_heads} heads and "
+                                 f"{self.intermediate_size} FFN neurons")
 
     @property
     def head_dim(self) -> int:
@@ -105,7 +119,8 @@ class DistSparseBertConfig(BertConfig):
                 "Pad removed heads/neurons back with zeros to export a stock BertConfig."
             )
         data = self.to_dict()
-        for key in ("layer_num_heads", "layer_intermediate_sizes", "model_type", "architectures", "auto_map"):
+        for key in ("layer_num_heads", "layer_intermediate_sizes", "unit_order_tp", "model_type", "architectures",
+                    "auto_map"):
             data.pop(key, None)
         return BertConfig(**data)
 
