@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # Sections of the DeepSpeed JSON that dist_sparse owns. Later capabilities add theirs here.
-OWN_SECTIONS = ("training", "sparsity", "structured_pruning", "distillation")
+OWN_SECTIONS = ("training", "sparsity", "structured_pruning", "distillation", "dynabert")
 
 
 class _Section(BaseModel):
@@ -288,6 +288,64 @@ class DistillationConfig(_Section):
         return [round((i + 1) * teacher_layers / student_layers) - 1 for i in range(student_layers)]
 
 
+class DynaBertConfig(_Section):
+    """The ``"dynabert"`` section: DynaBERT (Hou et al., NeurIPS 2020), one model whose sub-networks
+    at every width and depth multiplier work.
+
+    Every optimizer step runs forward and backward of each sub-network in the step's schedule on
+    every micro batch and applies the sum of their gradients. A sub-network of width ``m`` keeps the
+    ``m * heads`` most important heads and ``m * FFN`` most important neurons of every layer; depth
+    ``d`` keeps ``d * layers`` layers spread evenly (0.5: every other layer). The loss of each
+    sub-network is the ``"distillation"`` section's (soft cross-entropy on logits and MSE on hidden
+    states against the teacher, a dropped layer's teacher layer skipped with it; ``hard`` for the
+    labels), or the task's own loss without that section.
+
+    Phase 1 (width): the importance of heads and neurons is measured on ``importance_batches``
+    batches of the validation split with the task loss, and the weights are rewired so that every
+    width is a prefix on every tensor-parallel shard; teacher: the fine-tuned dense model. Phase 2
+    (width and depth) starts from a phase-1 run (already rewired); teacher: that phase-1 model.
+    """
+
+    phase: Literal[1, 2] = 1
+    """1: width-adaptive, measures importance and rewires; 2: width- and depth-adaptive, from a phase-1 run."""
+
+    width_mult: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+    """Width multipliers (of heads and FFN neurons alike); must include 1.0."""
+
+    depth_mult: list[float] = Field(default_factory=lambda: [1.0])
+    """Depth multipliers; phase 1 allows only [1.0], phase 2 e.g. [0.5, 0.75, 1.0]; must include 1.0."""
+
+    importance_batches: int = Field(default=32, ge=1)
+    """Micro batches of the validation split (in order, the micro batch size) that measure importance."""
+
+    subnetworks: Literal["all"] | int = "all"
+    """Sub-networks per step: "all" of width_mult x depth_mult, or this many: the full model and a
+    seeded draw of the others, the same on every rank."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        for name in ("width_mult", "depth_mult"):
+            values = getattr(self, name)
+            if not values or any(not 0 < v <= 1 for v in values) or len(set(values)) != len(values):
+                raise ValueError(f"{name} {values}: distinct multipliers in (0, 1]")
+            if 1.0 not in values:
+                # The full model's pass opens every step: under ZeRO-3 the first backward of a step
+                # overwrites the gradient partitions (later ones add), so it must reach every parameter.
+                raise ValueError(f"{name} {values} must include 1.0 (the full model)")
+        if self.phase == 1 and self.depth_mult != [1.0]:
+            raise ValueError(f"phase 1 is width-adaptive only: depth_mult must be [1.0], not {self.depth_mult} "
+                             "(train depth in phase 2, from the phase-1 run)")
+        total = len(self.width_mult) * len(self.depth_mult)
+        if isinstance(self.subnetworks, int) and not 1 <= self.subnetworks <= total:
+            raise ValueError(f"subnetworks {self.subnetworks}: between 1 and {total} (the schedule's size), or \"all\"")
+        return self
+
+    def schedule(self) -> list[tuple[float, float]]:
+        """Every (width, depth), largest first (DynaBERT's order): the full model's pass opens a step."""
+        return sorted(((w, d) for d in self.depth_mult for w in self.width_mult), key=lambda wd: (wd[1], wd[0]),
+                      reverse=True)
+
+
 class RunConfig(BaseModel):
     """A DeepSpeed config split into DeepSpeed's part and ours."""
 
@@ -298,6 +356,7 @@ class RunConfig(BaseModel):
     sparsity: SparsityConfig | None = None
     structured_pruning: StructuredPruningConfig | None = None
     distillation: DistillationConfig | None = None
+    dynabert: DynaBertConfig | None = None
 
     @property
     def zero_stage(self) -> int:
@@ -343,8 +402,18 @@ def parse_run_config(raw: dict[str, Any], source: str = "<dict>") -> RunConfig:
                          "shrink to wait for); remove it")
     distillation = (parse_section(raw, "distillation", DistillationConfig, source)
                     if "distillation" in raw else None)
+    dynabert = parse_section(raw, "dynabert", DynaBertConfig, source) if "dynabert" in raw else None
+    if dynabert is not None:
+        if structured is not None or sparsity is not None:
+            raise ValueError(f'{source}: "dynabert" with a "{"structured_pruning" if structured else "sparsity"}" '
+                             "section is not supported: DynaBERT's sub-networks are cut from a dense model; remove "
+                             "one of the two")
+        if distillation is not None and distillation.attention > 0:
+            raise ValueError(f'{source}: "dynabert" distils logits and hidden states; set distillation.attention '
+                             "to 0 (a sub-network's attention has fewer heads than the teacher's)")
     return RunConfig(deepspeed=ds, training=parse_section(raw, "training", TrainingConfig, source),
-                     sparsity=sparsity, structured_pruning=structured, distillation=distillation)
+                     sparsity=sparsity, structured_pruning=structured, distillation=distillation,
+                     dynabert=dynabert)
 
 
 def load_run_config(path: str | Path) -> RunConfig:

@@ -291,11 +291,13 @@ def prune_checkpoints(ckpt_dir: Path, keep: int, current: str) -> None:
 
 
 def save(engine, ckpt_dir: Path, tag: str, client: ClientState, structure: StructureRecord,
-         rank_files: dict[str, object], *, is_rank0: bool, keep: int) -> None:
+         rank_files: dict[str, object], *, is_rank0: bool, keep: int,
+         shared_json: dict[str, dict] | None = None) -> None:
     """Write checkpoint ``tag`` on every rank (a collective: all ranks call it).
 
     ``rank_files``: this rank's own files, name -> object for torch.save (:func:`rng_file`,
-    :func:`sparsity_file`). DeepSpeed's files and ours are all written before a barrier, and only
+    :func:`sparsity_file`); ``shared_json``: files that are the same for every rank, name -> JSON
+    object, written by rank 0. DeepSpeed's files and ours are all written before a barrier, and only
     then does rank 0 move ``latest`` and delete the checkpoints beyond the newest ``keep``: a
     process that dies mid-save leaves ``latest`` on the previous complete checkpoint.
     """
@@ -305,6 +307,9 @@ def save(engine, ckpt_dir: Path, tag: str, client: ClientState, structure: Struc
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client.to_dict(), save_latest=False)
     if is_rank0:
         write_json_atomic(tag_dir / STRUCTURE_FILE, structure.to_dict())
+        for name, obj in (shared_json or {}).items():
+            assert Path(name).name == name, f"a shared file is a plain file name, not {name!r}"
+            write_json_atomic(tag_dir / name, obj)
     for name, obj in rank_files.items():
         assert Path(name).name == name, f"a rank file is a plain file name, not {name!r}"
         torch.save(obj, tag_dir / name)

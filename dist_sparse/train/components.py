@@ -8,7 +8,9 @@ them. Every hook has a default that does nothing; a component overrides what it 
 Order within one optimizer step ``step`` (1-based, the step about to happen)::
 
     on_step_begin(step)
-    for every micro batch:  forward, backward, on_after_backward(step, micro)
+    for every micro batch:  for every pass of passes(step, micro) (one plain pass by default):
+                                with pass: forward, backward
+                            on_after_backward(step, micro)
                             [last micro batch: on_before_optimizer_step(step)]  engine.step()
     on_after_optimizer_step(step)                    -> scalars to log, or None
     [an engine replacement a component requested:
@@ -18,6 +20,11 @@ Order within one optimizer step ``step`` (1-based, the step about to happen)::
 
 ``on_before_optimizer_step`` runs between the last backward and ``engine.step()``: gradients
 are reduced there (ZeRO's partitions under ZeRO-2/3) and not yet applied.
+
+``passes`` lets one component run several forward/backward passes per micro batch (DynaBERT's
+sub-networks): each is a context manager entered around the loss and its backward; their
+gradients add up, and only the last pass of the last micro batch is DeepSpeed's accumulation
+boundary. Every rank must get the same passes (they are collectives under ZeRO-3 and TP).
 """
 
 from __future__ import annotations
@@ -48,6 +55,10 @@ class Component:
 
     def on_step_begin(self, trainer: "Trainer", step: int) -> None:
         pass
+
+    def passes(self, trainer: "Trainer", step: int, micro: int) -> list | None:
+        """Context managers, one per forward/backward pass of this micro batch; None: one plain pass."""
+        return None
 
     def on_after_backward(self, trainer: "Trainer", step: int, micro: int) -> None:
         pass

@@ -126,6 +126,10 @@ class DistillationLoss:
             raise ValueError("the attention term under tensor parallelism needs tp_sum (a sum over the TP group)")
         self.tp_sum = tp_sum
         self.last: dict[str, torch.Tensor] = {}
+        # The teacher's outputs of the latest micro batch: several student passes on one batch
+        # (DynaBERT's sub-networks) share one teacher forward. Keyed by the batch object itself
+        # (held, so its identity cannot be reused by a later batch).
+        self._cached: tuple[dict, tuple[bool, bool], object] | None = None
 
     def __call__(self, engine, batch: dict) -> torch.Tensor:
         w = self.w
@@ -135,7 +139,7 @@ class DistillationLoss:
         if w.hard > 0:
             student_kwargs.update({k: v for k, v in batch.items() if k not in MODEL_INPUTS})
         out = engine(**student_kwargs, output_hidden_states=hidden, output_attention_scores=scores)
-        ref = self.teacher(inputs, hidden=hidden, scores=scores)
+        ref = self._teacher_outputs(batch, inputs, hidden, scores)
         terms: dict[str, torch.Tensor] = {}
         if w.hard > 0:
             terms["hard"] = out.loss
@@ -156,6 +160,14 @@ class DistillationLoss:
         loss = sum(getattr(w, name) * value for name, value in terms.items())
         self.last = {name: value.detach() for name, value in terms.items()}
         return loss
+
+    def _teacher_outputs(self, batch: dict, inputs: dict, hidden: bool, scores: bool):
+        c = self._cached
+        if c is not None and c[0] is batch and c[1] == (hidden, scores):
+            return c[2]
+        ref = self.teacher(inputs, hidden=hidden, scores=scores)
+        self._cached = (batch, (hidden, scores), ref)
+        return ref
 
     def _logits_term(self, out, ref, batch) -> torch.Tensor:
         if self.kind == "task":

@@ -156,9 +156,22 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
         tokens = torch.zeros((), dtype=torch.float64, device=engine.device)
         micro, boundary = 0, False
+        accumulation = engine.gradient_accumulation_steps()
         for batch in micro_batches:
-            loss = self.loss(engine, batch)
-            engine.backward(loss)
+            passes = self._passes(step, micro)
+            if passes is None:
+                loss = self.loss(engine, batch)
+                engine.backward(loss)
+            else:
+                # Several backward passes in one micro step: DeepSpeed must see only the last pass
+                # of the last micro batch as the boundary (ZeRO reduces, the optimizer runs after it).
+                loss = torch.zeros((), dtype=torch.float64, device=engine.device)
+                for i, context in enumerate(passes):
+                    engine.set_gradient_accumulation_boundary(micro + 1 == accumulation and i + 1 == len(passes))
+                    with context:
+                        pass_loss = self.loss(engine, batch)
+                    engine.backward(pass_loss)
+                    loss += pass_loss.detach().double()
             for c in self.components:
                 c.on_after_backward(self, step, micro)
             boundary = engine.is_gradient_accumulation_boundary()
@@ -180,6 +193,14 @@ class Trainer:
             link_optimizer_state(engine.optimizer, self.zero_stage)
             self._state_linked = True
         return StepResult(loss_sum, micro, tokens)
+
+    def _passes(self, step: int, micro: int) -> list | None:
+        found = [(c.name, p) for c in self.components if (p := c.passes(self, step, micro)) is not None]
+        if len(found) > 1:
+            raise RuntimeError(f"components {[n for n, _ in found]} each ask for their own passes; only one may")
+        if found and not found[0][1]:
+            raise RuntimeError(f"component {found[0][0]} asked for zero passes")
+        return found[0][1] if found else None
 
     # -- engine replacement ----------------------------------------------------------------
 
