@@ -162,3 +162,86 @@ def test_gated_subnetwork_equals_its_standalone_model(tp, width, depth):
     assert cfg.unit_order_tp is None
     if width == 1.0:
         assert cfg.is_uniform() and cfg.layer_num_heads is None
+
+
+# --- the section, the schedule and the start-up refusals ---------------------------------------
+
+def _section(**kw):
+    from dist_sparse.config import DynaBertConfig
+
+    return DynaBertConfig(**kw)
+
+
+def test_section_defaults_and_schedule_order():
+    cfg = _section()
+    assert cfg.width_mult == [0.25, 0.5, 0.75, 1.0] and cfg.depth_mult == [1.0] and cfg.phase == 1
+    two = _section(phase=2, width_mult=[0.5, 1.0], depth_mult=[0.5, 1.0])
+    # the full model first (ZeRO-3 copies the first backward's gradients), then largest first
+    assert two.schedule() == [(1.0, 1.0), (0.5, 1.0), (1.0, 0.5), (0.5, 0.5)]
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(width_mult=[0.5, 0.75]), r"width_mult \[0.5, 0.75\] must include 1.0"),
+    (dict(width_mult=[0.5, 1.0, 1.0]), "distinct multipliers"),
+    (dict(width_mult=[0.0, 1.0]), r"in \(0, 1\]"),
+    (dict(depth_mult=[0.5, 1.0]), "phase 1 is width-adaptive only"),
+    (dict(phase=2, depth_mult=[0.5]), "must include 1.0"),
+    (dict(subnetworks=5), "subnetworks 5: between 1 and 4"),
+    (dict(subnetworks=0), "subnetworks 0"),
+])
+def test_section_refusals(kw, message):
+    with pytest.raises(ValueError, match=message):
+        _section(**kw)
+
+
+def test_section_does_not_mix_with_sparsity_or_attention_distillation():
+    from dist_sparse.config import parse_run_config
+
+    base = {"train_micro_batch_size_per_gpu": 2, "dynabert": {}}
+    with pytest.raises(ValueError, match="DynaBERT's sub-networks are cut from a dense model"):
+        parse_run_config({**base, "sparsity": {"method": "gmp", "sparsity": 0.5}})
+    with pytest.raises(ValueError, match="set distillation.attention to 0"):
+        parse_run_config({**base, "distillation": {"teacher": "t", "attention": 1.0}})
+    assert parse_run_config(base).dynabert.phase == 1
+
+
+def test_sampled_schedule_is_seeded_and_keeps_the_full_model_first():
+    from dist_sparse.train.dynabert import step_schedule
+
+    cfg = _section(phase=2, width_mult=[0.25, 0.5, 0.75, 1.0], depth_mult=[0.5, 0.75, 1.0], subnetworks=4)
+    every = cfg.schedule()
+    seen = set()
+    for step in range(1, 40):
+        s = step_schedule(cfg, 1234, step)
+        assert s == step_schedule(cfg, 1234, step)  # what every rank and a resumed run compute
+        assert len(s) == 4 and len(set(s)) == 4 and s[0] == (1.0, 1.0)
+        assert s[1:] == [wd for wd in every if wd in s[1:]]  # in schedule order
+        seen.update(s)
+    assert seen == set(every)  # every sub-network is drawn at some step
+    assert [step_schedule(cfg, 1234, k) for k in range(1, 6)] != [step_schedule(cfg, 99, k) for k in range(1, 6)]
+    assert step_schedule(_section(), 1, 1) == _section().schedule()
+
+
+def test_start_up_refusals_name_what_to_fix():
+    from dist_sparse.config import parse_run_config
+    from dist_sparse.train.finetune import preflight_dynabert
+
+    def run_cfg(tp=1, **section):
+        raw = {"train_micro_batch_size_per_gpu": 2, "dynabert": section}
+        if tp > 1:
+            raw["tensor_parallel"] = {"autotp_size": tp}
+        return parse_run_config(raw)
+
+    plain = _model().config
+    rewired = _model(unit_order_tp=2).config
+    # 0.25 of 4 heads is one head: not a whole head on each of 2 TP shards
+    with pytest.raises(ValueError, match=r"width multiplier 0.25 .*TP degree 2\); usable: 0.5, 1"):
+        preflight_dynabert(run_cfg(tp=2), plain, "INIT")
+    preflight_dynabert(run_cfg(tp=1), plain, "INIT")
+    with pytest.raises(ValueError, match="already rewired by a DynaBERT run: continue from it with dynabert.phase 2"):
+        preflight_dynabert(run_cfg(width_mult=[0.5, 1.0]), rewired, "INIT")
+    with pytest.raises(ValueError, match="phase 2 starts from a phase-1 run"):
+        preflight_dynabert(run_cfg(phase=2, width_mult=[0.5, 1.0], depth_mult=[0.5, 1.0]), plain, "INIT")
+    with pytest.raises(ValueError, match=r"depth multiplier 0.6 does not keep a whole number of the 4 layers"):
+        preflight_dynabert(run_cfg(phase=2, width_mult=[0.5, 1.0], depth_mult=[0.6, 1.0]), rewired, "INIT")
+    preflight_dynabert(run_cfg(phase=2, width_mult=[0.5, 1.0], depth_mult=[0.5, 0.75, 1.0]), rewired, "INIT")
