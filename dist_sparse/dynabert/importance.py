@@ -117,25 +117,15 @@ def rewire_model(model, head_orders, neuron_orders, tp: int) -> None:
     config.unit_order_tp = tp
 
 
-def classifier_loss(model, batch: dict) -> torch.Tensor:
-    """The sequence classifier's own loss (labels in the batch)."""
+def own_loss(model, batch: dict) -> torch.Tensor:
+    """The model's own loss on the batch's labels: the task's for a classifier, MLM (and NSP
+    when labelled) for a pre-training model."""
     return model(**batch).loss
-
-
-def batches_of(dataset, collator, batch_size: int, count: int) -> list[dict]:
-    """The first ``count`` batches of ``dataset`` in order (fewer if it is shorter)."""
-    out = []
-    for b in range(count):
-        idx = list(range(b * batch_size, min((b + 1) * batch_size, len(dataset))))
-        if not idx:
-            break
-        out.append(collator([dataset[i] for i in idx]))
-    return out
 
 
 def as_lists(orders: Iterable[torch.Tensor]) -> list[list[int]]:
     return [[int(i) for i in o] for o in orders]
 
 
-__all__ = ["as_lists", "batch_importance", "batches_of", "classifier_loss", "measure_importance",
+__all__ = ["as_lists", "batch_importance", "measure_importance", "own_loss",
            "measuring_gates", "rewire_model", "rewiring_orders"]

@@ -13,6 +13,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DeepSpeed JSON config; its 'training' section is dist_sparse's own")
     p.add_argument("--data", required=True, help="a dataset written by `dist-sparse prepare-data`")
     p.add_argument("--model", default="bert-tiny", help="model preset (bert-tiny, bert-mini, ..., bert-large)")
+    p.add_argument("--init", default=None, metavar="PATH",
+                   help="start from these weights instead of a fresh --model preset: a dist_sparse pre-training "
+                        "run or checkpoint, or a Hugging Face BertForPreTraining / BertForMaskedLM folder "
+                        "(continued pre-training; a DynaBERT phase 1 or 2 in pre-training)")
+    p.add_argument("--init-tag", default=None, metavar="TAG", help="checkpoint tag of a dist_sparse --init run")
     p.add_argument("--output", required=True, help="run directory (checkpoints, tensorboard, metrics)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides training.max_steps)")
     p.add_argument("--save-interval", type=int, default=None, help="checkpoint every N steps (0: at the end)")

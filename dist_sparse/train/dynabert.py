@@ -24,15 +24,21 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from typing import Any
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
-from dist_sparse.config import DynaBertConfig
+from dist_sparse.config import DynaBertConfig, RunConfig
 from dist_sparse.dynabert.subnet import kept_layers, subnetwork_name, unit_gate, width_counts
 from dist_sparse.train.components import Component
 
-FILE = "dynabert.json"   # the section and the rewiring record, in the run directory and in every checkpoint
+log = logging.getLogger("dist_sparse.dynabert")
+FILE = "dynabert.json"                  # the section as the run trains it, in every checkpoint
+REWIRING_FILE = "dynabert_rewiring.json"  # phase 1's importance and orders, in the run directory
 
 
 def step_schedule(cfg: DynaBertConfig, seed: int, step: int) -> list[tuple[float, float]]:
@@ -140,14 +146,108 @@ class DynaBertComponent(Component):
                 "subnetworks": [subnetwork_name(w, d) for w, d in self.cfg.schedule()]}
 
 
-def check_resumed(recorded: dict | None, cfg: DynaBertConfig, source) -> None:
-    """A resume must continue the same DynaBERT schedule (the section as the run started)."""
+def check_resumed(tag_dir: Path, cfg: DynaBertConfig | None) -> None:
+    """A resume must continue the same DynaBERT schedule (the section as the run started), and
+    a DynaBERT run cannot continue without it."""
+    path = Path(tag_dir) / FILE
+    recorded = json.loads(path.read_text()) if path.is_file() else None
+    if cfg is None:
+        if recorded is not None:
+            raise ValueError("--resume: the run trained with a \"dynabert\" section; resume with it")
+        return
     if recorded is None:
-        raise ValueError(f"--resume: {source} has no {FILE}: the run did not train with a \"dynabert\" section; "
+        raise ValueError(f"--resume: {tag_dir} has no {FILE}: the run did not train with a \"dynabert\" section; "
                          "resume without it")
     if recorded.get("config") != cfg.model_dump():
         raise ValueError(f"--resume: the \"dynabert\" section differs from the one the run started with "
                          f"({recorded.get('config')}); resume with that section")
 
 
-__all__ = ["DynaBertComponent", "FILE", "check_resumed", "step_schedule"]
+def preflight(run_cfg: RunConfig, model_config, init: str) -> None:
+    """Start-up checks of a new DynaBERT run, before any process group exists."""
+    cfg = run_cfg.dynabert
+    if cfg is None:
+        return
+    if cfg.phase == 1 and model_config.unit_order_tp is not None:
+        raise ValueError(f"--init {init} is already rewired by a DynaBERT run: continue from it with "
+                         "dynabert.phase 2, or start phase 1 from the dense model")
+    if cfg.phase == 2 and model_config.unit_order_tp is None:
+        raise ValueError(f"dynabert.phase 2 starts from a phase-1 run (its weights are rewired); --init {init} "
+                         "was never rewired: run phase 1 first")
+    if not model_config.is_uniform():
+        raise ValueError(f"DynaBERT needs every layer at full size; --init {init} has per-layer sizes (a shrunk "
+                         "model)")
+    tp = model_config.unit_order_tp or run_cfg.tp_size
+    for w in cfg.width_mult:
+        width_counts(w, model_config.num_attention_heads, model_config.intermediate_size, tp)
+    for d in cfg.depth_mult:
+        kept_layers(d, model_config.num_hidden_layers)
+
+
+def importance_batches(dataset, collate: Callable[[list], dict], batch_size: int, count: int) -> list[dict]:
+    """The first ``count`` batches of ``dataset`` in order, the same on every rank."""
+    out = []
+    for b in range(count):
+        rows = [dataset[i] for i in range(b * batch_size, min((b + 1) * batch_size, len(dataset)))]
+        if not rows:
+            break
+        out.append(collate(rows))
+    return out
+
+
+def rewire(model, run_cfg: RunConfig, batches: list[dict], run: Path, is_rank0: bool) -> dict:
+    """Phase 1 of a new run: measure importance on ``batches`` with the model's own loss (the
+    task's, or MLM), split over all ranks; rewire the whole (unsharded) model in place for this
+    run's TP degree; check its function did not change; record it in RUN/dynabert_rewiring.json.
+    A collective (every rank calls it, before the engine exists)."""
+    from deepspeed.accelerator import get_accelerator
+
+    from dist_sparse.distributed import comm
+    from dist_sparse.dynabert import importance as imp
+    from dist_sparse.folders import write_json_atomic
+
+    tp = run_cfg.tp_size
+    device = torch.device(get_accelerator().current_device_name())
+    model.to(device)
+    t0 = time.perf_counter()
+    heads, neurons = imp.measure_importance(model, batches, imp.own_loss, rank=comm.rank(),
+                                            world=comm.world_size(), gather=comm.all_gather_object)
+    probe = {k: v.to(device) for k, v in batches[0].items()}
+    model.eval()
+    with torch.no_grad():
+        before = _outputs(model, probe)
+        head_orders, neuron_orders = imp.rewiring_orders(heads, neurons, tp)
+        imp.rewire_model(model, head_orders, neuron_orders, tp)
+        after = _outputs(model, probe)
+    model.train()
+    diff = float((after - before).abs().max())
+    scale = max(float(before.abs().max()), 1.0)
+    if diff > 1e-4 * scale:
+        raise RuntimeError(f"rewiring changed the model's outputs by {diff:.3g} (of {scale:.3g}): a bug, not a setting")
+    record = {"unit_order_tp": tp, "importance_batches": len(batches), "logits_max_abs_diff": diff,
+              "head_orders": imp.as_lists(head_orders), "neuron_orders": imp.as_lists(neuron_orders),
+              "head_importance": heads.tolist(), "neuron_importance": neurons.tolist()}
+    if is_rank0:
+        log.info("DynaBERT: importance from %d batches in %.1f s; heads and neurons rewired for TP degree %d; "
+                 "outputs before/after differ by %.2g", len(batches), time.perf_counter() - t0, tp, diff)
+        write_json_atomic(Path(run) / REWIRING_FILE, record)
+    return record
+
+
+def _outputs(model, batch: dict) -> torch.Tensor:
+    out = model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
+    return (out.logits if hasattr(out, "logits") else out.prediction_logits).float()
+
+
+def evaluate_subnetworks(component: "DynaBertComponent", module, evaluate_one: Callable[[], dict]) -> dict[str, dict]:
+    """``evaluate_one()`` under every sub-network of the schedule but the full model (a
+    collective: every rank runs the same ones); by sub-network name."""
+    out = {}
+    for w, d in component.cfg.schedule()[1:]:
+        with component.subnetwork(module, w, d):
+            out[subnetwork_name(w, d)] = evaluate_one()
+    return out
+
+
+__all__ = ["DynaBertComponent", "FILE", "REWIRING_FILE", "check_resumed", "evaluate_subnetworks", "importance_batches",
+           "preflight", "rewire", "step_schedule"]

@@ -161,13 +161,9 @@ def run(argv: list[str] | None = None) -> int:
         parts = {}
     preflight_sparsity(run_cfg, model_config, dp_size, max_steps)
     if resume_tag is None:
-        preflight_dynabert(run_cfg, model_config, args.init)
+        dyn.preflight(run_cfg, model_config, args.init)
     else:
-        recorded = _read_json(rd.checkpoint_dir(run) / resume_tag / dyn.FILE)
-        if run_cfg.dynabert is not None:
-            dyn.check_resumed(recorded, run_cfg.dynabert, rd.checkpoint_dir(run) / resume_tag)
-        elif recorded is not None:
-            raise ValueError("--resume: the run trained with a \"dynabert\" section; resume with it")
+        dyn.check_resumed(rd.checkpoint_dir(run) / resume_tag, run_cfg.dynabert)
     if resume_tag is not None:
         resumed_masks(rd.checkpoint_dir(run) / resume_tag, 0, run_cfg.sparsity, False,
                        due=run_cfg.sparsity is not None, waiting=False)
@@ -209,12 +205,12 @@ def run(argv: list[str] | None = None) -> int:
     comm.barrier()
     del initial
 
-    rewiring = None
     if run_cfg.dynabert is not None and resume_tag is None and run_cfg.dynabert.phase == 1:
-        rewiring = rewire_for_dynabert(model, run_cfg, eval_ds, micro_bs, meta, is_rank0)
+        collator = TaskCollator(pad_id=meta["special_ids"]["[PAD]"], task_type=meta["task_type"])
+        batches = dyn.importance_batches(eval_ds, collator, micro_bs,
+                                         run_cfg.dynabert.importance_batches)
+        dyn.rewire(model, run_cfg, batches, run, is_rank0)
         model_config = model.config
-        if is_rank0:
-            write_json_atomic(run / "dynabert_rewiring.json", rewiring)
 
     torch.manual_seed(seed)
     if model is None:  # resume: the weights come from the checkpoint
@@ -356,11 +352,8 @@ def run(argv: list[str] | None = None) -> int:
             if is_rank0:
                 log.info("step %d eval %s", progress.step, {k: round(v, 4) for k, v in result_eval.items()})
             if dynabert is not None:
-                sub_eval = {}
-                for w, d in run_cfg.dynabert.schedule()[1:]:  # the first is the full model, evaluated above
-                    with dynabert.subnetwork(engine.module, w, d):
-                        sub_eval[dyn.subnetwork_name(w, d)] = evaluate(engine, eval_ds, collator, micro_bs, meta,
-                                                                       groups)
+                sub_eval = dyn.evaluate_subnetworks(
+                    dynabert, engine.module, lambda: evaluate(engine, eval_ds, collator, micro_bs, meta, groups))
                 for name, values in sub_eval.items():
                     metrics.scalars(f"eval_{name}", progress.step, values)
                 if is_rank0:
@@ -391,71 +384,6 @@ def run(argv: list[str] | None = None) -> int:
         print(f"  tensorboard: {(run / 'tensorboard').resolve()}  (tensorboard --logdir {run / 'tensorboard'})")
     comm.barrier()
     return 0
-
-
-def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def preflight_dynabert(run_cfg: RunConfig, model_config, init: str) -> None:
-    """Start-up checks of a new DynaBERT run, before any process group exists."""
-    cfg = run_cfg.dynabert
-    if cfg is None:
-        return
-    from dist_sparse.dynabert.subnet import kept_layers, width_counts
-
-    if cfg.phase == 1 and model_config.unit_order_tp is not None:
-        raise ValueError(f"--init {init} is already rewired by a DynaBERT run: continue from it with "
-                         "dynabert.phase 2, or start phase 1 from the fine-tuned dense model")
-    if cfg.phase == 2 and model_config.unit_order_tp is None:
-        raise ValueError(f"dynabert.phase 2 starts from a phase-1 run (its weights are rewired); --init {init} "
-                         "was never rewired: run phase 1 first")
-    if not model_config.is_uniform():
-        raise ValueError(f"DynaBERT needs every layer at full size; --init {init} has per-layer sizes (a shrunk "
-                         "model)")
-    tp = model_config.unit_order_tp or run_cfg.tp_size
-    for w in cfg.width_mult:
-        width_counts(w, model_config.num_attention_heads, model_config.intermediate_size, tp)
-    for d in cfg.depth_mult:
-        kept_layers(d, model_config.num_hidden_layers)
-
-
-def rewire_for_dynabert(model, run_cfg: RunConfig, eval_ds, micro_bs: int, meta: dict, is_rank0: bool) -> dict:
-    """Phase 1 of a new run: measure importance on the first batches of the validation split
-    (split over all ranks), rewire the whole model in place for this run's TP degree, and check
-    that its function did not change. Returns the record written to the run directory."""
-    from deepspeed.accelerator import get_accelerator
-
-    from dist_sparse.dynabert import importance as imp
-
-    cfg = run_cfg.dynabert
-    device = torch.device(get_accelerator().current_device_name())
-    model.to(device)
-    collator = TaskCollator(pad_id=meta["special_ids"]["[PAD]"], task_type=meta["task_type"])
-    batches = imp.batches_of(eval_ds, collator, micro_bs, cfg.importance_batches)
-    t0 = time.perf_counter()
-    heads, neurons = imp.measure_importance(model, batches, imp.classifier_loss, rank=comm.rank(),
-                                            world=comm.world_size(), gather=comm.all_gather_object)
-    probe = {k: v.to(device) for k, v in batches[0].items()}
-    model.eval()
-    with torch.no_grad():
-        before = model(**probe).logits.float()
-    head_orders, neuron_orders = imp.rewiring_orders(heads, neurons, run_cfg.tp_size)
-    imp.rewire_model(model, head_orders, neuron_orders, run_cfg.tp_size)
-    with torch.no_grad():
-        after = model(**probe).logits.float()
-    model.train()
-    diff = float((after - before).abs().max())
-    scale = float(before.abs().max()) or 1.0
-    if diff > 1e-4 * max(scale, 1.0):
-        raise RuntimeError(f"rewiring changed the model's logits by {diff:.3g} (of {scale:.3g}): a bug, not a setting")
-    if is_rank0:
-        log.info("DynaBERT: importance from %d validation batches in %.1f s; heads and neurons rewired for TP degree "
-                 "%d; logits before/after differ by %.2g", len(batches), time.perf_counter() - t0,
-                 run_cfg.tp_size, diff)
-    return {"unit_order_tp": run_cfg.tp_size, "importance_batches": len(batches), "logits_max_abs_diff": diff,
-            "head_orders": imp.as_lists(head_orders), "neuron_orders": imp.as_lists(neuron_orders),
-            "head_importance": heads.tolist(), "neuron_importance": neurons.tolist()}
 
 
 def encoder_zero_fraction(state_dict: dict[str, torch.Tensor]) -> float:

@@ -32,6 +32,7 @@ from dist_sparse.sparsifier import check_state_config, section_changes
 from dist_sparse.structured.pruner import StructuredPruner, attach_coefficients
 from dist_sparse.structured.pruner import validate as validate_structured
 from dist_sparse.train import checkpoint as ckpt
+from dist_sparse.train import dynabert as dyn
 from dist_sparse.train import run_dir as rd
 from dist_sparse.train.args import build_parser
 from dist_sparse.train.engine import build_engine
@@ -82,6 +83,8 @@ def run(argv: list[str] | None = None) -> int:
                                 pad_token_id=meta["special_ids"]["[PAD]"])
     run = Path(args.output)
     rd.check_paths(run, Path(args.data))
+    # what the run started from, as checkpoints record it and a resume checks: the preset, or --init
+    model_name = str(Path(args.init).resolve()) if args.init else args.model
     resume_tag = rd.check_run_dir(run, args.resume, args.overwrite, args.resume_tag)
     run_json = rd.read_run_json(run) if resume_tag is not None else {}
     if resume_tag is not None:
@@ -95,6 +98,15 @@ def run(argv: list[str] | None = None) -> int:
         structure = ckpt.read_structure(rd.checkpoint_dir(run) / resume_tag)
         if structure is not None:
             model_config = DistSparseBertConfig.from_dict(structure.model_config)
+    initial = None
+    if args.init is not None and resume_tag is None:
+        initial = load_initial(args.init, args.init_tag)
+        check_tokenizer_fits("--init", initial, meta["vocab_size"], Path(args.data) / "tokenizer")
+        model_config = initial.config
+    if resume_tag is None:
+        dyn.preflight(run_cfg, model_config, args.init or f"--model {args.model}")
+    else:
+        dyn.check_resumed(rd.checkpoint_dir(run) / resume_tag, run_cfg.dynabert)
     sp_cfg = run_cfg.structured_pruning
     structured_state = structure.structured if structure else None
     if structured_state is not None and structured_state.searching and sp_cfg is None:
@@ -152,7 +164,7 @@ def run(argv: list[str] | None = None) -> int:
         rd.checkpoint_dir(run).mkdir(exist_ok=True)
         if resume_tag is None:
             write_json_atomic(run / "run.json", {
-                "argv": argv, "model": args.model, "data": str(Path(args.data).resolve()),
+                "argv": argv, "model": model_name, "data": str(Path(args.data).resolve()),
                 "deepspeed_config": json.loads(Path(args.deepspeed_config).read_text()),
                 "max_steps": max_steps, "seed": seed, "world_size": world, "dp_size": dp_size,
                 "tp_size": run_cfg.tp_size, "global_batch": global_batch, "micro_batch": micro_bs,
@@ -160,7 +172,20 @@ def run(argv: list[str] | None = None) -> int:
     comm.barrier()
 
     torch.manual_seed(seed)
-    model = build_model(model_config)
+    model = build_model(model_config) if initial is None else build_pretraining_model(initial)
+    del initial
+    special = meta["special_ids"]
+    collator = MlmCollator(pad_id=special["[PAD]"], mask_id=special["[MASK]"], vocab_size=meta["vocab_size"],
+                           special_ids=sorted(special.values()), seq_len=meta["seq_len"],
+                           mlm_probability=run_cfg.training.mlm_probability)
+    train_ds, eval_ds = datasets["train"], datasets["eval"]
+    if run_cfg.dynabert is not None and resume_tag is None and run_cfg.dynabert.phase == 1:
+        # importance with the MLM loss on the held-out split, masked by one fixed generator
+        gen = torch.Generator().manual_seed(step_seed(seed, 0, 0, 0, stream=5))
+        batches = dyn.importance_batches(eval_ds, lambda rows: collator(rows, gen), micro_bs,
+                                         run_cfg.dynabert.importance_batches)
+        dyn.rewire(model, run_cfg, batches, run, is_rank0)
+        model_config = model.config
     searching = sp_cfg is not None and (structured_state is None or structured_state.searching)
     if searching:
         attach_coefficients(model, run_cfg.tp_size)
@@ -178,11 +203,6 @@ def run(argv: list[str] | None = None) -> int:
         return build_engine(model, run_cfg, lr_lambda=lr_lambda, start_step=start_step, groups=groups)
     tokens_per_step = global_batch * meta["seq_len"]
 
-    train_ds, eval_ds = datasets["train"], datasets["eval"]
-    special = meta["special_ids"]
-    collator = MlmCollator(pad_id=special["[PAD]"], mask_id=special["[MASK]"], vocab_size=meta["vocab_size"],
-                           special_ids=sorted(special.values()), seq_len=meta["seq_len"],
-                           mlm_probability=run_cfg.training.mlm_probability)
     loader = ResumableBatchIterator(len(train_ds), micro_bs, groups.dp_rank, groups.dp_size, seed)
 
     # The components, in hook order: masks are updated before the structured search looks.
@@ -214,6 +234,13 @@ def run(argv: list[str] | None = None) -> int:
                                          dist_cfg.temperature),
             layer_map, kind="mlm", tp_rank=groups.tp_rank, tp_size=groups.tp_size,
             tp_sum=lambda t: comm.all_reduce_sum_(t, groups.tp_group))
+    dynabert = None
+    if run_cfg.dynabert is not None:
+        dynabert = dyn.DynaBertComponent(run_cfg.dynabert, model_config, seed=seed, tp_rank=groups.tp_rank,
+                                         tp_size=groups.tp_size,
+                                         loss=loss_fn if isinstance(loss_fn, DistillationLoss) else None,
+                                         layer_map=layer_map)
+        components.append(dynabert)
     trainer = Trainer(engine, model_config, groups, zero_stage=run_cfg.zero_stage, build_engine=make_engine,
                       components=components, loss=loss_fn)
     del engine  # the trainer holds the only reference
@@ -228,7 +255,7 @@ def run(argv: list[str] | None = None) -> int:
     ckpt_dir = rd.checkpoint_dir(run)
 
     if resume_tag is not None:
-        progress = load_run_checkpoint(trainer.engine, ckpt_dir, resume_tag, loader, model=args.model,
+        progress = load_run_checkpoint(trainer.engine, ckpt_dir, resume_tag, loader, model=model_name,
                                        data=args.data, meta=meta, groups=groups, max_steps=max_steps,
                                        run_data=run_json.get("data"))
         link_optimizer_state(trainer.engine.optimizer, run_cfg.zero_stage)
@@ -256,7 +283,7 @@ def run(argv: list[str] | None = None) -> int:
     def save(step: int) -> None:
         structured_sd = None if structured is None else ckpt.StructuredState.from_dict(structured.state_dict())
         client = ckpt.ClientState(progress=progress, loader=loader.state_dict(), seed=seed, max_steps=max_steps,
-                                  model=args.model, model_config=trainer.model_config.to_dict(), data_meta=meta,
+                                  model=model_name, model_config=trainer.model_config.to_dict(), data_meta=meta,
                                   dp_size=groups.dp_size, tp_size=groups.tp_size,
                                   sparsity=None if run_cfg.sparsity is None else config_fingerprint(run_cfg.sparsity),
                                   structured=structured_sd)
@@ -266,7 +293,8 @@ def run(argv: list[str] | None = None) -> int:
             rank_files[ckpt.sparsity_file(comm.rank())] = masks
         ckpt.save(trainer.engine, ckpt_dir, ckpt.tag_of(step), client,
                   ckpt.StructureRecord(trainer.model_config.to_dict(), structured_sd), rank_files,
-                  is_rank0=is_rank0, keep=run_cfg.training.keep_checkpoints)
+                  is_rank0=is_rank0, keep=run_cfg.training.keep_checkpoints,
+                  shared_json={dyn.FILE: dynabert.record()} if dynabert is not None else None)
 
     first_batch = next(iter(ResumableBatchIterator(len(train_ds), micro_bs, groups.dp_rank, groups.dp_size, seed)))
 
@@ -317,6 +345,14 @@ def run(argv: list[str] | None = None) -> int:
             metrics.scalars("eval", progress.step, result)
             if is_rank0:
                 log.info("step %d eval %s", progress.step, {k: round(v, 4) for k, v in result.items()})
+            if dynabert is not None:
+                sub = dyn.evaluate_subnetworks(dynabert, engine.module, lambda: evaluate(
+                    engine, eval_ds, collator, micro_bs, run_cfg.training.eval_batches, seed, groups))
+                for name, values in sub.items():
+                    metrics.scalars(f"eval_{name}", progress.step, values)
+                if is_rank0:
+                    log.info("step %d sub-networks (MLM loss): %s", progress.step,
+                             {n: round(v["mlm_loss"], 4) for n, v in sub.items()})
         del engine  # the trainer holds the only reference (a shrink must be able to free it)
         if (save_interval and progress.step % save_interval == 0) or last:
             save(progress.step)

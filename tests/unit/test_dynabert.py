@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_sparse.dynabert.importance import (batch_importance, classifier_loss, measure_importance, rewire_model,
+from dist_sparse.dynabert.importance import (batch_importance, own_loss, measure_importance, rewire_model,
                                              rewiring_orders)
 from dist_sparse.dynabert.subnet import (deal_order, kept_layers, kept_units, position_rank, subnetwork_state_dict,
                                          unit_gate, usable_widths, width_counts)
@@ -80,7 +80,7 @@ def test_deal_order_breaks_ties_by_index():
 def test_importance_equals_the_explicit_formulas():
     model = _model().double()
     batch = _batch()
-    heads, neurons = batch_importance(model, batch, classifier_loss)
+    heads, neurons = batch_importance(model, batch, own_loss)
     # the reference: DynaBERT's formulas on weight gradients, head gates as a head mask on the context
     model.zero_grad()
     gates = [torch.ones(4, dtype=torch.float64, requires_grad=True) for _ in range(4)]
@@ -103,15 +103,15 @@ def test_importance_equals_the_explicit_formulas():
 def test_measure_importance_split_over_ranks_equals_one_process():
     model = _model()
     batches = [_batch(seed=s) for s in range(5)]
-    ref = measure_importance(model, batches, classifier_loss)
+    ref = measure_importance(model, batches, own_loss)
     seen = {}
 
     def gather(obj):  # rank 0's all-gather: its own part, and rank 1's computed as rank 1 would
         seen[0] = set(obj)
-        other = {j: batch_importance(model, batches[j], classifier_loss) for j in (1, 3)}
+        other = {j: batch_importance(model, batches[j], own_loss) for j in (1, 3)}
         return [obj, other]
 
-    got = measure_importance(model, batches, classifier_loss, rank=0, world=2, gather=gather)
+    got = measure_importance(model, batches, own_loss, rank=0, world=2, gather=gather)
     assert seen[0] == {0, 2, 4}
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
 
@@ -123,13 +123,13 @@ def test_rewiring_keeps_the_function(tp):
     model = _model()
     batch = _batch()
     before = model(**batch).logits
-    heads, neurons = measure_importance(model, [batch], classifier_loss)
+    heads, neurons = measure_importance(model, [batch], own_loss)
     rewire_model(model, *rewiring_orders(heads, neurons, tp), tp)
     assert model.config.unit_order_tp == tp
     after = model(**batch).logits
     assert torch.allclose(after, before, rtol=0, atol=1e-5)
     # the most important head of layer 0 now sits at position 0 (rank 0)
-    h2, _ = measure_importance(model, [batch], classifier_loss)
+    h2, _ = measure_importance(model, [batch], own_loss)
     assert torch.argmax(h2[0]).item() == 0
     with pytest.raises(ValueError, match="already rewired"):
         rewire_model(model, *rewiring_orders(heads, neurons, tp), tp)
@@ -148,7 +148,7 @@ def _gate(model, width, depth):
 def test_gated_subnetwork_equals_its_standalone_model(tp, width, depth):
     model = _model(seed=3)
     batch = _batch(seed=1)
-    rewire_model(model, *rewiring_orders(*measure_importance(model, [batch], classifier_loss), tp), tp)
+    rewire_model(model, *rewiring_orders(*measure_importance(model, [batch], own_loss), tp), tp)
     sd, cfg = subnetwork_state_dict(model.state_dict(), model.config, width, depth)
     _gate(model, width, depth)
     want = model(**batch).logits
@@ -224,7 +224,7 @@ def test_sampled_schedule_is_seeded_and_keeps_the_full_model_first():
 
 def test_start_up_refusals_name_what_to_fix():
     from dist_sparse.config import parse_run_config
-    from dist_sparse.train.finetune import preflight_dynabert
+    from dist_sparse.train.dynabert import preflight as preflight_dynabert
 
     def run_cfg(tp=1, **section):
         raw = {"train_micro_batch_size_per_gpu": 2, "dynabert": section}
