@@ -20,7 +20,8 @@ DEMO_MODEL ?= bert-tiny
 # `make demo DEMO_CONFIG=ds_configs/cpu_zero2_sparse_set.json` trains sparse (SET, 80%, ERK).
 DEMO_CONFIG ?= ds_configs/cpu_zero2.json
 
-.PHONY: setup demo demo-sparse demo-structured demo-sparse-structured demo-finetune test test-fast clean-demo
+.PHONY: setup demo demo-sparse demo-structured demo-sparse-structured demo-teacher demo-finetune demo-dynabert test \
+	test-fast clean-demo
 
 setup: $(STAMP)
 
@@ -62,13 +63,18 @@ demo-sparse-structured:
 # to 90% with GMP while distilling the teacher's logits, hidden states and attention), then the
 # Hugging Face export of the sparse classifier. Runs `make demo` first when its run is missing.
 FT_STEPS ?= 300
-demo-finetune: $(STAMP)
+DYN_STEPS ?= 100
+# the dense fine-tuned teacher of demo-finetune and demo-dynabert (made once)
+demo-teacher: $(STAMP)
 	@test -f $(DEMO)/run/checkpoints/latest || $(MAKE) demo
 	@test -f $(DEMO)/task/meta.json || $(VENV)/bin/dist-sparse prepare-task --default-task \
 	    --tokenizer $(DEMO)/data --output $(DEMO)/task --seq-len 128
-	PATH=$(abspath $(VENV))/bin:$$PATH deepspeed --num_gpus $(DEMO_RANKS) launchers/finetune.py \
+	@test -f $(DEMO)/finetune-teacher/eval_results.json || PATH=$(abspath $(VENV))/bin:$$PATH deepspeed \
+	    --num_gpus $(DEMO_RANKS) launchers/finetune.py \
 	    --deepspeed_config ds_configs/cpu_zero2_finetune.json --task $(DEMO)/task --init $(DEMO)/run \
 	    --output $(DEMO)/finetune-teacher --max-steps $(FT_STEPS) --eval-interval 100 --overwrite
+
+demo-finetune: demo-teacher
 	PATH=$(abspath $(VENV))/bin:$$PATH deepspeed --num_gpus $(DEMO_RANKS) launchers/finetune.py \
 	    --deepspeed_config ds_configs/cpu_zero2_finetune_sparsebert.json --teacher $(DEMO)/finetune-teacher \
 	    --task $(DEMO)/task --init $(DEMO)/run --output $(DEMO)/finetune-sparse --max-steps $(FT_STEPS) \
@@ -78,6 +84,22 @@ demo-finetune: $(STAMP)
 	@echo "demo-finetune done: validation metrics in $(DEMO)/finetune-teacher/eval_results.json (dense teacher) and"
 	@echo "  $(DEMO)/finetune-sparse/eval_results.json (90% sparse student); the sparse classifier in $(DEMO)/finetune-hf"
 	@echo "  (AutoModelForSequenceClassification.from_pretrained(\"$(DEMO)/finetune-hf\"))"
+
+# DynaBERT: phase 1 (width) from the dense teacher, phase 2 (width and depth, ZeRO-3) from phase 1,
+# then one sub-network exported as a standalone model. DEMO_RANKS=4 runs it on 4 ranks.
+demo-dynabert: demo-teacher
+	PATH=$(abspath $(VENV))/bin:$$PATH deepspeed --num_gpus $(DEMO_RANKS) launchers/finetune.py \
+	    --deepspeed_config ds_configs/cpu_zero2_dynabert_phase1.json --teacher $(DEMO)/finetune-teacher \
+	    --task $(DEMO)/task --init $(DEMO)/finetune-teacher --output $(DEMO)/dynabert-width \
+	    --max-steps $(DYN_STEPS) --eval-interval 50 --overwrite
+	PATH=$(abspath $(VENV))/bin:$$PATH deepspeed --num_gpus $(DEMO_RANKS) launchers/finetune.py \
+	    --deepspeed_config ds_configs/cpu_zero3_dynabert_phase2.json --teacher $(DEMO)/dynabert-width \
+	    --task $(DEMO)/task --init $(DEMO)/dynabert-width --output $(DEMO)/dynabert-depth \
+	    --max-steps $(DYN_STEPS) --eval-interval 50 --overwrite
+	$(VENV)/bin/dist-sparse inspect $(DEMO)/dynabert-depth
+	$(VENV)/bin/dist-sparse export $(DEMO)/dynabert-depth $(DEMO)/dynabert-hf --width 0.5 --depth 0.5 --overwrite
+	@echo "demo-dynabert done: every sub-network's validation metrics in $(DEMO)/dynabert-depth/eval_results.json;"
+	@echo "  the width 0.5 / depth 0.5 sub-network as a standalone model in $(DEMO)/dynabert-hf"
 
 test: $(STAMP)
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q tests
