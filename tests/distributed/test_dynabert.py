@@ -259,3 +259,18 @@ def test_pretraining_phase1_with_mlm_distillation_at_tp2(data_dir, dyn_init, tmp
     assert record["unit_order_tp"] == 2
     structure = json.loads((run / "checkpoints" / "global_step3" / "structure.json").read_text())
     assert structure["model_config"]["unit_order_tp"] == 2
+
+
+def test_multipliers_that_split_heads_over_tp_shards_are_refused_at_start_up(task_dir, dyn_init, tmp_path):  # noqa: F811
+    """Width 0.25 of 4 heads is one head: not a whole head on each of 2 TP shards. Refused before
+    any process group, naming the usable multipliers; nothing is written."""
+    student, teacher = dyn_init
+    cfg = ds_config(tmp_path, "bad.json", stage=1, micro=4, gas=1, tp=2,
+                    dynabert={"phase": 1, "width_mult": [0.25, 1.0]})
+    run = tmp_path / "run"
+    proc = finetune(cfg, task_dir, student, run, "--max-steps", 2, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "width multiplier 0.25 does not keep whole heads and FFN neurons on every tensor-parallel shard" in out
+    assert "usable: 0.5, 1" in out
+    assert not run.exists()
