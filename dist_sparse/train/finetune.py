@@ -32,9 +32,9 @@ from dist_sparse.distributed.zero import link_optimizer_state
 from dist_sparse.folders import write_json_atomic
 from dist_sparse.model.config import DistSparseBertConfig
 from dist_sparse.train import checkpoint as ckpt
+from dist_sparse.train import dynabert as dyn
 from dist_sparse.train import run_dir as rd
 from dist_sparse.train.engine import build_engine
-from dist_sparse.train import dynabert as dyn
 from dist_sparse.train.initial import build_task_model, check_tokenizer_fits, load_initial
 from dist_sparse.train.loop import load_run_checkpoint, resumed_masks, step_seed
 from dist_sparse.train.losses import DistillationLoss, DistillationWeights, task_loss

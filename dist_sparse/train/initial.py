@@ -239,8 +239,9 @@ def build_pretraining_model(initial: InitialWeights):
     from dist_sparse.model import DistSparseBertForPreTraining
 
     if not any(k.startswith("cls.predictions.") for k in initial.state_dict):
-        raise ValueError(f"{initial.source} has no masked-LM head: a pre-training teacher must be a pre-trained "
-                         "model (BertForPreTraining / BertForMaskedLM, or a dist_sparse pre-training run)")
+        raise ValueError(f"{initial.source} has no masked-LM head: pre-training starts from (and distils from) a "
+                         "pre-trained model only (BertForPreTraining / BertForMaskedLM, or a dist_sparse pre-training "
+                         "run)")
     model = DistSparseBertForPreTraining(initial.config)
     missing, unexpected = model.load_state_dict(initial.state_dict, strict=False)
     optional = set(TIED_KEYS) | {"cls.seq_relationship.weight", "cls.seq_relationship.bias", *POOLER_KEYS}
