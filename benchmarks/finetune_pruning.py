@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-steps", type=int, default=None, help="fine-tuning steps of every row (300)")
     p.add_argument("--finetune-config", default=str(ROOT / "ds_configs" / "cpu_zero2_finetune.json"),
                    help="base fine-tuning config (a sparsity/distillation section in it is replaced)")
+    p.add_argument("--base-lr", type=float, default=None,
+                   help="peak learning rate of the base model's rows (teacher, GMP, KD); default: the config's")
+    p.add_argument("--small-lr", type=float, default=None,
+                   help="peak learning rate of the small dense model's rows; default: the config's")
     p.add_argument("--sparsities", default=None, help="comma-separated GMP targets (0.8,0.9,0.95)")
     p.add_argument("--update-interval", type=int, default=None, help="GMP update interval (5)")
     p.add_argument("--end-fraction", type=float, default=0.75, help="GMP reaches its target at this fraction")
@@ -228,7 +232,9 @@ def launch(name: str, script: str, script_args: list[str], args, out_dir: Path, 
     cmd = [exe("deepspeed"), "--num_gpus", str(args.num_gpus), "--master_port", str(port),
            str(ROOT / "launchers" / script)] + script_args + ["--no-progress", "--overwrite"]
     stamp = run_dir / "bench_command.json"
-    key = [c for c in cmd if c != str(port)]  # the port may differ between attempts
+    # The port may differ between attempts; the config's contents must not (its path stays the same).
+    cfg_file = Path(script_args[script_args.index("--deepspeed_config") + 1])
+    key = [c for c in cmd if c != str(port)] + [json.dumps(json.loads(cfg_file.read_text()), sort_keys=True)]
     if args.reuse and (run_dir / done_file).exists() and stamp.is_file():
         old = json.loads(stamp.read_text())
         if old.get("key") == key:
@@ -320,6 +326,11 @@ def row_config(spec: dict, base: dict, args, teacher_dir: Path | None) -> dict:
     cfg = copy.deepcopy(base)
     for key in ("sparsity", "distillation", "structured_pruning"):
         cfg.pop(key, None)
+    # Each model at a learning rate it learns at: one rate for all does not fit both sizes (the
+    # first run: bert-mini stayed on the majority class at bert-tiny's 1e-3).
+    lr = args.base_lr if spec["model"] == "base" else args.small_lr
+    if lr is not None:
+        cfg.setdefault("optimizer", {}).setdefault("params", {})["lr"] = lr
     if spec["sparsity"] is not None:
         # ds_configs/cpu_zero2_finetune_sparsebert.json's GMP section at this target
         cfg["sparsity"] = {"method": "gmp", "sparsity": spec["sparsity"], "update_interval": args.update_interval,
@@ -484,7 +495,7 @@ def finetune_row(spec: dict, task_name: str, task: Path, seed: int, args, out_di
            **flops, "wall_s": wall, "train_loop_s": train_loop_seconds(rows, meta["global_batch"]),
            "global_batch": meta["global_batch"], "micro_batch": meta["micro_batch"],
            "gradient_accumulation": meta["gradient_accumulation"], "dp_size": meta["dp_size"],
-           "steps": args.finetune_steps, "lr": base_cfg.get("optimizer", {}).get("params", {}).get("lr"),
+           "steps": args.finetune_steps, "lr": cfg.get("optimizer", {}).get("params", {}).get("lr"),
            "train_loss_last10": _mean([r["loss"] for r in rows if r["split"] == "train"
                                        and r["step"] > args.finetune_steps - 10]),
            "run_dir": str(run_dir), "config": str(cfg_path), "sections": {k: cfg[k] for k in ("sparsity", "distillation")
@@ -641,7 +652,7 @@ def generated_block(result: dict) -> str:
              f"on the default corpus (vocabulary 8000, seq 128), `{Path(result['pretrain_config']).name}`, seed "
              f"{result['pretrain_seed']}.",
              f"- Fine-tuning: {result['finetune_steps']} steps for every row, `{Path(result['finetune_config']).name}` "
-             f"(global batch {result['rows'][0]['global_batch']}, lr {result['rows'][0]['lr']}, 10% warm-up, linear "
+             f"(global batch {result['rows'][0]['global_batch']}, {lr_text(result['rows'])}, 10% warm-up, linear "
              f"decay), seed(s) {', '.join(map(str, result['seeds']))}; GMP: cubic schedule from dense, every "
              f"{result['update_interval']} steps, target reached at {result['end_fraction']:.0%} of the steps; "
              f"distillation: temperature 1, hard 0; KD rows logits, hidden and attention 1.0, small dense + KD "
@@ -657,6 +668,17 @@ def generated_block(result: dict) -> str:
              "Evaluation is not counted. Wall seconds are CPU figures for reference only.",
              BLOCK_END]
     return "\n".join(x for x in lines if x is not None)
+
+
+def lr_text(rows: list[dict]) -> str:
+    """'lr 0.001' when every row used one rate, else the rate of each model."""
+    per_model: dict[str, set] = {}
+    for r in rows:
+        per_model.setdefault(r["model_preset"], set()).add(r["lr"])
+    rates = {lr for v in per_model.values() for lr in v}
+    if len(rates) == 1:
+        return f"lr {rates.pop()}"
+    return "peak lr " + ", ".join(f"{m} {'/'.join(map(str, sorted(v)))}" for m, v in per_model.items())
 
 
 def update_results_md(path: Path, block: str) -> None:
