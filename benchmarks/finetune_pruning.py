@@ -36,9 +36,10 @@ script replays the run's data order (``ResumableBatchIterator`` with the run's s
 shapes. The distillation rows also pay the teacher's forward pass on the same batches (dense, fp32
 on the CPU), reported in its own column and in the total. Evaluation is not counted.
 
-    # the full benchmark (about 45-60 min on the 2-core CPU machine): table in benchmarks/RESULTS.md,
-    # plot benchmarks/finetune_pruning.png, raw results benchmarks/results/finetune_pruning.json
-    python benchmarks/finetune_pruning.py --output-dir /tmp/bench/fp
+    # the full benchmark as recorded (three seeds, about 100 min on the 2-core CPU machine): table in
+    # benchmarks/RESULTS.md, plot benchmarks/finetune_pruning.png, raw results in benchmarks/results/
+    python benchmarks/finetune_pruning.py --output-dir /tmp/bench/fp --seeds 1234,4321,2718 \
+        --base-lr 3e-4 --small-lr 1e-3
     # end-to-end check in a few minutes (10 steps, 90% only; writes into --output-dir only)
     python benchmarks/finetune_pruning.py --quick --output-dir /tmp/bench/fp_quick
 
