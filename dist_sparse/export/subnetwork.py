@@ -40,9 +40,9 @@ def read_record(tag_dir: Path) -> dict | None:
 
 def trained(record: dict) -> list[tuple[float, float]]:
     """Every (width, depth) the run trained, largest first (the schedule's order)."""
-    c = record["config"]
-    return sorted(((w, d) for d in c["depth_mult"] for w in c["width_mult"]), key=lambda wd: (wd[1], wd[0]),
-                  reverse=True)
+    from dist_sparse.config import DynaBertConfig
+
+    return DynaBertConfig(**record["config"]).schedule()
 
 
 def parameter_count(config) -> int:
