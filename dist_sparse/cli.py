@@ -32,10 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="a checkpoint as a Hugging Face folder that stock transformers loads")
     p.add_argument("checkpoint", help="RUN, RUN/checkpoints, or RUN/checkpoints/<tag>")
     p.add_argument("out_dir", help="folder to write: new, empty, or a previous export (with --overwrite)")
-    p.add_argument("--format", choices=["dense", "compact"], default="dense",
+    p.add_argument("--format", choices=["dense", "compact"], default=None,
                    help="dense: stock BertForPreTraining (a fine-tuned run: BertForSequenceClassification), removed "
                         "heads/neurons as zeros (default); compact: "
-                        "per-layer sizes physically smaller, loaded with trust_remote_code=True")
+                        "per-layer sizes physically smaller, loaded with trust_remote_code=True (the default, and "
+                        "the only choice, for a DynaBERT sub-network of width < 1)")
+    p.add_argument("--width", type=float, help="DynaBERT run: export only the sub-network of this width multiplier "
+                                               "(one the run trained; default 1.0 when --depth is given)")
+    p.add_argument("--depth", type=float, help="DynaBERT run: export only the sub-network of this depth multiplier "
+                                               "(one the run trained; default 1.0 when --width is given)")
     p.add_argument("--tag", help="checkpoint tag to export, e.g. global_step20 (default: the one 'latest' names)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT_DIR if it holds a previous export (any other folder is refused)")

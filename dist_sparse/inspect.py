@@ -1,7 +1,8 @@
 """``dist-sparse inspect RUN_OR_CHECKPOINT``: per-layer masks and method state of a checkpoint.
 
 Formats what the offline checkpoint reader (:mod:`dist_sparse.train.checkpoint`, shared with
-export) finds: the masks put together from the ranks' sparsity files, and structure.json.
+export) finds: the masks put together from the ranks' sparsity files, structure.json, and a
+DynaBERT run's dynabert.json (the sub-networks it trained, as ``export --width/--depth`` cuts them).
 Works on any machine; no process group needed.
 """
 
@@ -87,6 +88,48 @@ def format_structure(tag_dir: Path) -> str | None:
     return "\n".join(lines)
 
 
+def format_dynabert(tag_dir: Path) -> str | None:
+    """The sub-networks a DynaBERT run trained, the full model first: width, depth, kept layers,
+    heads and FFN neurons per kept layer, parameters and training FLOPs per token at the run's
+    sequence length (None for a checkpoint of another run)."""
+    from dist_sparse.export.subnetwork import Subnetwork, parameter_count, read_record, trained
+    from dist_sparse.model.config import DistSparseBertConfig
+    from dist_sparse.model.presets import dense_flops_per_token
+
+    structure = read_structure(tag_dir)
+    record = read_record(tag_dir)
+    config = None if structure is None else DistSparseBertConfig.from_dict(structure.model_config)
+    rewired = config is not None and config.unit_order_tp is not None
+    if record is None:
+        return (f"model rewired by DynaBERT (unit_order_tp {config.unit_order_tp}), but this run did not train with a "
+                "\"dynabert\" section: no sub-networks of its own") if rewired else None
+    if not rewired:
+        return f"{tag_dir / 'dynabert.json'} names sub-networks, but the model config has no unit_order_tp: damaged?"
+    seq = _seq_len(tag_dir)
+    full_flops = dense_flops_per_token(config, seq, training=True)
+    rows = []
+    for w, d in trained(record):
+        sub = Subnetwork(config, w, d)
+        heads, neurons = sub.counts
+        cfg = sub.config()
+        flops = dense_flops_per_token(cfg, seq, training=True)
+        rows.append((sub.name + (" (full)" if (w, d) == (1.0, 1.0) else ""), f"{w:g}", f"{d:g}",
+                     ",".join(map(str, sub.layers)), f"{heads} / {config.num_attention_heads}",
+                     f"{neurons} / {config.intermediate_size}", f"{parameter_count(cfg):,}",
+                     f"{flops / 1e6:.2f} M (x{flops / full_flops:.3f})"))
+    header = ("sub-network", "width", "depth", "layers", "heads", "FFN neurons", "parameters",
+              f"train FLOPs/token (seq {seq})")
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    left = {0, 3}  # names and layer lists read left to right, numbers right-aligned
+    c = record["config"]
+    lines = [f"DynaBERT phase {record.get('phase')}: sub-networks of width_mult {c['width_mult']} x depth_mult "
+             f"{c['depth_mult']}, units ordered for TP degree {config.unit_order_tp}"]
+    lines += ["  ".join(v.ljust(n) if i in left else v.rjust(n) for i, (v, n) in enumerate(zip(r, widths))).rstrip()
+              for r in (header, *rows)]
+    lines.append("heads and FFN neurons per kept layer; export one with dist-sparse export RUN OUT --width W --depth D")
+    return "\n".join(lines)
+
+
 def run_inspect(args) -> int:
     tag_dir = resolve_checkpoint(args.path, getattr(args, "tag", None))
     try:
@@ -94,8 +137,11 @@ def run_inspect(args) -> int:
         info = sparsity_summary(tag_dir)
     except DamagedFile as err:
         raise ValueError(f"{err}; inspect another checkpoint with --tag") from None
+    dynabert = format_dynabert(tag_dir)
     if structure is None or info:
         print(format_report(tag_dir, info))
     if structure is not None:
         print(structure if not info else "\n" + structure)
+    if dynabert is not None:
+        print("\n" + dynabert)
     return 0

@@ -16,6 +16,11 @@ Formats:
   dist_sparse); loaded with ``trust_remote_code=True``, through every Auto class of BERT's heads
   (pre-training, masked LM, sequence and token classification, question answering).
 
+A DynaBERT run's checkpoint exports whole (a normal model), or with ``--width/--depth`` one
+sub-network it trained, cut out as a standalone model (:mod:`.subnetwork`): dense when it has
+every head and neuron (width 1.0: fewer layers only), else compact; verified against the whole
+trained model with that sub-network's gates and active layers set.
+
 Both carry the tokenizer (a fine-tuning run's: its task folder's ``tokenizer/``), a README model
 card and ``sparsity.json`` (per-layer density, pattern, kept heads and FFN widths with their
 original indices, and a classifier's labels).
@@ -272,18 +277,21 @@ def _load_exactly(model, weights: dict) -> None:
     model.tie_weights()
 
 
-def _export_model(weights: dict, structure: TrainedStructure, fmt: str):
+def _export_model(weights: dict, structure: TrainedStructure, fmt: str, subnetwork=None):
     """The model object to save_pretrained, and the config it was built with: the stock class of
-    the trained model's kind (dense), or ours at the trained sizes (compact)."""
+    the trained model's kind (dense), or ours at the trained sizes (compact); of the DynaBERT
+    ``subnetwork`` (an ``export.subnetwork.Subnetwork``) cut out of the weights when given."""
+    if subnetwork is not None:
+        sd, cfg = subnetwork.cut(weights)
+    else:
+        sd, cfg = (dense_state_dict if fmt == "dense" else compact_state_dict)(weights, structure)
     if fmt == "dense":
         import transformers
 
-        sd, cfg = dense_state_dict(weights, structure)
         # the kind from the trained config: the dense config has no architectures any more
         cls = getattr(transformers, EXPORT_CLASSES[model_kind(structure.config)]["dense"])
         model = cls(cfg.to_hf_bert_config())
     else:
-        sd, cfg = compact_state_dict(weights, structure)
         model = model_class(cfg)(cfg)
     _load_exactly(model, sd)
     return model.eval(), cfg
@@ -367,9 +375,15 @@ def _task_lines(info: CheckpointInfo, report: dict) -> list[str]:
     results = info.tag_dir.parent.parent / "eval_results.json"
     with contextlib.suppress(OSError, ValueError, TypeError):
         got = json.loads(results.read_text())
+        sub = report.get("dynabert")
+        if sub and (sub["width"], sub["depth"]) != (1.0, 1.0):
+            # a DynaBERT run evaluates each sub-network too; the full model's results are top level
+            got = {**(got.get("subnetworks") or {}).get(sub["name"], {}), "step": got.get("step")}
         if got.get("step") == info.step:
             shown = {k: v for k, v in got.items() if isinstance(v, float) and not k.startswith("teacher")}
-            lines += ["Validation at this step: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()) + ".", ""]
+            if shown:
+                lines += ["Validation at this step" + (f" (sub-network {sub['name']})" if sub else "") + ": "
+                          + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()) + ".", ""]
     return lines
 
 
@@ -381,6 +395,8 @@ def model_card(info: CheckpointInfo, report: dict, fmt: str, trained_params: int
     classifier = report["model"]["kind"] == SEQUENCE_CLASSIFICATION
     title = ("BERT sequence classifier fine-tuned with dist_sparse" if classifier
              else f"{state.get('model', 'BERT')} pre-trained with dist_sparse")
+    if report.get("dynabert"):
+        title += f", DynaBERT sub-network {report['dynabert']['name']}"
     lines = [f"# {title}", "",
              f"Exported ({fmt}) from DeepSpeed checkpoint `{info.tag_dir.name}` at step {info.step} of "
              f"{state.get('max_steps', '?')}: ZeRO-{info.zero_stage}, data-parallel {info.dp_size} x tensor-parallel "
@@ -388,14 +404,19 @@ def model_card(info: CheckpointInfo, report: dict, fmt: str, trained_params: int
              + (f" (sentencepiece {meta.get('tokenizer_type', '')})." if not classifier else "."), ""]
     if classifier:
         lines += _task_lines(info, report)
+    if report.get("dynabert"):
+        from dist_sparse.export.subnetwork import card_lines
+
+        lines += card_lines(report["dynabert"])
     if report.get("method"):
         weights = report["weights"]
         total = sum(w["shape"][0] * w["shape"][1] for w in weights.values())
         active = sum(w["active"] for w in weights.values())
+        whole = ", in the full trained model" if report.get("dynabert") else ""  # the masks are the whole model's
         lines += [f"Sparse training: method {report['method']}, target sparsity {report['sparsity']}, pattern "
                   f"{report['pattern']}, distribution {report['distribution']}. The sparse weights hold {active} "
-                  f"non-zeros of {total} (density {active / total:.4f}); pruned weights are stored as exact zeros. "
-                  "Per-layer and per-weight figures are in sparsity.json.", ""]
+                  f"non-zeros of {total} (density {active / total:.4f}{whole}); pruned weights are stored as exact "
+                  "zeros. Per-layer and per-weight figures are in sparsity.json.", ""]
     else:
         lines += ["No unstructured sparsity (dense weights).", ""]
     s = report.get("structured")
@@ -440,8 +461,9 @@ def model_card(info: CheckpointInfo, report: dict, fmt: str, trained_params: int
                   "```python", "from transformers import AutoModelForMaskedLM, AutoModelForPreTraining, AutoTokenizer",
                   "model = AutoModelForMaskedLM.from_pretrained(PATH, trust_remote_code=True)",
                   "tokenizer = AutoTokenizer.from_pretrained(PATH)", "```", ""]
+    gated = f" computing sub-network {report['dynabert']['name']} (gates set)" if report.get("dynabert") else ""
     lines += [f"Verified on export: reloaded in a fresh process with plain transformers, the logits differ from the "
-              f"trained model's by at most {max_diff:.3g} (tolerance {tolerance:g}).", ""]
+              f"trained model's{gated} by at most {max_diff:.3g} (tolerance {tolerance:g}).", ""]
     return "\n".join(lines)
 
 
@@ -660,19 +682,26 @@ def _writing_into(out_dir: Path):
                          f"{err.strerror or err}; pick an OUT_DIR in a folder you can write to") from None
 
 
-def export(checkpoint: str | Path, out_dir: str | Path, fmt: str = "dense", overwrite: bool = False,
+def export(checkpoint: str | Path, out_dir: str | Path, fmt: str | None = None, overwrite: bool = False,
            tokenizer: str | None = None, tolerance: float = TOLERANCE, tag: str | None = None,
-           force_tokenizer: bool = False) -> dict:
+           force_tokenizer: bool = False, width: float | None = None, depth: float | None = None) -> dict:
     """Export one checkpoint; see the module docstring. Returns a summary (paths, max_diff).
 
-    Every refusal of the input (OUT_DIR, the checkpoint and its files, the tokenizer, a parent
-    folder that cannot be written) comes before the consolidation, which is the slow part."""
+    ``width`` / ``depth`` (a DynaBERT run's checkpoint; either one alone: the other is 1.0): only
+    that sub-network, as a standalone model (:mod:`.subnetwork`). ``fmt`` None: dense, except for a
+    sub-network of width < 1, which only compact can hold.
+
+    Every refusal of the input (OUT_DIR, the checkpoint and its files, the sub-network, the
+    tokenizer, a parent folder that cannot be written) comes before the consolidation, which is
+    the slow part."""
     from transformers import AutoTokenizer
 
+    from dist_sparse.export import subnetwork as sn
     from dist_sparse.model import DistSparseBertConfig
 
-    if fmt not in FORMATS:
+    if fmt is not None and fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+    sn.check_format(width, fmt)
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite)
     tag_dir = locate(checkpoint, tag)
@@ -683,6 +712,9 @@ def export(checkpoint: str | Path, out_dir: str | Path, fmt: str = "dense", over
     except DamagedFile as err:
         raise ValueError(f"{err}; {_another_checkpoint(err.path.parent)}") from None
     config = DistSparseBertConfig.from_dict(info.model_config)
+    sub = None if width is None and depth is None else sn.select(tag_dir, config, width, depth)
+    if fmt is None:
+        fmt = "compact" if sub is not None and sub.width < 1 else "dense"
     tok_dir, run_tok_dir = tokenizer_dirs(tag_dir, tokenizer, force_tokenizer)
     _check_not_inside(out_dir, {"tokenizer": tok_dir})
     check_tokenizer(tok_dir, run_tok_dir, info, config.vocab_size, given=tokenizer is not None)
@@ -701,8 +733,12 @@ def export(checkpoint: str | Path, out_dir: str | Path, fmt: str = "dense", over
             tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
         weights = consolidate(info, config)
         reference = trained_model(weights, config)
-        model, out_cfg = _export_model(weights, structure, fmt)
+        model, out_cfg = _export_model(weights, structure, fmt, sub)
         report = sparsity_report(info, structure, masks, model, fmt)
+        if sub is not None:
+            # the reference: the whole trained model computing the sub-network, as training ran it
+            sub.gate(reference)
+            _subnetwork_report(report, sub, sn.read_record(tag_dir))
         with _writing_into(out_dir):
             if fmt == "compact":
                 from dist_sparse.export.remote_code import save_compact
@@ -716,7 +752,8 @@ def export(checkpoint: str | Path, out_dir: str | Path, fmt: str = "dense", over
         # own, or the one the user vouched for with --force-tokenizer.
         max_diff = verify_folder(tmp, reference, fmt, run_tok_dir or tok_dir, expected_special_ids(info),
                                  kind=model_kind(config))
-        print(f"verified: plain transformers reproduces the trained model's logits to {max_diff:.3g} "
+        what = "trained model" if sub is None else f"trained model gated to sub-network {sub.name}"
+        print(f"verified: plain transformers reproduces the logits of the {what} to {max_diff:.3g} "
               f"(tolerance {tolerance:g})")
         if not max_diff <= tolerance:
             raise ValueError(f"exported model differs from the trained one by {max_diff:.3g} > {tolerance:g}")
@@ -734,11 +771,28 @@ def export(checkpoint: str | Path, out_dir: str | Path, fmt: str = "dense", over
             shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)
         raise
-    return {"out_dir": str(out_dir), "max_diff": max_diff, "checkpoint": str(tag_dir), "format": fmt}
+    return {"out_dir": str(out_dir), "max_diff": max_diff, "checkpoint": str(tag_dir), "format": fmt,
+            "subnetwork": None if sub is None else sub.name}
+
+
+def _subnetwork_report(report: dict, sub, record: dict) -> None:
+    """sparsity.json of a sub-network export: its own layers (the kept ones, renumbered, with the
+    trained layer each was) and the sub-network's description; the trained layer's mask density
+    where the run trained with masks."""
+    full_layers = report["layers"]
+    report["layers"] = sub.report_layers()
+    for entry in report["layers"].values():
+        density = full_layers[f"layer.{entry['trained_layer']}"].get("density")
+        if density is not None:
+            entry["trained_layer_density"] = density
+    report["dynabert"] = {**sub.describe(), "phase": record.get("phase"),
+                          "trained_subnetworks": list(record.get("subnetworks") or [])}
 
 
 def run_export(args) -> int:
     result = export(args.checkpoint, args.out_dir, fmt=args.format, overwrite=args.overwrite,
-                    tokenizer=args.tokenizer, tag=args.tag, force_tokenizer=args.force_tokenizer)
-    print(f"exported {result['checkpoint']} -> {result['out_dir']} ({result['format']})")
+                    tokenizer=args.tokenizer, tag=args.tag, force_tokenizer=args.force_tokenizer,
+                    width=args.width, depth=args.depth)
+    what = result["format"] + (f", sub-network {result['subnetwork']}" if result["subnetwork"] else "")
+    print(f"exported {result['checkpoint']} -> {result['out_dir']} ({what})")
     return 0
