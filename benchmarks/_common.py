@@ -1,6 +1,7 @@
 """What the benchmark scripts share: process and device set-up, batch arithmetic, synthetic MLM
-batches, timing statistics, the record of machine and code state, and clean-up after DeepSpeed's
-CPU backend.
+batches, timing statistics, the record of machine and code state, clean-up after DeepSpeed's
+CPU backend, and for the scripts that launch real runs (finetune_pruning.py, dynabert_grid.py) the
+launch environment, the prepared corpus, run configs and metrics, and a fine-tuning run's FLOPs.
 
 Every script imports this module as ``_common``: ``python benchmarks/x.py`` (and the deepspeed
 launcher, which runs the same) puts benchmarks/ on sys.path; the scripts add it themselves too, so
@@ -330,3 +331,94 @@ def run_logged(name: str, cmd: list[str], log_path: Path, port: int) -> float:
         tail = log_path.read_text()[-3000:]
         raise RuntimeError(f"run {name} failed (exit {proc.returncode}); last lines of {log_path}:\n{tail}")
     return wall
+
+
+def exe(name: str) -> str:
+    """A console script of this environment (``deepspeed``, ``dist-sparse``), else the bare name
+    (found on PATH)."""
+    path = bin_dir() / name
+    return str(path if path.exists() else name)
+
+
+def ensure_data(data: str | None, out_dir: Path) -> Path:
+    """``data``, a corpus prepared by ``dist-sparse prepare-data`` (checked), else the default corpus
+    (vocabulary 8000, seq 128) prepared once into OUT_DIR/data."""
+    if data:
+        path = Path(data).resolve()
+        if not (path / "meta.json").is_file():
+            raise ValueError(f"--data {path} is not a prepared dataset (no meta.json)")
+        return path
+    path = out_dir / "data"
+    if (path / "meta.json").is_file():
+        print(f"using the prepared default corpus in {path}", flush=True)
+        return path
+    cmd = [exe("dist-sparse"), "prepare-data", "--default-corpus", "--output", str(path),
+           "--vocab-size", "8000", "--seq-len", "128"]
+    print("preparing data:", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, env=launch_env(), cwd=ROOT)
+    return path
+
+
+def write_config(out_dir: Path, name: str, cfg: dict) -> Path:
+    """A run's DeepSpeed config written as OUT_DIR/configs/NAME.json."""
+    path = out_dir / "configs" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
+    return path
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of RUN/metrics.jsonl."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise RuntimeError(f"{path} is missing: the run did not get far enough to write metrics")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_loop_seconds(rows: list[dict], global_batch: int) -> float:
+    """Sum of the logged step times (global batch / samples per second, log_interval 1)."""
+    return sum(global_batch / r["samples_per_sec"] for r in rows if r["split"] == "train" and r.get("samples_per_sec"))
+
+
+# --- FLOPs of a fine-tuning run ----------------------------------------------------------------
+
+def classifier_forward_per_token(config, length: int, num_labels: int) -> float:
+    """Dense forward FLOPs per token of the sequence classifier at padded length ``length``:
+    ``dense_flops_per_token`` (encoder + MLM head + NSP head) without the MLM head (transform and
+    H x V decoder) and the NSP head, plus the pooler and classifier once per sequence."""
+    from dist_sparse.model.presets import dense_flops_per_token
+
+    h, v = config.hidden_size, config.vocab_size
+    encoder = (dense_flops_per_token(config, length) - 2 * (h * h + h * v) - 2 * (h * h + 2 * h) / length)
+    return encoder + 2 * (h * h + h * num_labels) / length
+
+
+class BatchShapes:
+    """The padded micro-batch shapes a fine-tuning run computed: its data order replayed
+    (``ResumableBatchIterator`` seeded like the run, every data-parallel rank) over the task's
+    example lengths. Each step: a list of (batch size, padded length) over ranks and micro steps."""
+
+    def __init__(self, task: Path):
+        from dist_sparse.data.task import load_task
+
+        datasets, self.meta = load_task(str(task))
+        self.lengths = [len(x) for x in datasets["train"]["input_ids"]]
+        self._cache: dict = {}
+
+    def steps(self, seed: int, micro_bs: int, dp_size: int, grad_acc: int, steps: int) -> list[list[tuple[int, int]]]:
+        key = (seed, micro_bs, dp_size, grad_acc, steps)
+        if key not in self._cache:
+            from dist_sparse.data.loader import ResumableBatchIterator
+
+            loaders = [ResumableBatchIterator(len(self.lengths), micro_bs, r, dp_size, seed, drop_last=False)
+                       for r in range(dp_size)]
+            out = []
+            for _ in range(steps):
+                step = []
+                for _ in range(grad_acc):
+                    for loader in loaders:
+                        idx = next(loader)
+                        step.append((len(idx), max(self.lengths[i] for i in idx)))
+                out.append(step)
+            self._cache[key] = out
+        return self._cache[key]

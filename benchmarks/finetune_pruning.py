@@ -64,7 +64,9 @@ from pathlib import Path
 # The shared helpers live beside this file; importing them also puts the repository root on
 # sys.path, for a checkout whose package is not installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, bin_dir, launch_env, run_logged, cpu_model, free_port, git_state, loadavg_1m, utc_now, write_json  # noqa: E402
+from _common import (ROOT, BatchShapes, classifier_forward_per_token, cpu_model, ensure_data, exe,  # noqa: E402
+                     free_port, git_state, launch_env, loadavg_1m, read_metrics, run_logged, train_loop_seconds,
+                     utc_now, write_config, write_json)
 
 SECTION_TITLE = "## Fine-tuning: knowledge-aware pruning vs small dense (issue 13)"
 BLOCK_START = "<!-- finetune_pruning.py: generated block, start -->"
@@ -175,28 +177,6 @@ def check_matplotlib() -> None:
 # --- launching ---------------------------------------------------------------------------------
 
 
-def exe(name: str) -> str:
-    path = bin_dir() / name
-    return str(path if path.exists() else name)
-
-
-def ensure_data(args, out_dir: Path) -> Path:
-    if args.data:
-        data = Path(args.data).resolve()
-        if not (data / "meta.json").is_file():
-            raise ValueError(f"--data {data} is not a prepared dataset (no meta.json)")
-        return data
-    data = out_dir / "data"
-    if (data / "meta.json").is_file():
-        print(f"using the prepared default corpus in {data}", flush=True)
-        return data
-    cmd = [exe("dist-sparse"), "prepare-data", "--default-corpus", "--output", str(data),
-           "--vocab-size", "8000", "--seq-len", "128"]
-    print("preparing data:", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, env=launch_env(), cwd=ROOT)
-    return data
-
-
 def ensure_tasks(args, out_dir: Path, data: Path) -> dict[str, Path]:
     tasks: dict[str, Path] = {}
     if not args.no_default_task:
@@ -249,18 +229,6 @@ def launch(name: str, script: str, script_args: list[str], args, out_dir: Path, 
     return wall, cmd, False
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise RuntimeError(f"{path} is missing: the run did not get far enough to write metrics")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def train_loop_seconds(rows: list[dict], global_batch: int) -> float:
-    """Sum of the logged step times (global batch / samples per second, log_interval 1)."""
-    return sum(global_batch / r["samples_per_sec"] for r in rows if r["split"] == "train" and r.get("samples_per_sec"))
-
-
 # --- pre-training ------------------------------------------------------------------------------
 
 def pretrain(which: str, model: str, args, data: Path, out_dir: Path) -> dict:
@@ -293,13 +261,6 @@ def pretrain(which: str, model: str, args, data: Path, out_dir: Path) -> dict:
            "command": " ".join(cmd), "config": str(cfg_path), "reused": reused}
     print(f"[pretrain_{which}] {model}: eval MLM loss {res['eval_mlm_loss']:.4f}, {wall:.0f} s", flush=True)
     return res
-
-
-def write_config(out_dir: Path, name: str, cfg: dict) -> Path:
-    path = out_dir / "configs" / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(cfg, indent=2) + "\n")
-    return path
 
 
 # --- fine-tuning rows --------------------------------------------------------------------------
@@ -378,48 +339,6 @@ def cached_counts(run_dir: Path, reused: bool) -> dict:
     counts = encoder_counts(run_dir)
     cache.write_text(json.dumps({**counts, "config": counts["config"].to_dict()}) + "\n")
     return counts
-
-
-def classifier_forward_per_token(config, length: int, num_labels: int) -> float:
-    """Dense forward FLOPs per token of the sequence classifier at padded length ``length``:
-    ``dense_flops_per_token`` (encoder + MLM head + NSP head) without the MLM head (transform and
-    H x V decoder) and the NSP head, plus the pooler and classifier once per sequence."""
-    from dist_sparse.model.presets import dense_flops_per_token
-
-    h, v = config.hidden_size, config.vocab_size
-    encoder = (dense_flops_per_token(config, length) - 2 * (h * h + h * v) - 2 * (h * h + 2 * h) / length)
-    return encoder + 2 * (h * h + h * num_labels) / length
-
-
-class BatchShapes:
-    """The padded micro-batch shapes a fine-tuning run computed: its data order replayed
-    (``ResumableBatchIterator`` seeded like the run, every data-parallel rank) over the task's
-    example lengths. Each step: a list of (batch size, padded length) over ranks and micro steps."""
-
-    def __init__(self, task: Path):
-        from dist_sparse.data.task import load_task
-
-        datasets, self.meta = load_task(str(task))
-        self.lengths = [len(x) for x in datasets["train"]["input_ids"]]
-        self._cache: dict = {}
-
-    def steps(self, seed: int, micro_bs: int, dp_size: int, grad_acc: int, steps: int) -> list[list[tuple[int, int]]]:
-        key = (seed, micro_bs, dp_size, grad_acc, steps)
-        if key not in self._cache:
-            from dist_sparse.data.loader import ResumableBatchIterator
-
-            loaders = [ResumableBatchIterator(len(self.lengths), micro_bs, r, dp_size, seed, drop_last=False)
-                       for r in range(dp_size)]
-            out = []
-            for _ in range(steps):
-                step = []
-                for _ in range(grad_acc):
-                    for loader in loaders:
-                        idx = next(loader)
-                        step.append((len(idx), max(self.lengths[i] for i in idx)))
-                out.append(step)
-            self._cache[key] = out
-        return self._cache[key]
 
 
 def density_schedule(rows: list[dict], steps: int) -> list[dict[str, float] | None]:
@@ -625,7 +544,7 @@ def make_plot(result: dict, path: Path) -> None:
         seeds = ", ".join(map(str, result["seeds"]))
         axes[ti][0].set_title(f"task {task}: {result['base_model']} pruned vs {result['small_model']} dense "
                               f"({result['finetune_steps']} steps, seed {seeds})", fontsize=9)
-        axes[ti][1].set_title(f"same runs vs training FLOPs (evaluation not counted)", fontsize=9)
+        axes[ti][1].set_title("same runs vs training FLOPs (evaluation not counted)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -708,7 +627,7 @@ def run(argv: list[str] | None = None) -> dict:
     base_cfg = json.loads(Path(args.finetune_config).read_text())
     t_start = time.perf_counter()
     started = utc_now()
-    data = ensure_data(args, out_dir)
+    data = ensure_data(args.data, out_dir)
     tasks = ensure_tasks(args, out_dir, data)
 
     pre = {"base": pretrain("base", args.base_model, args, data, out_dir),
