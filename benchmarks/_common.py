@@ -410,7 +410,8 @@ class BatchShapes:
         if key not in self._cache:
             from dist_sparse.data.loader import ResumableBatchIterator
 
-            loaders = [ResumableBatchIterator(len(self.lengths), micro_bs, r, dp_size, seed, drop_last=False)
+            loaders = [ResumableBatchIterator(len(self.lengths), micro_bs, r, dp_size, seed, drop_last=False,
+                                              step_batch=micro_bs * dp_size * grad_acc)
                        for r in range(dp_size)]
             out = []
             for _ in range(steps):

@@ -293,6 +293,24 @@ class Sparsifier:
                 "step": self.step_count, "max_steps": self.max_steps, "layout": layout,
                 "masks": {n: pack_mask(m.cpu()) for n, m in self.masks.items()}, "history": self.history}
 
+    def load_logical_state(self, state: dict, masks: dict[str, torch.Tensor]) -> None:
+        """Resume at another layout (DP size, TP degree, ZeRO stage): ``state`` is one rank's
+        sparsifier state of the checkpoint (step, history and config are the same on every rank),
+        ``masks`` the whole mask of every sparse weight (``checkpoint.logical_masks``). This rank
+        keeps its part of each, as this layout holds it."""
+        missing = sorted({t.name for t in self.targets} - set(masks))
+        if missing:
+            raise ValueError(f"the checkpoint's masks lack sparse targets of this model: {missing[:3]}")
+        self.layout.refresh()
+        local = {}
+        for t in self.targets:
+            full = masks[t.name]
+            if tuple(full.shape) != tuple(t.full_shape):
+                raise ValueError(f"the checkpoint's mask of {t.name} has shape {tuple(full.shape)}, the weight "
+                                 f"{tuple(t.full_shape)}")
+            local[t.name] = pack_mask(self.layout.hold(t, t.slice_full(full)).cpu())
+        self.load_state_dict({**state, "masks": local})
+
     def densities(self) -> dict[str, float]:
         """Current density of every logical weight (from the last install)."""
         return dict(self._densities)

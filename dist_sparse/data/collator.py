@@ -2,7 +2,10 @@
 
 Masks are drawn at batch time rather than stored with the data (RoBERTa's dynamic masking),
 and every random number comes from the `torch.Generator` passed in, so a trainer that seeds
-it from (seed, step, rank) gets the same batch after a resume.
+it from (seed, step, rank) gets the same batch after a resume. Given one generator per row, each
+example's mask depends on its own generator only: a trainer that keys them by the example's
+place in the optimizer step masks a step's samples alike however the step is split into ranks
+and micro batches (a resume at another data-parallel size continues the same data).
 """
 
 from __future__ import annotations
@@ -83,15 +86,20 @@ class MlmCollator:
         return out
 
     def mask(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, generator: torch.Generator
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        generator: torch.Generator | Sequence[torch.Generator],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(masked input_ids, labels). Draws a fixed amount of randomness per call, in a fixed
-        order, so equal generator states give equal results."""
+        """(masked input_ids, labels). Draws a fixed amount of randomness per call (per row with
+        one generator per row), in a fixed order, so equal generator states give equal results."""
         shape = input_ids.shape
         candidates = attention_mask.bool() & ~torch.isin(input_ids, self.special_ids)
-        draw_select = torch.rand(shape, generator=generator)
-        draw_action = torch.rand(shape, generator=generator)
-        draw_token = torch.randint(len(self.replacement_ids), shape, generator=generator)
+        if isinstance(generator, torch.Generator):
+            draw_select, draw_action, draw_token = self._draw(shape, generator)
+        else:
+            if len(generator) != shape[0]:
+                raise ValueError(f"{len(generator)} generators for a batch of {shape[0]} rows")
+            rows = [self._draw(shape[1:], g) for g in generator]
+            draw_select, draw_action, draw_token = (torch.stack(d) for d in zip(*rows))
         selected = candidates & (draw_select < self.mlm_probability)
         labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
         to_mask = selected & (draw_action < 0.8)
@@ -100,8 +108,12 @@ class MlmCollator:
         masked = torch.where(to_random, self.replacement_ids[draw_token], masked)
         return masked, labels
 
+    def _draw(self, shape, generator: torch.Generator):
+        return (torch.rand(shape, generator=generator), torch.rand(shape, generator=generator),
+                torch.randint(len(self.replacement_ids), shape, generator=generator))
+
     def __call__(
-        self, examples: Sequence[dict], generator: torch.Generator
+        self, examples: Sequence[dict], generator: torch.Generator | Sequence[torch.Generator]
     ) -> dict[str, torch.Tensor]:
         batch = self.pad(examples)
         batch["input_ids"], batch["labels"] = self.mask(

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from dist_sparse.config import RunConfig
+from dist_sparse.config import RunConfig, resolve_batch_sizes
 from dist_sparse.distributed import comm
 from dist_sparse.distributed.rng import tp_rng
 from dist_sparse.distributed.tp_layout import is_tp_split
@@ -127,14 +127,27 @@ def build_optimizer(model: torch.nn.Module, run_cfg: RunConfig, ds: dict) -> tor
 
 
 def build_engine(model: torch.nn.Module, run_cfg: RunConfig,
-                 lr_lambda: Callable[[int], float], start_step: int = 0, groups: comm.ParallelGroups | None = None):
+                 lr_lambda: Callable[[int], float], start_step: int = 0, groups: comm.ParallelGroups | None = None,
+                 load_universal: bool = False):
     """The DeepSpeed engine of ``model``. ``start_step``: optimizer steps already taken, for an
     engine that takes over a run (after a physical shrink) so the LR schedule continues.
     ``groups``: the run's parallel groups; None only for a process's first engine, before whose
-    ``deepspeed.initialize`` AutoTP's groups do not exist (they are then read from DeepSpeed)."""
+    ``deepspeed.initialize`` AutoTP's groups do not exist (they are then read from DeepSpeed).
+    ``load_universal``: the engine will load a universal checkpoint (a resume at another layout,
+    ``train.elastic``)."""
     import deepspeed
 
     ds = copy.deepcopy(run_cfg.deepspeed)
+    # DeepSpeed 0.19.8 derives a batch size missing from the config with the whole world as the
+    # data-parallel size when AutoTP comes from the config: given train_batch_size and a micro
+    # batch at TP 2 it accumulated half the micro batches the loop feeds per step, so it stepped
+    # the optimizer and the LR schedule twice per step. It is handed the loop's own resolution
+    # (micro batch and accumulation for the real data-parallel size) instead.
+    _, micro, grad_acc = resolve_batch_sizes(run_cfg.deepspeed, comm.world_size() // run_cfg.tp_size)
+    ds.pop("train_batch_size", None)
+    ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"] = micro, grad_acc
+    if load_universal:
+        ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
     if run_cfg.tp_size > 1:
         # Split attention heads draw their dropout in the TP region (a no-op until the loop seeds
         # it). Here, not in the loop, so that the engine a physical shrink builds gets it too.

@@ -33,6 +33,7 @@ from dist_sparse.folders import write_json_atomic
 from dist_sparse.model.config import DistSparseBertConfig
 from dist_sparse.train import checkpoint as ckpt
 from dist_sparse.train import dynabert as dyn
+from dist_sparse.train import elastic
 from dist_sparse.train import run_dir as rd
 from dist_sparse.train.engine import build_engine
 from dist_sparse.train.initial import build_task_model, check_tokenizer_fits, load_initial
@@ -128,10 +129,12 @@ def run(argv: list[str] | None = None) -> int:
         ckpt.check_data(run_json.get("data_meta") or {}, meta, data=args.task, run_data=run_json.get("data"))
         if run_json.get("max_steps") is not None:
             ckpt.check_max_steps(run_json["max_steps"], max_steps)
-        written = ckpt.checkpoint_layout(rd.checkpoint_dir(run) / resume_tag)
-        if written is not None and written != (dp_size, run_cfg.tp_size):
-            raise ValueError(f"--resume: checkpoint {resume_tag} was written by {written[0]} data-parallel x "
-                             f"{written[1]} tensor-parallel ranks, this launch has {dp_size} x {run_cfg.tp_size}")
+    # a resume at another layout goes through DeepSpeed's universal checkpoint (train.elastic)
+    move = None
+    if resume_tag is not None:
+        move = elastic.plan(run, resume_tag, elastic.launch_layout(dp_size, run_cfg.tp_size, run_cfg.deepspeed))
+        if move is not None:
+            elastic.check_batch(move, run_json.get("global_batch"), global_batch)
     labels = list(meta["labels"])
     task_kw = dict(num_labels=meta["num_labels"], labels=labels, task_type=meta["task_type"])
 
@@ -204,6 +207,8 @@ def run(argv: list[str] | None = None) -> int:
                      parts["pooler"], parts["classifier"])
     comm.barrier()
     del initial
+    if move is not None:
+        elastic.prepare(move, run, is_rank0)
 
     if run_cfg.dynabert is not None and resume_tag is None and run_cfg.dynabert.phase == 1:
         collator = TaskCollator(pad_id=meta["special_ids"]["[PAD]"], task_type=meta["task_type"])
@@ -220,7 +225,7 @@ def run(argv: list[str] | None = None) -> int:
     def lr_lambda(s: int) -> float:
         return lr_multiplier(s, run_cfg.training, max_steps)
 
-    engine = build_engine(model, run_cfg, lr_lambda=lr_lambda)
+    engine = build_engine(model, run_cfg, lr_lambda=lr_lambda, load_universal=move is not None)
     del model
     groups = comm.parallel_groups(dims)
 
@@ -268,16 +273,20 @@ def run(argv: list[str] | None = None) -> int:
         sparsity.attach(trainer)
 
     collator = TaskCollator(pad_id=meta["special_ids"]["[PAD]"], task_type=meta["task_type"])
-    loader = ResumableBatchIterator(len(train_ds), micro_bs, groups.dp_rank, groups.dp_size, seed, drop_last=False)
+    loader = ResumableBatchIterator(len(train_ds), micro_bs, groups.dp_rank, groups.dp_size, seed, drop_last=False,
+                                    step_batch=global_batch)
     progress = ckpt.Progress()
     ckpt_dir = rd.checkpoint_dir(run)
     if resume_tag is not None:
         progress = load_run_checkpoint(trainer.engine, ckpt_dir, resume_tag, loader,
                                        model=str(Path(args.init).resolve()), data=args.task,
                                        meta=_recorded_meta(meta), groups=groups, max_steps=max_steps,
-                                       run_data=run_json.get("data"))
+                                       run_data=run_json.get("data"), move=move)
         link_optimizer_state(trainer.engine.optimizer, run_cfg.zero_stage)
-        if sparsity is not None:
+        if sparsity is not None and move is not None:  # rank 0's file checked, the whole masks loaded
+            resumed_masks(ckpt_dir / resume_tag, 0, run_cfg.sparsity, False, due=True, waiting=False)
+            sparsity.load_logical_state(*elastic.logical_sparsity(move))
+        elif sparsity is not None:
             sparsity.load_state_dict(resumed_masks(ckpt_dir / resume_tag, comm.rank(), run_cfg.sparsity, False,
                                                     due=True, waiting=False))
         if is_rank0:

@@ -1,8 +1,11 @@
 """The pre-training loop around the DeepSpeed engine.
 
 Determinism is by construction, which is what makes resume exact: the data order is a
-function of (seed, epoch) and the position in it; MLM masking and dropout draw from
-generators reseeded at every micro step from (seed, step, micro step, data-parallel rank).
+function of (seed, epoch) and the position in it; MLM masking draws from a generator per
+example keyed by (seed, step, the example's place in the step's global batch), the same however
+the step is split into ranks and micro batches (so a resume at another data-parallel size masks
+alike); dropout draws from generators reseeded at every micro step from (seed, step, micro step,
+data-parallel rank).
 Tensor-parallel peers share a data-parallel rank, so they see the same batch and the same
 dropout masks on replicated activations; dropout on their own attention heads draws from the
 tensor-parallel RNG region, seeded per micro step with the TP rank mixed in.
@@ -33,6 +36,7 @@ from dist_sparse.structured.pruner import StructuredPruner, attach_coefficients
 from dist_sparse.structured.pruner import validate as validate_structured
 from dist_sparse.train import checkpoint as ckpt
 from dist_sparse.train import dynabert as dyn
+from dist_sparse.train import elastic
 from dist_sparse.train import run_dir as rd
 from dist_sparse.train.args import build_parser
 from dist_sparse.train.engine import build_engine
@@ -50,6 +54,20 @@ log = logging.getLogger("dist_sparse.train")
 def step_seed(seed: int, step: int, micro: int, dp_rank: int, stream: int = 0) -> int:
     """A 63-bit seed for one micro step; distinct streams never collide for sane sizes."""
     return (((seed * 1_000_003 + step) * 4099 + micro) * 65_537 + dp_rank) * 7 + stream & (2**63 - 1)
+
+
+_M64 = 2**64 - 1
+
+
+def sample_seed(seed: int, step: int, slot: int) -> int:
+    """A 64-bit seed for the example at place ``slot`` of optimizer step ``step``'s global batch
+    (MLM masking). Global batches of LAMB recipes reach 64k, beyond step_seed's room for a micro
+    index, so the slot goes through a bijective 64-bit mix (splitmix64's finaliser) instead: for
+    one step, distinct slots never collide."""
+    z = (step_seed(seed, step, 0, 0, stream=6) + (slot + 1) * 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
 
 
 def _resolve(args, run_cfg: RunConfig):
@@ -137,13 +155,13 @@ def run(argv: list[str] | None = None) -> int:
     dims = ParallelDims.from_env(run_cfg.tp_size)
     world, dp_size = dims.world, dims.dp
     global_batch, micro_bs, grad_acc = resolve_batch_sizes(run_cfg.deepspeed, dp_size)
+    # A resume at another layout (DP size, TP degree, ZeRO stage) goes through DeepSpeed's
+    # universal checkpoint, converted once after the process group exists (train.elastic).
+    move = None
     if resume_tag is not None:
-        written = ckpt.checkpoint_layout(rd.checkpoint_dir(run) / resume_tag)
-        if written is not None and written != (dp_size, run_cfg.tp_size):
-            raise ValueError(f"--resume: checkpoint {resume_tag} was written by {written[0]} data-parallel x "
-                             f"{written[1]} tensor-parallel ranks, this launch has {dp_size} x {run_cfg.tp_size} "
-                             f"({world} ranks); resume with the same layout (resuming at another size is not "
-                             "supported yet)")
+        move = elastic.plan(run, resume_tag, elastic.launch_layout(dp_size, run_cfg.tp_size, run_cfg.deepspeed))
+        if move is not None:
+            elastic.check_batch(move, run_json.get("global_batch"), global_batch)
     preflight_sparsity(run_cfg, model_config, dp_size, max_steps)
     if resume_tag is not None:  # the masks against the config, from rank 0's file
         waits = run_cfg.sparsity is not None and run_cfg.sparsity.after_shrink and \
@@ -170,6 +188,8 @@ def run(argv: list[str] | None = None) -> int:
                 "tp_size": run_cfg.tp_size, "global_batch": global_batch, "micro_batch": micro_bs,
                 "gradient_accumulation": grad_acc, "data_meta": meta})
     comm.barrier()
+    if move is not None:
+        elastic.prepare(move, run, is_rank0)
 
     torch.manual_seed(seed)
     model = build_model(model_config) if initial is None else build_pretraining_model(initial)
@@ -195,7 +215,7 @@ def run(argv: list[str] | None = None) -> int:
 
     # DeepSpeed builds AutoTP's groups inside the first deepspeed.initialize: they are read once,
     # checked against the layout, and passed to everything after, later engines included.
-    engine = build_engine(model, run_cfg, lr_lambda=lr_lambda)
+    engine = build_engine(model, run_cfg, lr_lambda=lr_lambda, load_universal=move is not None)
     del model  # the engine owns it; a shrink must be able to release it
     groups = comm.parallel_groups(dims)
 
@@ -203,7 +223,8 @@ def run(argv: list[str] | None = None) -> int:
         return build_engine(model, run_cfg, lr_lambda=lr_lambda, start_step=start_step, groups=groups)
     tokens_per_step = global_batch * meta["seq_len"]
 
-    loader = ResumableBatchIterator(len(train_ds), micro_bs, groups.dp_rank, groups.dp_size, seed)
+    loader = ResumableBatchIterator(len(train_ds), micro_bs, groups.dp_rank, groups.dp_size, seed,
+                                    step_batch=global_batch)
 
     # The components, in hook order: masks are updated before the structured search looks.
     components = []
@@ -257,11 +278,14 @@ def run(argv: list[str] | None = None) -> int:
     if resume_tag is not None:
         progress = load_run_checkpoint(trainer.engine, ckpt_dir, resume_tag, loader, model=model_name,
                                        data=args.data, meta=meta, groups=groups, max_steps=max_steps,
-                                       run_data=run_json.get("data"))
+                                       run_data=run_json.get("data"), move=move)
         link_optimizer_state(trainer.engine.optimizer, run_cfg.zero_stage)
-        state = resumed_masks(ckpt_dir / resume_tag, comm.rank(), run_cfg.sparsity, args.sparsity_reset,
-                               due=masks_now, waiting=sparsity is not None and not masks_now)
-        if state is not None:
+        # at another layout this rank's file may not exist: rank 0's is checked, the whole masks loaded
+        state = resumed_masks(ckpt_dir / resume_tag, comm.rank() if move is None else 0, run_cfg.sparsity,
+                              args.sparsity_reset, due=masks_now, waiting=sparsity is not None and not masks_now)
+        if state is not None and move is not None:
+            sparsity.load_logical_state(*elastic.logical_sparsity(move))
+        elif state is not None:
             sparsity.load_state_dict(state)
         elif masks_now:  # --sparsity-reset: new masks on the resumed weights and moments
             sparsity.start(draw=True, optimizer_has_state=True)
@@ -304,8 +328,10 @@ def run(argv: list[str] | None = None) -> int:
         for micro in range(grad_acc):
             data_step = 0 if args.overfit_batch else step
             indices = first_batch if args.overfit_batch else next(loader)
-            gen = torch.Generator().manual_seed(step_seed(seed, data_step, micro, groups.dp_rank))
-            batch = collator([train_ds[i] for i in indices], gen)
+            first_slot = (micro * groups.dp_size + groups.dp_rank) * micro_bs  # in the step's global batch
+            gens = [torch.Generator().manual_seed(sample_seed(seed, data_step, first_slot + i))
+                    for i in range(len(indices))]
+            batch = collator([train_ds[i] for i in indices], gens)
             torch.manual_seed(step_seed(seed, step, micro, groups.dp_rank, stream=1))
             # dropout on this rank's attention heads: its own stream per TP rank (a no-op at tp=1)
             tp_rng.seed(step_seed(seed, step, micro, groups.dp_rank, stream=4), groups.tp_rank)
@@ -399,14 +425,27 @@ def evaluate(engine, eval_ds, collator, micro_bs: int, batches: int, seed: int, 
 
 
 def load_run_checkpoint(engine, ckpt_dir: Path, tag: str, loader, *, model: str, data: str, meta: dict, groups,
-                        max_steps: int, run_data: str | None) -> ckpt.Progress:
+                        max_steps: int, run_data: str | None, move: elastic.Move | None = None) -> ckpt.Progress:
     """Load checkpoint ``tag`` into ``engine`` and ``loader`` (a collective), check it against this
     launch (``model``: the preset or init the run was started from; ``data`` as given), restore
-    this rank's RNG states; the run's progress."""
-    client = ckpt.load_client_state(engine, ckpt_dir, tag)
-    ckpt.check_resume(client, model=model, max_steps=max_steps, dp_size=groups.dp_size, data_meta=meta,
-                      data=data, run_data=run_data)
-    loader.load_state_dict(client.loader)
+    this rank's RNG states; the run's progress. ``move``: the checkpoint was written at another
+    layout; its universal form is loaded, the data position is taken in samples, and the RNG
+    states stay (no rank of this layout has one of its own; see ``train.elastic``)."""
+    if move is None:
+        client = ckpt.load_client_state(engine, ckpt_dir, tag)
+    else:
+        # the innermost optimizer: ZeRO's wrapper steps it with these groups
+        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        settings = elastic.param_group_settings(inner)
+        client = ckpt.load_client_state(engine, move.load_dir, tag)
+        elastic.restore_param_groups(inner, settings)
+    ckpt.check_resume(client, model=model, max_steps=max_steps, dp_size=groups.dp_size if move is None else None,
+                      data_meta=meta, data=data, run_data=run_data)
+    loader.load_state_dict(client.loader, relayout=move is not None)
+    if move is not None:
+        log.info("resumed %s at another layout (%s): step %d, sample %d of epoch %d", tag, move.describe(),
+                 client.progress.step, client.loader.get("samples", 0), client.loader["epoch"])
+        return client.progress
     state = ckpt.read_rank_file(ckpt_dir / tag, ckpt.rng_file(comm.rank()))
     if state is not None:
         ckpt.restore_rng_state(state)

@@ -190,3 +190,8 @@ class SparsityComponent(Component):
     def load_state_dict(self, state: dict) -> None:
         self.sparsifier.prepare(draw=False)
         self.sparsifier.load_state_dict(state)
+
+    def load_logical_state(self, state: dict, masks: dict) -> None:
+        """Resume at another layout: see ``Sparsifier.load_logical_state``."""
+        self.sparsifier.prepare(draw=False)
+        self.sparsifier.load_logical_state(state, masks)

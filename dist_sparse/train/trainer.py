@@ -155,7 +155,7 @@ class Trainer:
             c.on_step_begin(self, step)
         loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
         tokens = torch.zeros((), dtype=torch.float64, device=engine.device)
-        micro, boundary = 0, False
+        micro, boundary, boundaries = 0, False, 0
         accumulation = engine.gradient_accumulation_steps()
         for batch in micro_batches:
             passes = self._passes(step, micro)
@@ -175,6 +175,7 @@ class Trainer:
             for c in self.components:
                 c.on_after_backward(self, step, micro)
             boundary = engine.is_gradient_accumulation_boundary()
+            boundaries += boundary
             if boundary:
                 for c in self.components:
                     c.on_before_optimizer_step(self, step)
@@ -183,8 +184,9 @@ class Trainer:
             if "attention_mask" in batch:
                 tokens += batch["attention_mask"].sum().double()
             micro += 1
-        if not boundary:
-            raise RuntimeError(f"{micro} micro batches did not end at an accumulation boundary "
+        if not boundary or boundaries != 1:
+            raise RuntimeError(f"{micro} micro batches met {boundaries} accumulation boundaries, "
+                               f"{'' if boundary else 'not '}at the last one "
                                f"(gradient_accumulation_steps {engine.gradient_accumulation_steps()}): the micro "
                                "batches and the engine disagree")
         # ZeRO-1/2 keep optimizer state per flat partition; the fragment API finds it only once

@@ -248,15 +248,21 @@ def test_latest_naming_a_missing_tag_lists_the_checkpoints(data_dir, tmp_path, c
     assert "--resume-tag (available: global_step4)" in err and "without --resume" not in err
 
 
-def test_resume_at_another_data_parallel_size_is_one_line(data_dir, tmp_path, capsys, monkeypatch):
+def test_resume_at_another_data_parallel_size_with_another_step_batch_is_one_line(data_dir, tmp_path, capsys,
+                                                                                   monkeypatch):
+    # the config fixes the micro batch (8) and the accumulation (1): at DP 1 a step would hold 8
+    # samples instead of the run's 16, so the data position and the schedules would not carry over
     run = tmp_path / "r"
     fake_tag(run / "checkpoints", "global_step4", dp=2)
     commit_latest(run / "checkpoints", "global_step4")
+    (run / "run.json").write_text(json.dumps({"global_batch": 16, "max_steps": 8}))
     monkeypatch.setenv("WORLD_SIZE", "1")
     err = run_main(capsys, "--deepspeed_config", CPU_CONFIG, "--data", data_dir, "--output", run,
                    "--max-steps", 8, "--resume")
-    assert "written by 2 data-parallel x 1 tensor-parallel ranks, this launch has 1 x 1" in err
+    assert "2 data-parallel x 1 tensor-parallel, ZeRO-1/2 -> 1 data-parallel x 1 tensor-parallel" in err
+    assert "held 16 samples, this launch's would hold 8" in err and '"train_batch_size": 16' in err
     assert checkpoint_layout(run / "checkpoints" / "global_step4") == (2, 1)
+    assert not (run / "universal").exists()  # refused before anything was converted
 
 
 def test_resume_with_other_data_names_the_property(data_dir, tmp_path, capsys):
