@@ -103,6 +103,42 @@ def plan(run: Path, tag: str, target: Layout) -> Move | None:
     return Move(tag, source, target, run / UNIVERSAL_DIR)
 
 
+def register_own_tp_splits(engine) -> list[str]:
+    """Describe our own tensor-parallel parameters to DeepSpeed's universal checkpoint; the names.
+
+    EarlyBERT's slimming coefficients hold one block of heads or neurons per TP rank (rank r the
+    r-th block, as AutoTP splits the heads' rows) and are marked ``tensor_model_parallel``, but
+    AutoTP did not make them: its metadata lists every parameter it left alone as replicated
+    (pattern and affine map), and the converter would refuse to merge blocks that differ. Taken
+    out of both, they merge by the converter's default, concatenated along dim 0 in TP-rank order,
+    and a rank of another layout takes its block back along the same dim.
+    """
+    import re
+
+    from deepspeed.checkpoint.constants import (AFFINE_MAP, AFFINE_MAP_PARAMS, DS_AUTOTP_UC_META,
+                                                TP_REPLICATED_PARAMETER_PATTERNS, UNIVERSAL_CHECKPOINT_INFO)
+
+    module = engine.module
+    own = {rf"^{re.escape(name)}$": name for name, p in module.named_parameters()
+           if getattr(p, "tensor_model_parallel", False) and getattr(p, DS_AUTOTP_UC_META, None) is None}
+    if not own:
+        return []
+    infos = {}
+    for holder in (module, getattr(engine, "optimizer", None), *module.parameters()):
+        for attr in (UNIVERSAL_CHECKPOINT_INFO, "_universal_checkpoint_info"):
+            info = getattr(holder, attr, None)
+            if isinstance(info, dict):
+                infos[id(info)] = info
+    for info in infos.values():
+        info[TP_REPLICATED_PARAMETER_PATTERNS] = [p for p in info.get(TP_REPLICATED_PARAMETER_PATTERNS, [])
+                                                  if p not in own]
+        maps = info.get(AFFINE_MAP, {}).get(AFFINE_MAP_PARAMS)
+        if maps is not None:
+            for pattern in own:
+                maps.pop(pattern, None)
+    return sorted(own.values())
+
+
 def check_batch(move: Move, recorded: int | None, global_batch: int) -> None:
     """A move keeps the samples of an optimizer step: the data position, the loss and the LR
     schedule per step all assume it. ``recorded``: run.json's global batch (None: not recorded)."""
@@ -273,4 +309,5 @@ def logical_sparsity(move: Move) -> tuple[dict, dict[str, torch.Tensor]] | None:
 
 
 __all__ = ["Layout", "MASKS_FILE", "Move", "RECORD_FILE", "UNIVERSAL_DIR", "check_batch", "convert", "converted", "launch_layout",
-           "logical_sparsity", "param_group_settings", "plan", "prepare", "restore_param_groups", "written_layout"]
+           "logical_sparsity", "param_group_settings", "plan", "prepare", "register_own_tp_splits",
+           "restore_param_groups", "written_layout"]

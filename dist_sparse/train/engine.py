@@ -168,6 +168,10 @@ def build_engine(model: torch.nn.Module, run_cfg: RunConfig,
             return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda, last_epoch=start_step - 1)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client_opt, model_parameters=model_parameters,
                                            lr_scheduler=scheduler, config=ds)
+    if run_cfg.tp_size > 1:
+        from dist_sparse.train.elastic import register_own_tp_splits
+
+        register_own_tp_splits(engine)  # so that a checkpoint can be resumed at another TP degree
     if isinstance(client_opt, Lamb):
         if groups is None:
             groups = comm.parallel_groups(run_cfg.tp_size)

@@ -20,19 +20,27 @@ pytestmark = pytest.mark.distributed
 
 PRETRAIN = ROOT / "launchers" / "pretrain.py"
 STEPS = 12
-# SET at 80%, updates at 3, 6, 9 and 12: two of them after each move below
+# SET at 80% in 8x8 blocks, updates at 3, 6, 9 and 12: two of them after each move below
 SPARSITY = {"method": "set", "sparsity": 0.8, "distribution": "erk", "update_interval": 3,
-            "drop_fraction": 0.3, "drop_schedule": "cosine", "end_fraction": 1.0, "seed": 1}
+            "drop_fraction": 0.3, "drop_schedule": "cosine", "end_fraction": 1.0, "seed": 1,
+            "pattern": "block", "block_size": 8}
+# EarlyBERT with SET beside it (unstructured 50%, updates at 7, 14): the ticket falls by step 12
+# (checks at 3, 6, 9, 12), the masks follow the shrink
+EARLYBERT = {"method": "earlybert", "head_ratio": 0.5, "ffn_ratio": 0.4, "scope": "layer", "l1": 0.0001,
+             "check_interval": 3, "window": 2, "epsilon": 0.1, "max_search_steps": 12}
+EARLYBERT_SPARSITY = {"method": "set", "sparsity": 0.5, "update_interval": 7, "end_fraction": 1.0}
 
 
-def config(tmp: Path, name: str, stage: int, tp: int = 1) -> Path:
+def config(tmp: Path, name: str, stage: int, tp: int = 1, structured: bool = False) -> Path:
     cfg = json.loads((ROOT / "ds_configs" / "cpu_zero2.json").read_text())
     # the step's samples fixed, the accumulation derived per layout: micro batch 4, so 2 ranks
     # accumulate 2 micro batches and 1 rank 4
     cfg.pop("gradient_accumulation_steps")
     cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"] = 16, 4
     cfg["zero_optimization"] = {"stage": stage}
-    cfg["sparsity"] = SPARSITY
+    cfg["sparsity"] = EARLYBERT_SPARSITY if structured else SPARSITY
+    if structured:
+        cfg["structured_pruning"] = EARLYBERT
     cfg["training"]["save_interval"] = 4
     if tp > 1:
         cfg["tensor_parallel"] = {"autotp_size": tp}
@@ -41,9 +49,22 @@ def config(tmp: Path, name: str, stage: int, tp: int = 1) -> Path:
     return path
 
 
-def pretrain(cfg: Path, init: Path, data: Path, run: Path, nproc: int, *extra):
+def pretrain(cfg: Path, init: Path, data: Path, run: Path, nproc: int, *extra, steps: int = STEPS):
     return launch([PRETRAIN, "--deepspeed_config", cfg, "--data", data, "--init", init, "--output", run,
-                   "--max-steps", STEPS, "--no-progress", *extra], nproc=nproc)
+                   "--max-steps", steps, "--no-progress", *extra], nproc=nproc)
+
+
+def tiny_bert(path: Path, data_dir: Path, heads: int) -> Path:
+    """A BERT folder without dropout, for the data's vocabulary."""
+    from transformers import BertConfig, BertForPreTraining
+
+    meta = json.loads((data_dir / "meta.json").read_text())
+    torch.manual_seed(0)
+    BertForPreTraining(BertConfig(
+        vocab_size=meta["vocab_size"], hidden_size=16 * heads, num_hidden_layers=2, num_attention_heads=heads,
+        intermediate_size=64 * heads, max_position_embeddings=128, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, pad_token_id=meta["special_ids"]["[PAD]"])).save_pretrained(path)
+    return path
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -97,15 +118,8 @@ def assert_continues(run: Path, source: Path, moved_at: int, reference: Path, sa
 @pytest.fixture(scope="module")
 def setup(data_dir, tmp_path_factory):
     """A dropout-free tiny BERT folder to start from and the uninterrupted run: DP 2, ZeRO-2."""
-    from transformers import BertConfig, BertForPreTraining
-
     tmp = tmp_path_factory.mktemp("elastic")
-    meta = json.loads((data_dir / "meta.json").read_text())
-    torch.manual_seed(0)
-    BertForPreTraining(BertConfig(
-        vocab_size=meta["vocab_size"], hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=256, max_position_embeddings=128, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, pad_token_id=meta["special_ids"]["[PAD]"])).save_pretrained(tmp / "init")
+    tiny_bert(tmp / "init", data_dir, heads=4)
     reference = tmp / "reference"
     pretrain(config(tmp, "z2", 2), tmp / "init", data_dir, reference, 2)
     return tmp, reference
@@ -138,3 +152,42 @@ def test_moves_between_tensor_parallel_degrees_continue_the_run(setup, data_dir)
     out = proc.stdout + proc.stderr
     assert "1 data-parallel x 2 tensor-parallel, ZeRO-1/2 -> 2 data-parallel x 1 tensor-parallel, ZeRO-3" in out
     assert_continues(back, tp2, 7, reference, same_sums=False)
+
+
+def test_earlybert_moves_during_the_search_and_after_the_shrink(data_dir, tmp_path):
+    """EarlyBERT with SET: moved mid-search from DP 2 x TP 1 to DP 1 x TP 2 (the slimming
+    coefficients split per TP rank), the search continues the run's; the ticket then falls by TP 2's
+    rules (each shard's share of the kept neurons a multiple of ffn_multiple). Moved again
+    after the shrink, the smaller TP-2 model continues on DP 2 x TP 1, ZeRO-3."""
+    steps = 20
+    init = tiny_bert(tmp_path / "init", data_dir, heads=4)
+    reference = tmp_path / "reference"
+    pretrain(config(tmp_path, "eb", 2, structured=True), init, data_dir, reference, 2, steps=steps)
+    mid = moved(reference, "global_step4", tmp_path / "mid")
+    pretrain(config(tmp_path, "eb_tp2", 2, tp=2, structured=True), init, data_dir, mid, 2, "--resume", steps=steps)
+    after = moved(mid, "global_step16", tmp_path / "after")
+    pretrain(config(tmp_path, "eb_z3", 3, structured=True), init, data_dir, after, 2, "--resume", steps=steps)
+
+    def structure(run, step):
+        return json.loads((run / "checkpoints" / f"global_step{step}" / "structure.json").read_text())
+
+    # the search after the move is the run's: same losses up to the ticket (forced at step 12)
+    ref, mine = losses(reference), losses(mid)
+    for step in range(5, 13):
+        assert mine[step] == pytest.approx(ref[step], rel=1e-5, abs=0), step
+    want, got = structure(reference, steps)["structured"], structure(mid, steps)["structured"]
+    assert got["phase"] == want["phase"] == "shrunk" and got["ticket_step"] == want["ticket_step"] == 12
+    assert got["ticket"]["heads"] == want["ticket"]["heads"]
+    for mine_kept, ref_kept in zip(got["ticket"]["neurons"], want["ticket"]["neurons"]):
+        # TP 2's rule: the kept count a multiple of ffn_multiple (8) on each of the 2 shards (160)
+        # where TP 1 needs a multiple of 8 only (152)
+        assert len(mine_kept) % 16 == 0 and len(ref_kept) % 8 == 0 and len(mine_kept) >= len(ref_kept)
+    # after the shrink: the moved run continues the TP-2 run exactly in structure and masks
+    assert structure(after, steps) == structure(mid, steps)
+    ref, mine = losses(mid), losses(after)
+    for step in range(17, steps + 1):
+        assert mine[step] == pytest.approx(ref[step], rel=1e-5, abs=0), step
+    got, want = masks(after, f"global_step{steps}"), masks(mid, f"global_step{steps}")
+    assert got.keys() == want.keys() and len(want) == 12
+    for name in want:  # no mask update after step 14: the bits of the move
+        assert torch.equal(got[name], want[name]), name
