@@ -83,3 +83,51 @@ def test_keep_last_fills_the_last_batch_from_the_epoch_start():
     flat = [i for step in batches for b in step for i in b]
     assert flat == order + order[:2]  # every example once, then padding from the start
     assert next(its[0]) == its[0].epoch_order(1)[:2].tolist()
+
+
+def step_samples(layout, steps, num=103, step_batch=24, seed=7, drop_last=True, start=None):
+    """The samples of each optimizer step, in the order of their place in the step's global batch
+    (micro step major, then data-parallel rank), at layout (micro batch, dp size)."""
+    micro, dp = layout
+    acc = step_batch // (micro * dp)
+    its = [ResumableBatchIterator(num, micro, r, dp, seed, drop_last=drop_last, step_batch=step_batch)
+           for r in range(dp)]
+    if start is not None:
+        for it in its:
+            it.load_state_dict(start, relayout=True)
+    return [[i for _ in range(acc) for it in its for i in next(it)] for _ in range(steps)], its[0].state_dict()
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_a_step_holds_the_same_samples_at_every_layout(drop_last):
+    # 103 examples, 24 per step: 4 steps per epoch (dropped: 7) or 5 (the last filled from the start)
+    reference, _ = step_samples((4, 2), 12, drop_last=drop_last)
+    for layout in ((4, 1), (2, 3), (8, 3), (3, 8), (6, 2)):
+        assert step_samples(layout, 12, drop_last=drop_last)[0] == reference, layout
+    per_epoch = 4 if drop_last else 5
+    assert ResumableBatchIterator(103, 4, 0, 2, 7, drop_last=drop_last, step_batch=24).batches_per_epoch == \
+        per_epoch * 3
+
+
+def test_resume_at_another_layout_continues_from_the_same_sample():
+    reference, _ = step_samples((4, 2), 11)
+    first, state = step_samples((4, 2), 6)       # 6 steps at DP 2 (2 micro batches each)...
+    assert state["samples"] == (6 - 4) * 24      # ...4 steps make an epoch: 2 steps into the second
+    for layout in ((4, 1), (2, 3), (8, 3)):      # ...then 5 more at another layout
+        rest, _ = step_samples(layout, 5, start=state)
+        assert first + rest == reference, layout
+
+
+def test_resume_at_another_layout_refuses_another_step_batch_or_a_partial_micro_batch():
+    state = ResumableBatchIterator(103, 4, 0, 2, 7, step_batch=24).state_dict()
+    with pytest.raises(ValueError, match="step_batch was 24 in the checkpoint but is 48 now"):
+        ResumableBatchIterator(103, 4, 0, 2, 7, step_batch=48).load_state_dict(state, relayout=True)
+    state["samples"] = 12
+    with pytest.raises(ValueError, match="12 samples of the epoch were consumed, not a whole number"):
+        ResumableBatchIterator(103, 8, 0, 3, 7, step_batch=24).load_state_dict(state, relayout=True)
+    old = {k: v for k, v in state.items() if k not in ("samples", "step_batch")}  # written before
+    with pytest.raises(ValueError, match="predates sample-based data positions"):
+        ResumableBatchIterator(103, 4, 0, 1, 7, step_batch=24).load_state_dict(old, relayout=True)
+    # without relayout the micro batch layout must be the same, as before
+    with pytest.raises(ValueError, match="global_batch_size was 8"):
+        ResumableBatchIterator(103, 4, 0, 1, 7, step_batch=24).load_state_dict(state)
