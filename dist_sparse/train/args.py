@@ -26,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/latest")
     p.add_argument("--resume-tag", default=None, metavar="TAG",
                    help="continue from RUN/checkpoints/TAG instead of the one 'latest' names (implies --resume)")
+    p.add_argument("--extend", action="store_true",
+                   help="with --resume: continue the run to a larger --max-steps than it was planned for (the "
+                        "learning-rate decay is re-stretched over the longer run from the resumed step; the "
+                        "sparsity schedule keeps its length: see the README)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--overfit-batch", action="store_true",

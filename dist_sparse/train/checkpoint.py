@@ -371,14 +371,16 @@ def check_max_steps(started_for: int, max_steps: int) -> None:
                          "the learning-rate and sparsity schedules depend on it (start a new run to change it)")
 
 
-def check_resume(client: ClientState, *, model: str, max_steps: int, dp_size: int | None, data_meta: dict, data: str,
-                 run_data: str | None = None) -> None:
+def check_resume(client: ClientState, *, model: str, max_steps: int | None, dp_size: int | None, data_meta: dict,
+                 data: str, run_data: str | None = None) -> None:
     """What exact resume needs to be the same as when the checkpoint was written. ``dp_size``
-    None: a resume at another layout (``train.elastic``), which continues the data by samples."""
+    None: a resume at another layout (``train.elastic``), which continues the data by samples;
+    ``max_steps`` None: an extension (``train.extend``)."""
     if client.model != model:
         raise ValueError(f"--resume: the checkpoint is of model {client.model!r}, not {model!r}")
     check_data(client.data_meta, data_meta, data=data, run_data=run_data)
-    check_max_steps(client.max_steps, max_steps)
+    if max_steps is not None:
+        check_max_steps(client.max_steps, max_steps)
     if dp_size is not None and client.dp_size != dp_size:
         raise ValueError(f"--resume: the checkpoint was written with data-parallel size {client.dp_size}, "
                          f"this run has {dp_size}; exact data-order resume needs the same size")

@@ -34,6 +34,7 @@ from dist_sparse.model.config import DistSparseBertConfig
 from dist_sparse.train import checkpoint as ckpt
 from dist_sparse.train import dynabert as dyn
 from dist_sparse.train import elastic
+from dist_sparse.train import extend
 from dist_sparse.train import run_dir as rd
 from dist_sparse.train.engine import build_engine
 from dist_sparse.train.initial import build_task_model, check_tokenizer_fits, load_initial
@@ -82,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/latest")
     p.add_argument("--resume-tag", default=None, metavar="TAG",
                    help="continue from RUN/checkpoints/TAG instead of the one 'latest' names (implies --resume)")
+    p.add_argument("--extend", action="store_true",
+                   help="with --resume: continue the run to a larger --max-steps than it was planned for (the "
+                        "learning-rate decay is re-stretched over the longer run from the resumed step; the "
+                        "sparsity schedule keeps its length: see the README)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
@@ -127,8 +132,9 @@ def run(argv: list[str] | None = None) -> int:
     run_json = rd.read_run_json(run) if resume_tag is not None else {}
     if resume_tag is not None:
         ckpt.check_data(run_json.get("data_meta") or {}, meta, data=args.task, run_data=run_json.get("data"))
-        if run_json.get("max_steps") is not None:
-            ckpt.check_max_steps(run_json["max_steps"], max_steps)
+    # the run's length plan: the steps it was started for and every --extend (train.extend)
+    plan = extend.check_length(extend.plan_of(run_json, max_steps), max_steps, args.extend,
+                               None if resume_tag is None else ckpt.step_of(resume_tag) or 0)
     # a resume at another layout goes through DeepSpeed's universal checkpoint (train.elastic)
     move = None
     if resume_tag is not None:
@@ -162,7 +168,7 @@ def run(argv: list[str] | None = None) -> int:
         init_structured = structure.structured
         model = None
         parts = {}
-    preflight_sparsity(run_cfg, model_config, dp_size, max_steps)
+    preflight_sparsity(run_cfg, model_config, dp_size, extend.planned(plan))
     if resume_tag is None:
         dyn.preflight(run_cfg, model_config, args.init)
     else:
@@ -202,9 +208,11 @@ def run(argv: list[str] | None = None) -> int:
                 "teacher": teacher_source if dist_cfg is not None else None,
                 "max_steps": max_steps, "seed": seed, "world_size": world, "dp_size": dp_size,
                 "tp_size": run_cfg.tp_size, "global_batch": global_batch, "micro_batch": micro_bs,
-                "gradient_accumulation": grad_acc, "data_meta": _recorded_meta(meta)})
+                "gradient_accumulation": grad_acc, "data_meta": _recorded_meta(meta), "schedule_plan": plan})
             log.info("fine-tuning %s from %s (pooler %s, classifier %s)", meta["_path"], initial.source,
                      parts["pooler"], parts["classifier"])
+        elif args.extend:
+            extend.record(run, run_json, plan, argv)
     comm.barrier()
     del initial
     if move is not None:
@@ -223,7 +231,7 @@ def run(argv: list[str] | None = None) -> int:
         model = DistSparseBertForSequenceClassification(model_config)
 
     def lr_lambda(s: int) -> float:
-        return lr_multiplier(s, run_cfg.training, max_steps)
+        return lr_multiplier(s, run_cfg.training, extend.max_steps_at(plan, s))
 
     engine = build_engine(model, run_cfg, lr_lambda=lr_lambda, load_universal=move is not None)
     del model
@@ -255,7 +263,8 @@ def run(argv: list[str] | None = None) -> int:
     components = []
     sparsity = None
     if run_cfg.sparsity is not None:
-        sparsity = SparsityComponent.for_run(run_cfg, groups, max_steps, meta["seq_len"], tokens_per_step)
+        sparsity = SparsityComponent.for_run(run_cfg, groups, extend.planned(plan), meta["seq_len"],
+                                             tokens_per_step)
         components.append(sparsity)
     dynabert = None
     if run_cfg.dynabert is not None:
@@ -280,7 +289,8 @@ def run(argv: list[str] | None = None) -> int:
     if resume_tag is not None:
         progress = load_run_checkpoint(trainer.engine, ckpt_dir, resume_tag, loader,
                                        model=str(Path(args.init).resolve()), data=args.task,
-                                       meta=_recorded_meta(meta), groups=groups, max_steps=max_steps,
+                                       meta=_recorded_meta(meta), groups=groups,
+                                       max_steps=None if args.extend else max_steps,
                                        run_data=run_json.get("data"), move=move)
         link_optimizer_state(trainer.engine.optimizer, run_cfg.zero_stage)
         if sparsity is not None and move is not None:  # rank 0's file checked, the whole masks loaded

@@ -37,6 +37,7 @@ from dist_sparse.structured.pruner import validate as validate_structured
 from dist_sparse.train import checkpoint as ckpt
 from dist_sparse.train import dynabert as dyn
 from dist_sparse.train import elastic
+from dist_sparse.train import extend
 from dist_sparse.train import run_dir as rd
 from dist_sparse.train.args import build_parser
 from dist_sparse.train.engine import build_engine
@@ -107,8 +108,9 @@ def run(argv: list[str] | None = None) -> int:
     run_json = rd.read_run_json(run) if resume_tag is not None else {}
     if resume_tag is not None:
         ckpt.check_data(run_json.get("data_meta") or {}, meta, data=args.data, run_data=run_json.get("data"))
-        if run_json.get("max_steps") is not None:
-            ckpt.check_max_steps(run_json["max_steps"], max_steps)
+    # the run's length plan: the steps it was started for and every --extend (train.extend)
+    plan = extend.check_length(extend.plan_of(run_json, max_steps), max_steps, args.extend,
+                               None if resume_tag is None else ckpt.step_of(resume_tag) or 0)
     # A checkpoint names its own model shape (a structured run may have shrunk it) and the state of
     # the structured search; both are needed before the model is built.
     structure = None
@@ -162,7 +164,7 @@ def run(argv: list[str] | None = None) -> int:
         move = elastic.plan(run, resume_tag, elastic.launch_layout(dp_size, run_cfg.tp_size, run_cfg.deepspeed))
         if move is not None:
             elastic.check_batch(move, run_json.get("global_batch"), global_batch)
-    preflight_sparsity(run_cfg, model_config, dp_size, max_steps)
+    preflight_sparsity(run_cfg, model_config, dp_size, extend.planned(plan))
     if resume_tag is not None:  # the masks against the config, from rank 0's file
         waits = run_cfg.sparsity is not None and run_cfg.sparsity.after_shrink and \
             sp_cfg is not None and (structured_state is None or structured_state.searching)
@@ -186,7 +188,9 @@ def run(argv: list[str] | None = None) -> int:
                 "deepspeed_config": json.loads(Path(args.deepspeed_config).read_text()),
                 "max_steps": max_steps, "seed": seed, "world_size": world, "dp_size": dp_size,
                 "tp_size": run_cfg.tp_size, "global_batch": global_batch, "micro_batch": micro_bs,
-                "gradient_accumulation": grad_acc, "data_meta": meta})
+                "gradient_accumulation": grad_acc, "data_meta": meta, "schedule_plan": plan})
+        elif args.extend:
+            extend.record(run, run_json, plan, argv)
     comm.barrier()
     if move is not None:
         elastic.prepare(move, run, is_rank0)
@@ -211,7 +215,7 @@ def run(argv: list[str] | None = None) -> int:
         attach_coefficients(model, run_cfg.tp_size)
 
     def lr_lambda(s: int) -> float:
-        return lr_multiplier(s, run_cfg.training, max_steps)
+        return lr_multiplier(s, run_cfg.training, extend.max_steps_at(plan, s))
 
     # DeepSpeed builds AutoTP's groups inside the first deepspeed.initialize: they are read once,
     # checked against the layout, and passed to everything after, later engines included.
@@ -230,7 +234,8 @@ def run(argv: list[str] | None = None) -> int:
     components = []
     sparsity = None
     if run_cfg.sparsity is not None:
-        sparsity = SparsityComponent.for_run(run_cfg, groups, max_steps, meta["seq_len"], tokens_per_step)
+        sparsity = SparsityComponent.for_run(run_cfg, groups, extend.planned(plan), meta["seq_len"],
+                                             tokens_per_step)
         components.append(sparsity)
     structured = None
     if sp_cfg is not None:
@@ -277,8 +282,9 @@ def run(argv: list[str] | None = None) -> int:
 
     if resume_tag is not None:
         progress = load_run_checkpoint(trainer.engine, ckpt_dir, resume_tag, loader, model=model_name,
-                                       data=args.data, meta=meta, groups=groups, max_steps=max_steps,
-                                       run_data=run_json.get("data"), move=move)
+                                       data=args.data, meta=meta, groups=groups,
+                                       max_steps=None if args.extend else max_steps, run_data=run_json.get("data"),
+                                       move=move)
         link_optimizer_state(trainer.engine.optimizer, run_cfg.zero_stage)
         # at another layout this rank's file may not exist: rank 0's is checked, the whole masks loaded
         state = resumed_masks(ckpt_dir / resume_tag, comm.rank() if move is None else 0, run_cfg.sparsity,
@@ -425,12 +431,14 @@ def evaluate(engine, eval_ds, collator, micro_bs: int, batches: int, seed: int, 
 
 
 def load_run_checkpoint(engine, ckpt_dir: Path, tag: str, loader, *, model: str, data: str, meta: dict, groups,
-                        max_steps: int, run_data: str | None, move: elastic.Move | None = None) -> ckpt.Progress:
+                        max_steps: int | None, run_data: str | None, move: elastic.Move | None = None
+                        ) -> ckpt.Progress:
     """Load checkpoint ``tag`` into ``engine`` and ``loader`` (a collective), check it against this
     launch (``model``: the preset or init the run was started from; ``data`` as given), restore
     this rank's RNG states; the run's progress. ``move``: the checkpoint was written at another
     layout; its universal form is loaded, the data position is taken in samples, and the RNG
-    states stay (no rank of this layout has one of its own; see ``train.elastic``)."""
+    states stay (no rank of this layout has one of its own; see ``train.elastic``). ``max_steps``
+    None: the run is being extended (``train.extend``), its checkpoints were planned shorter."""
     if move is None:
         client = ckpt.load_client_state(engine, ckpt_dir, tag)
     else:

@@ -191,3 +191,31 @@ def test_earlybert_moves_during_the_search_and_after_the_shrink(data_dir, tmp_pa
     assert got.keys() == want.keys() and len(want) == 12
     for name in want:  # no mask update after step 14: the bits of the move
         assert torch.equal(got[name], want[name]), name
+
+
+def test_extend_continues_a_finished_run_with_the_documented_schedules(setup, data_dir):
+    """--resume --extend: the finished 12-step run continues to 16 (also at another layout, DP 1);
+    from step 13 the learning rate is the 16-step plan's, the sparsity schedule keeps the 12-step
+    plan (SET's updates end at end_fraction 1.0 of 12 steps: the masks stay those of step 12)."""
+    from dist_sparse.config import lr_multiplier, parse_run_config
+
+    tmp, reference = setup
+    cfg = config(tmp, "z2", 2)
+    run = moved(reference, f"global_step{STEPS}", tmp / "extended")
+    refused = launch([PRETRAIN, "--deepspeed_config", cfg, "--data", data_dir, "--init", tmp / "init",
+                      "--output", run, "--max-steps", 16, "--no-progress", "--resume"], nproc=1, check=False)
+    assert refused.returncode != 0 and "planned for 12 steps, not 16" in refused.stderr
+    pretrain(cfg, tmp / "init", data_dir, run, 1, "--resume", "--extend", steps=16)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    lrs = {r["step"]: r["lr"] for r in rows if r["split"] == "train"}
+    training = parse_run_config(json.loads(cfg.read_text()), source=str(cfg)).training
+    peak = json.loads(cfg.read_text())["optimizer"]["params"]["lr"]
+    for step in range(1, 17):  # logged after step s: the rate of the next step (0-based index s)
+        planned_for = 12 if step <= 12 else 16
+        assert lrs[step] == pytest.approx(peak * lr_multiplier(step, training, planned_for), rel=1e-9), step
+    got, want = masks(run, "global_step16"), masks(reference, f"global_step{STEPS}")
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    recorded = json.loads((run / "run.json").read_text())
+    assert recorded["max_steps"] == 16 and recorded["schedule_plan"] == [[0, 12], [12, 16]]
+    assert [(e["at_step"], e["from_max_steps"], e["to_max_steps"]) for e in recorded["extensions"]] == [(12, 12, 16)]

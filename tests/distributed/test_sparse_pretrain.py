@@ -133,7 +133,7 @@ def test_sparse_run_survives_a_crash_and_resumes_exactly(data_dir, tmp_path, cap
     assert "different \"sparsity\" section" in refused(other, "--max-steps", 8)
     dense = config(tmp_path, 3, None, "dense.json")
     assert "holds sparsity masks" in refused(dense, "--max-steps", 8)
-    assert "started for 8 steps" in refused(cfg, "--max-steps", 10)
+    assert "planned for 8 steps, not 10" in (err := refused(cfg, "--max-steps", 10)) and "add --extend" in err
 
     # --sparsity-reset from step 4: new static masks on the resumed weights, whose Adam moments
     # must be zeroed too, or the pruned weights would move again in steps 5-8
