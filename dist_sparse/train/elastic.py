@@ -186,6 +186,8 @@ def convert(tag_dir: Path, out: Path) -> dict:
             ds_to_universal.main(args)
         _name_model_states_for_every_stage(tmp)
         _global_state_for_every_stage(tmp / "zero")
+        if source.zero3:
+            _zero3_parameters_for_every_stage(tmp)
         states = ckpt.read_sparsity(tag_dir)
         if states:
             first = states[min(states)]
@@ -225,9 +227,10 @@ def _name_model_states_for_every_stage(folder: Path) -> None:
 
 def _global_state_for_every_stage(zero: Path) -> None:
     """``zero/optimizer_state.pt`` is read differently by the two loaders of DeepSpeed 0.19.8: ZeRO-1/2
-    zips its ``param_groups`` with the engine's, ZeRO-3 reads ``optimizer_state_dict`` (the step of
-    parameter 0, and the hyperparameters of group 0, see ``restore_param_groups``). Each
-    conversion writes only its own stage's keys; the other's are added from them."""
+    zips its ``param_groups`` with the engine's and requires ``ds_version``, ZeRO-3 reads
+    ``optimizer_state_dict`` (the step of parameter 0, and the hyperparameters of group 0, see
+    ``restore_param_groups``). Each conversion writes only its own stage's keys; the other's are
+    added from them."""
     path = zero / "optimizer_state.pt"
     sd = torch.load(path, weights_only=False)
     if "optimizer_state_dict" not in sd:
@@ -238,7 +241,49 @@ def _global_state_for_every_stage(zero: Path) -> None:
         sd["optimizer_state_dict"] = {"state": {0: {"step": step}}, "param_groups": sd["param_groups"]}
     if "param_groups" not in sd:
         sd["param_groups"] = sd["optimizer_state_dict"]["param_groups"]
+    if "ds_version" not in sd:  # ZeRO-1/2 refuses a state without it; ZeRO-3 does not write it
+        import deepspeed
+
+        sd["ds_version"] = deepspeed.__version__
     torch.save(sd, path)
+
+
+def _zero3_parameters_for_every_stage(folder: Path) -> None:
+    """DeepSpeed 0.19.8 converts a ZeRO-3 checkpoint into bare flat tensors per parameter and no
+    ``step.pt``, which its own ZeRO-3 loader reads; its ZeRO-1/2 loader wants ``{"param": tensor}``
+    of the parameter's shape and a step per parameter (else Adam's step count would restart).
+    Both forms are written: shapes from the model states (a TP shard's shape is the whole one
+    where the tensor holds as many elements; AutoTP's split weights carry their logical shape in
+    the universal metadata), the step from the global state."""
+    from deepspeed.checkpoint.constants import AFFINE_MAP, AFFINE_MAP_PARAMS, PARAM, UNIVERSAL_CHECKPOINT_INFO
+
+    files = ckpt.list_files(folder).model_states
+    states = torch.load(folder / files[min(files, key=lambda k: (k[1], k[0] is not None, k[0] or 0))],
+                        weights_only=False)
+    shapes = {}
+    for group in states.get("param_shapes", []):
+        shapes.update({name: tuple(shape) for name, shape in group.items()})
+    logical = states.get(UNIVERSAL_CHECKPOINT_INFO, {}).get(AFFINE_MAP, {}).get(AFFINE_MAP_PARAMS, {})
+    for pattern, spec in logical.items():
+        name = pattern.removeprefix("^").removesuffix("$").replace("\\", "")
+        if isinstance(spec, dict) and spec.get("logical_shape"):
+            shapes[name] = tuple(spec["logical_shape"])
+    sd = torch.load(folder / "zero" / "optimizer_state.pt", weights_only=False)
+    step = sd["optimizer_state_dict"]["state"][0]["step"]
+    for param_dir in sorted(p for p in (folder / "zero").iterdir() if p.is_dir()):
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            path = param_dir / f"{key}.pt"
+            if not path.is_file():
+                continue
+            value = torch.load(path, weights_only=False)
+            if isinstance(value, torch.Tensor):
+                shape = shapes.get(param_dir.name)
+                if shape is not None and torch.Size(shape).numel() == value.numel():
+                    value = value.view(shape)
+                torch.save({PARAM: value, "cat_dim": 0}, path)
+        if not (param_dir / "step.pt").exists() and (param_dir / "exp_avg.pt").exists():
+            torch.save(step.clone() if isinstance(step, torch.Tensor) else torch.tensor(float(step)),
+                       param_dir / "step.pt")
 
 
 def param_group_settings(optimizer) -> list[dict]:

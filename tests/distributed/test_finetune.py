@@ -213,6 +213,25 @@ def test_teacher_beside_a_zero3_student_with_gmp_and_exact_resume(task_dir, init
                        torch.stack([m.flatten().float().sum() for m in
                                     logical_masks(resumed / "checkpoints" / "global_step16").values()]))
 
+    # the same checkpoint (ZeRO-3, 2 ranks) resumed on 1 rank with ZeRO-2 (train_batch_size 32 for
+    # the step's samples: accumulation 4): converted once, the teacher still the same, GMP's masks
+    # reach exactly 10% again
+    shutil.rmtree(resumed / "checkpoints" / "global_step16")
+    (resumed / "checkpoints" / "latest").write_text("global_step8")
+    one_rank = json.loads(cfg.read_text())
+    one_rank.pop("gradient_accumulation_steps")
+    one_rank.update(train_batch_size=32, zero_optimization={"stage": 2})
+    (tmp_path / "dp1.json").write_text(json.dumps(one_rank))
+    proc = finetune(tmp_path / "dp1.json", task_dir, init_dir, resumed, "--max-steps", steps, "--resume", nproc=1)
+    assert "2 data-parallel x 1 tensor-parallel, ZeRO-3 -> 1 data-parallel x 1 tensor-parallel, ZeRO-1/2" in \
+        proc.stdout + proc.stderr
+    assert json.loads((resumed / "eval_results.json").read_text())["teacher_sha256"] == results["teacher_sha256"]
+    moved = {r["step"]: r["loss"] for r in rows(resumed, "train")}
+    assert sorted(moved) == list(range(1, steps + 1)) and all(math.isfinite(v) for v in moved.values())
+    for name, layer in sparsity_summary(resumed / "checkpoints" / "global_step16")["layers"].items():
+        numel = layer["full_shape"][0] * layer["full_shape"][1]
+        assert layer["active"] == int(0.1 * numel + 0.5), name
+
 
 def test_teacher_beside_a_dp2_x_tp2_student(task_dir, init_dir, teacher_run, tmp_path):
     """AutoTP: each TP rank holds one of the two heads of every layer. The first loss (with the
