@@ -204,6 +204,19 @@ def test_phase2_on_zero3_resumes_exactly_and_equals_zero1(task_dir, phase1_runs,
     assert [r["loss"] for r in rows(resumed, "train")] == z3
     assert json.loads((resumed / "eval_results.json").read_text()) == results
 
+    # every trained sub-network of the ZeRO-3 checkpoint exports as a standalone model whose
+    # logits equal the trained model's gated pass (the export verifies it, or refuses to write)
+    from dist_sparse.export import hf
+
+    for width in PHASE2["width_mult"]:
+        for depth in PHASE2["depth_mult"]:
+            out = tmp_path / f"export_w{width:g}_d{depth:g}"
+            result = hf.export(runs[3], out, width=width, depth=depth)
+            assert result["subnetwork"] == f"w{width:g}_d{depth:g}" and result["max_diff"] <= hf.TOLERANCE
+            assert result["format"] == ("dense" if width == 1.0 else "compact")
+            layers = json.loads((out / "config.json").read_text())["num_hidden_layers"]
+            assert layers == int(SIZES["num_hidden_layers"] * depth)
+
     # another schedule on resume is refused before anything runs
     other = ds_config(tmp_path, "other.json", stage=3, micro=4, gas=2, dynabert={**PHASE2, "subnetworks": 2},
                       distillation=distill)
