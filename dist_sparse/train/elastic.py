@@ -286,6 +286,57 @@ def _zero3_parameters_for_every_stage(folder: Path) -> None:
                        param_dir / "step.pt")
 
 
+def _load_zero12_universal(self, lp_groups_name: str, checkpoint_dir: str) -> None:
+    """DeepSpeed 0.19.8's ``load_hp_checkpoint_state_from_checkpoint_dir`` (ZeRO-1/2 and its
+    BF16_Optimizer) with one change: a param group of which this rank holds no element (LAMB keeps
+    one group per tensor, so at DP >= 2 a small tensor lies wholly in another rank's partition) is
+    skipped instead of failing on its empty list of steps (``steps[0]``, IndexError)."""
+    import os
+
+    from deepspeed.runtime.utils import bwc_tensor_model_parallel_rank
+    from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
+
+    zero = os.path.join(checkpoint_dir, "zero")
+    optim_sd = torch.load(os.path.join(zero, "optimizer_state.pt"), weights_only=False)
+    self._load_global_state(optim_sd)
+    tp_rank = bwc_tensor_model_parallel_rank(mpu=self.mpu)
+    if self.mpu is None:
+        tp_world_size = 1
+    elif hasattr(self.mpu, "get_slice_parallel_world_size"):
+        tp_world_size = self.mpu.get_slice_parallel_world_size()
+    else:
+        tp_world_size = self.mpu.get_tensor_model_parallel_world_size()
+    lp_groups = getattr(self, lp_groups_name)
+    for i, (group, loaded) in enumerate(zip(self.optimizer.param_groups, optim_sd["param_groups"])):
+        keys, steps = set(), []
+        for lp in lp_groups[i]:
+            if lp._hp_mapping is not None:
+                steps.append(lp.load_hp_checkpoint_state(os.path.join(zero, self.param_names[lp]), tp_rank,
+                                                         tp_world_size))
+                keys.update(lp._hp_mapping.get_optim_state_keys())
+        if steps:
+            hp = group["params"][0]
+            if not all(step == steps[0] for step in steps):
+                raise ValueError(f"param group {i}: its tensors were saved at different steps {steps}")
+            if steps[0] is not None:
+                self.optimizer.state[hp]["step"] = steps[0]
+            map_to_flat_opt_states(hp, lp_groups[i], self.optimizer.state, keys)
+        for key, value in loaded.items():
+            if key != "params":
+                group[key] = value
+
+
+def prepare_universal_load(engine) -> None:
+    """Before ``engine.load_checkpoint`` of a universal checkpoint: ZeRO-1/2 (and BF16_Optimizer)
+    engines load with ``_load_zero12_universal`` (ZeRO-3 has its own loader)."""
+    import types
+
+    optimizer = engine.optimizer
+    zero3 = engine.zero_optimization_partition_weights()
+    if hasattr(optimizer, "load_hp_checkpoint_state_from_checkpoint_dir") and not zero3:
+        optimizer.load_hp_checkpoint_state_from_checkpoint_dir = types.MethodType(_load_zero12_universal, optimizer)
+
+
 def param_group_settings(optimizer) -> list[dict]:
     """Every param group's settings but its parameters and learning rate (the schedule's)."""
     return [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in optimizer.param_groups]
@@ -353,6 +404,6 @@ def logical_sparsity(move: Move) -> tuple[dict, dict[str, torch.Tensor]] | None:
     return content["state"], content["masks"]
 
 
-__all__ = ["Layout", "MASKS_FILE", "Move", "RECORD_FILE", "UNIVERSAL_DIR", "check_batch", "convert", "converted", "launch_layout",
-           "logical_sparsity", "param_group_settings", "plan", "prepare", "register_own_tp_splits",
-           "restore_param_groups", "written_layout"]
+__all__ = ["Layout", "MASKS_FILE", "Move", "RECORD_FILE", "UNIVERSAL_DIR", "check_batch", "convert", "converted",
+           "launch_layout", "logical_sparsity", "param_group_settings", "plan", "prepare", "prepare_universal_load",
+           "register_own_tp_splits", "restore_param_groups", "written_layout"]

@@ -445,6 +445,7 @@ def load_run_checkpoint(engine, ckpt_dir: Path, tag: str, loader, *, model: str,
         # the innermost optimizer: ZeRO's wrapper steps it with these groups
         inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
         settings = elastic.param_group_settings(inner)
+        elastic.prepare_universal_load(engine)
         client = ckpt.load_client_state(engine, move.load_dir, tag)
         elastic.restore_param_groups(inner, settings)
     ckpt.check_resume(client, model=model, max_steps=max_steps, dp_size=groups.dp_size if move is None else None,
