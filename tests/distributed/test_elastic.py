@@ -8,6 +8,7 @@ sums), and the masks, decided on the moved masters and moments, must be the same
 """
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -255,3 +256,35 @@ def test_lamb_in_bf16_moves_from_the_bf16_optimizer(setup, data_dir, tmp_path):
         at_move, want = masks(run, "global_step5"), masks(reference, "global_step4")
         for key in want:
             assert torch.equal(at_move[key], want[key]), (name, key)
+
+
+def test_a_dp2_x_tp2_run_moves_to_two_ranks_before_and_after_its_shrink(earlybert_tp2_run, data_dir, tmp_path):
+    """The 4-rank EarlyBERT + SET run (DP 2 x TP 2, conftest) moved to 2 ranks: mid-search to
+    DP 2 x TP 1, after the shrink to DP 1 x TP 2. Both carry the masks of the move bit for bit
+    (no SET update at the step after it), the shrunk structure, and train on to the end."""
+    run_json = json.loads((earlybert_tp2_run / "run.json").read_text())
+    steps = run_json["max_steps"]
+    cfg = run_json["deepspeed_config"]
+    cfg.pop("gradient_accumulation_steps")
+    cfg["train_batch_size"] = run_json["global_batch"]  # the step's samples, whatever the layout
+    for name, tag, tp in (("dp2_tp1", "global_step4", 1), ("dp1_tp2", "global_step12", 2)):
+        cfg["tensor_parallel"] = {"autotp_size": tp}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(cfg))
+        run = moved(earlybert_tp2_run, tag, tmp_path / name)
+        proc = launch([PRETRAIN, "--deepspeed_config", path, "--data", data_dir, "--model", "bert-mini",
+                       "--output", run, "--no-progress", "--max-steps", steps, "--save-interval", 1, "--resume"])
+        out = proc.stdout + proc.stderr
+        assert "2 data-parallel x 2 tensor-parallel, ZeRO-1/2 -> " in out
+        moved_at = int(tag.removeprefix("global_step"))
+        after = masks(run, f"global_step{moved_at + 1}")
+        before = masks(earlybert_tp2_run, tag)
+        assert after.keys() == before.keys() and len(before) == 24  # bert-mini: 4 layers x 6 Linear weights
+        for key in before:
+            assert torch.equal(after[key], before[key]), (name, key)
+        final = json.loads((run / "checkpoints" / f"global_step{steps}" / "structure.json").read_text())
+        assert final["structured"]["phase"] == "shrunk"
+        if tag == "global_step12":  # shrunk before the move: the same structure after it
+            assert final == json.loads((earlybert_tp2_run / "checkpoints" / tag / "structure.json").read_text())
+        train = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
+        assert [r["step"] for r in train][-1] == steps and all(math.isfinite(r["loss"]) for r in train)
