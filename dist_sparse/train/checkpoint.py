@@ -481,7 +481,7 @@ def _agree(failure: str | None, ckpt_dir: Path, tag: str, is_rank0: bool) -> Non
         if is_rank0:
             shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
         comm.barrier()  # removed before any rank exits (a launcher stops the others when one does)
-        after = f"the partial {tag} was removed; " + (
+        after = f"The partial {tag} was removed; " + (
             f"`latest` still names {latest}, which is complete: free space and continue with --resume"
             if latest is not None else "no earlier checkpoint of this run exists")
     raise CheckpointNotSaved(f"checkpoint {ckpt_dir / tag} was not saved: {'; '.join(reasons)}. {after}")
