@@ -8,9 +8,11 @@ pre-training runs, each followed by the recovery a user would make and a check o
 Every trial is a run of launchers/pretrain.py (bert-tiny, ZeRO-2, 2 ranks, 6 steps, a checkpoint
 every 2 steps) with one fault, drawn at random:
 
-  sigkill       one rank (random) SIGKILLed at a random moment of the run
+  sigkill       one rank (random) SIGKILLed at a random moment: 0-1 s after a random logged step,
+                or during start-up
   sigkill-save  one rank SIGKILLed while a checkpoint (random) is being written: as soon as its
-                tag directory appears, before `latest` names it (a random delay of 0-0.3 s)
+                tag directory appears (plus 0-0.1 s), before `latest` names it if the kill is quick
+                enough (the table says where each kill landed)
   enospc        a full disk: a random rank's first write of a random checkpoint fails (ENOSPC)
   nan-stop      a NaN loss on a random rank at a random step, training.nonfinite_loss "stop"
   nan-skip      the same with "skip"
@@ -146,6 +148,14 @@ def rows(run: Path, split: str) -> list[dict]:
     return [m for m in (json.loads(x) for x in path.read_text().splitlines() if x.strip()) if m["split"] == split]
 
 
+def steps_logged(run: Path) -> int:
+    """Training steps in RUN/metrics.jsonl so far (read while the run writes it: lines, not JSON)."""
+    try:
+        return (run / "metrics.jsonl").read_text().count('"split": "train"')
+    except OSError:
+        return 0
+
+
 def curve(run: Path) -> list[tuple[int, float]]:
     return [(m["step"], m["loss"]) for m in rows(run, "train")]
 
@@ -241,11 +251,14 @@ class Drills:
         target = None
         if during_save:
             target = self.rng.choice(TAGS)
-            jitter = self.rng.uniform(0.0, 0.3)
+            jitter = self.rng.uniform(0.0, 0.1)
             t.fault = f"SIGKILL rank {rank} once {target}/ appears (+{jitter:.2f} s)"
         else:
-            delay = self.rng.uniform(0.15, 0.95) * self.reference_seconds
-            t.fault = f"SIGKILL rank {rank} at {delay:.1f} s"
+            # a random moment of the run's progress, not of the wall clock (other jobs make that
+            # vary): after the k-th logged step (k = 0: from the start, through start-up)
+            after = self.rng.randrange(STEPS)
+            delay = self.rng.uniform(0.0, 0.6 * self.reference_seconds if after == 0 else 1.0)
+            t.fault = f"SIGKILL rank {rank} {delay:.2f} s after " + ("the start" if after == 0 else f"step {after} logged")
 
         def killer():
             if during_save:
@@ -254,16 +267,18 @@ class Drills:
                     time.sleep(0.005)
                 time.sleep(jitter)
             else:
-                end = job.t0 + delay
+                while steps_logged(run) < after and job.procs[0].poll() is None:
+                    time.sleep(0.005)
+                end = time.monotonic() + delay
                 while time.monotonic() < end and job.procs[0].poll() is None:
-                    time.sleep(0.01)
+                    time.sleep(0.005)
             pid = job.rank_pid(rank)
             if pid is not None and job.procs[0].poll() is None:
                 try:
                     os.kill(pid, signal.SIGKILL)
                     killed_at["t"] = time.monotonic()
                     killed_at["latest"] = latest(run)
-                    killed_at["steps"] = len(rows(run, "train"))
+                    killed_at["steps"] = steps_logged(run)
                 except ProcessLookupError:
                     pass
 
@@ -477,6 +492,13 @@ def main(argv: list[str] | None = None) -> int:
     drills = Drills(out, data, args.hang_after, rng)
     trials = [drills.trial(i, kind, launcher) for i, (kind, launcher) in enumerate(schedule(n, rng), 1)]
     report = table(trials)
+    landed: dict[str, int] = {}
+    for t in trials:
+        if t.landed:
+            key = "after global_step" if t.landed.startswith("after global_step") else t.landed
+            landed[key] = landed.get(key, 0) + 1
+    if landed:
+        report += "\n\nwhere the kills landed: " + ", ".join(f"{k}: {v}" for k, v in sorted(landed.items()))
     print()
     print(report)
     lost = sum(bool(t.lost) for t in trials)
