@@ -211,7 +211,8 @@ class Drills:
         code, self.reference_seconds = plain_run(self.stop_cfg, data, self.reference, out / "reference.log")
         if code != 0 or [s for s, _ in curve(self.reference)] != list(range(1, STEPS + 1)):
             raise RuntimeError(f"the reference run failed (exit {code}); see {out / 'reference.log'}")
-        print(f"reference run: {self.reference_seconds:.1f} s, losses {[round(x, 4) for _, x in curve(self.reference)]}",
+        print(f"reference run: {self.reference_seconds:.1f} s, "
+              f"losses {[round(x, 4) for _, x in curve(self.reference)]}",
               flush=True)
 
     # the recoveries ------------------------------------------------------------------------------
@@ -258,7 +259,8 @@ class Drills:
             # vary): after the k-th logged step (k = 0: from the start, through start-up)
             after = self.rng.randrange(STEPS)
             delay = self.rng.uniform(0.0, 0.6 * self.reference_seconds if after == 0 else 1.0)
-            t.fault = f"SIGKILL rank {rank} {delay:.2f} s after " + ("the start" if after == 0 else f"step {after} logged")
+            t.fault = f"SIGKILL rank {rank} {delay:.2f} s after " + (
+                "the start" if after == 0 else f"step {after} logged")
 
         def killer():
             if during_save:

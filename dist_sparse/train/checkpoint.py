@@ -889,8 +889,9 @@ def read_info(tag_dir: Path) -> CheckpointInfo:
 __all__ = [
     "CHECKPOINTS_DIR", "CRASH_IN_SAVE_ENV", "ENOSPC_IN_SAVE_ENV", "FORMAT_VERSION", "LATEST_FILE", "MODEL_STATES",
     "OPTIM_STATES", "STRUCTURE_FILE", "TAG_PREFIX", "CheckpointInfo", "CheckpointNotSaved", "ClientState",
-    "DamagedFile", "Progress", "StructureRecord", "StructuredState", "TagFiles", "check_data", "check_resume", "check_whole", "checkpoint_layout",
-    "checkpoint_tags", "commit_latest", "damaged", "describe_disk", "expected_files", "is_tag_dir", "latest_tag", "list_files",
+    "DamagedFile", "Progress", "StructureRecord", "StructuredState", "TagFiles", "check_data", "check_resume",
+    "check_whole", "checkpoint_layout", "checkpoint_tags", "commit_latest", "damaged", "describe_disk",
+    "expected_files", "is_tag_dir", "latest_tag", "list_files",
     "load_client_state", "locate", "logical_masks", "model_states_file", "no_checkpoint_yet", "optim_states_file",
     "prune_checkpoints", "read_info", "read_rank_file", "read_sparsity", "read_structure", "restore_rng_state",
     "rng_file", "rng_state", "save", "sparsity_file", "sparsity_summary", "step_of", "tag_of",

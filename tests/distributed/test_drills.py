@@ -171,8 +171,9 @@ def test_nan_loss_skipped_changes_nothing_but_the_data_position(data_dir, tmp_pa
     def load(tag, name):
         return torch.load(ckpt / tag / name, map_location="cpu", weights_only=False)
 
-    model3, model4 = load("global_step3", "mp_rank_00_model_states.pt"), load("global_step4", "mp_rank_00_model_states.pt")
-    assert (model3["global_steps"], model3["skipped_steps"], model4["global_steps"], model4["skipped_steps"]) == (3, 0, 4, 1)
+    model3, model4 = (load(f"global_step{s}", "mp_rank_00_model_states.pt") for s in (3, 4))
+    assert (model3["global_steps"], model3["skipped_steps"]) == (3, 0)
+    assert (model4["global_steps"], model4["skipped_steps"]) == (4, 1)
     assert model4["progress"]["step"] == 4 and model4["loader"] != model3["loader"]  # the data moved on
     assert _equal(model3["module"], model4["module"]) == []
     assert _equal(model3["lr_scheduler"], model4["lr_scheduler"]) == []
