@@ -8,10 +8,10 @@ pre-training runs, each followed by the recovery a user would make and a check o
 Every trial is a run of launchers/pretrain.py (bert-tiny, ZeRO-2, 2 ranks, 6 steps, a checkpoint
 every 2 steps) with one fault, drawn at random:
 
-  sigkill       one rank (random) SIGKILLed at a random moment: 0-1 s after a random logged step,
+  sigkill       one rank (random) SIGKILLed at a random moment: 0-0.25 s after a random logged step,
                 or during start-up
   sigkill-save  one rank SIGKILLed while a checkpoint (random) is being written: as soon as its
-                tag directory appears (plus 0-0.1 s), before `latest` names it if the kill is quick
+                tag directory appears (plus 0-0.02 s), before `latest` names it if the kill is quick
                 enough (the table says where each kill landed)
   enospc        a full disk: a random rank's first write of a random checkpoint fails (ENOSPC)
   nan-stop      a NaN loss on a random rank at a random step, training.nonfinite_loss "stop"
@@ -102,8 +102,11 @@ class Job:
         exit on their own). Whatever is still alive after ``bound`` seconds is killed: a hang."""
         deadline = time.monotonic() + bound
         hung = False
+        first_failed = None  # the exit code of the process that failed first (not of those stopped after it)
         while True:
             codes = [p.poll() for p in self.procs]
+            if first_failed is None:
+                first_failed = next((c for c in codes if c not in (None, 0)), None)
             if all(c is not None for c in codes):
                 break
             if supervise and any(c not in (None, 0) for c in codes):
@@ -114,8 +117,7 @@ class Job:
             time.sleep(0.05)
         self._out.close()
         _common.remove_shm_buffers(self.port)
-        failed = [c for c in codes if c != 0]
-        return (failed[0] if failed else 0), time.monotonic() - self.t0, hung
+        return (first_failed or 0), time.monotonic() - self.t0, hung
 
     def _signal(self, sig) -> None:
         for p in self.procs:
@@ -252,13 +254,13 @@ class Drills:
         target = None
         if during_save:
             target = self.rng.choice(TAGS)
-            jitter = self.rng.uniform(0.0, 0.1)
+            jitter = self.rng.uniform(0.0, 0.02)
             t.fault = f"SIGKILL rank {rank} once {target}/ appears (+{jitter:.2f} s)"
         else:
             # a random moment of the run's progress, not of the wall clock (other jobs make that
             # vary): after the k-th logged step (k = 0: from the start, through start-up)
             after = self.rng.randrange(STEPS)
-            delay = self.rng.uniform(0.0, 0.6 * self.reference_seconds if after == 0 else 1.0)
+            delay = self.rng.uniform(0.0, 0.6 * self.reference_seconds if after == 0 else 0.25)
             t.fault = f"SIGKILL rank {rank} {delay:.2f} s after " + (
                 "the start" if after == 0 else f"step {after} logged")
 
@@ -266,7 +268,7 @@ class Drills:
             if during_save:
                 tag_dir = run / "checkpoints" / target
                 while not tag_dir.exists() and job.procs[0].poll() is None:
-                    time.sleep(0.005)
+                    time.sleep(0.001)
                 time.sleep(jitter)
             else:
                 while steps_logged(run) < after and job.procs[0].poll() is None:
