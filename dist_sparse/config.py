@@ -65,6 +65,16 @@ class TrainingConfig(_Section):
     mlm_probability: float = Field(default=0.15, gt=0.0, lt=1.0)
     """Fraction of tokens selected for masked-language-model prediction (80/10/10 rule)."""
 
+    nonfinite_loss: Literal["stop", "skip"] = "stop"
+    """What a NaN or infinite loss (on any rank, in any micro batch of an optimizer step) does,
+    decided the same on every rank before the step's last backward. ``stop``: nothing of that
+    step is applied and the run exits non-zero with a message naming the step and the last
+    complete checkpoint. ``skip``: the optimizer step is not applied (weights, fp32 masters,
+    moments, masks and the learning-rate schedule stay as they were; the data moves on), counted
+    in ``train/skipped_steps``; it needs DeepSpeed to skip steps whose gradient norm is not
+    finite, which every ZeRO stage and fp16/bf16 does unless ``bf16.check_grad_overflow`` or
+    ``zero_optimization.compute_grad_norm`` is false (refused at start)."""
+
 
 DEFAULT_SPARSE_PARAMS = ("bert.encoder.layer.*.weight",)
 

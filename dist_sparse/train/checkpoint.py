@@ -31,12 +31,15 @@ Three sides, kept apart so each can be used alone:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
 import random
 import re
 import shutil
+import signal
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,7 +63,8 @@ TAG_PREFIX = "global_step"
 STRUCTURE_FILE = "structure.json"
 SPARSITY_FILE_PREFIX = "sparsity_rank"
 RNG_FILE_PREFIX = "rng_state_rank"
-# Name a checkpoint tag here to make every rank die after writing it but before `latest` moves.
+# Name a checkpoint tag here to make every rank die after writing it but before `latest` moves;
+# TAG:RANK makes only that rank SIGKILL itself, after DeepSpeed's files of the tag and before ours.
 CRASH_IN_SAVE_ENV = "DIST_SPARSE_TEST_CRASH_IN_SAVE"
 
 # DeepSpeed's per-rank files of a tag: model states (one per TP rank, or per DP x TP rank under
@@ -297,30 +301,190 @@ def save(engine, ckpt_dir: Path, tag: str, client: ClientState, structure: Struc
 
     ``rank_files``: this rank's own files, name -> object for torch.save (:func:`rng_file`,
     :func:`sparsity_file`); ``shared_json``: files that are the same for every rank, name -> JSON
-    object, written by rank 0. DeepSpeed's files and ours are all written before a barrier, and only
-    then does rank 0 move ``latest`` and delete the checkpoints beyond the newest ``keep``: a
-    process that dies mid-save leaves ``latest`` on the previous complete checkpoint.
+    object, written by rank 0. DeepSpeed's files and ours are all written, then the ranks agree
+    that every one of them succeeded (one all-reduce of a flag per rank), and only then does rank 0
+    move ``latest`` and delete the checkpoints beyond the newest ``keep``: a process that dies
+    mid-save leaves ``latest`` on the previous complete checkpoint.
+
+    A write that fails (a full disk, a quota, an I/O error) does not leave the other ranks waiting:
+    the failing rank keeps its first error, writes nothing more, goes on through DeepSpeed's
+    collectives with its peers, and then every rank raises :class:`CheckpointNotSaved` with the
+    same message (which ranks, which file, the file system and its free space); rank 0 removes
+    the partial tag first. DeepSpeed's files are caught where DeepSpeed writes them (its
+    checkpoint engine's ``save``); anything else DeepSpeed raises ends that rank's process, and
+    the launcher ends the others.
     """
     from dist_sparse.distributed import comm  # imports DeepSpeed: not at module level (see top)
 
     tag_dir = ckpt_dir / tag
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client.to_dict(), save_latest=False)
+    rank = comm.rank()
+    writes = _Writes(full_disk=_injected(ENOSPC_IN_SAVE_ENV, tag, rank))
+    with writes.through(getattr(engine, "checkpoint_engine", None)):
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client.to_dict(), save_latest=False)
+    crash = _crash_request(tag, rank)
+    if crash == "kill":  # one rank dies mid-save, its peers waiting for it (crash-safety drills)
+        os.kill(os.getpid(), signal.SIGKILL)
     if is_rank0:
-        write_json_atomic(tag_dir / STRUCTURE_FILE, structure.to_dict())
+        writes.run(tag_dir / STRUCTURE_FILE, lambda: write_json_atomic(tag_dir / STRUCTURE_FILE, structure.to_dict()))
         for name, obj in (shared_json or {}).items():
             assert Path(name).name == name, f"a shared file is a plain file name, not {name!r}"
-            write_json_atomic(tag_dir / name, obj)
+            writes.run(tag_dir / name, lambda name=name, obj=obj: write_json_atomic(tag_dir / name, obj))
     for name, obj in rank_files.items():
         assert Path(name).name == name, f"a rank file is a plain file name, not {name!r}"
-        torch.save(obj, tag_dir / name)
-    if os.environ.get(CRASH_IN_SAVE_ENV) == tag:  # fault injection for the crash-safety tests
+        writes.run(tag_dir / name, lambda name=name, obj=obj: torch.save(obj, tag_dir / name))
+    if crash == "all":  # fault injection for the crash-safety tests: every rank dies here
         os._exit(17)
-    comm.barrier()  # every rank has written its part before `latest` moves
+    # every rank has written its part (or failed) before `latest` moves
+    _agree(writes.failure(), ckpt_dir, tag, is_rank0)
+    failure = None
     if is_rank0:
-        commit_latest(ckpt_dir, tag)
-        prune_checkpoints(ckpt_dir, keep, tag)
-        log.info("saved checkpoint %s", tag_dir)
-    comm.barrier()
+        try:
+            commit_latest(ckpt_dir, tag)
+        except OSError as err:
+            failure = _failure_text(rank, ckpt_dir / LATEST_FILE, err)
+        else:
+            prune_checkpoints(ckpt_dir, keep, tag)
+            log.info("saved checkpoint %s", tag_dir)
+    _agree(failure, ckpt_dir, tag, is_rank0)
+
+
+# Test-only fault injection: "TAG:RANK" makes global rank RANK's first write of checkpoint TAG fail
+# as on a full disk (the file left half written, then OSError ENOSPC).
+ENOSPC_IN_SAVE_ENV = "DIST_SPARSE_TEST_ENOSPC_IN_SAVE"
+
+
+class CheckpointNotSaved(ValueError):
+    """A checkpoint could not be written on some rank; every rank raises it with the same message.
+    A ValueError so that the entry point reports it as one line per rank and exits 2."""
+
+
+def _injected(env: str, tag: str, rank: int) -> bool:
+    value = os.environ.get(env)
+    return bool(value) and value.rpartition(":")[::2] == (tag, str(rank))
+
+
+def _crash_request(tag: str, rank: int) -> str | None:
+    """``CRASH_IN_SAVE_ENV`` for this save: "all" (value TAG: every rank exits after writing its
+    files), "kill" (value TAG:RANK, this rank: it SIGKILLs itself after DeepSpeed's files, before
+    ours) or None."""
+    value = os.environ.get(CRASH_IN_SAVE_ENV)
+    if not value:
+        return None
+    if value == tag:
+        return "all"
+    return "kill" if value.rpartition(":")[::2] == (tag, str(rank)) else None
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def describe_disk(path: Path) -> str:
+    """The file system ``path`` lies on: its mount point and free space (as far as it can be read)."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    mount = p
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    try:
+        usage = shutil.disk_usage(p)
+    except OSError:
+        return f"the file system mounted at {mount}"
+    return f"the file system mounted at {mount}: {_size(usage.free)} free of {_size(usage.total)}"
+
+
+def _failure_text(rank: int, path: Path | None, err: BaseException) -> str:
+    what = f"{type(err).__name__}: {err}" if not isinstance(err, OSError) else (
+        f"[Errno {err.errno}] {err.strerror or err}" if err.errno else str(err))
+    where = f" {path}" if path is not None else ""
+    return f"rank {rank} could not write{where} ({what}; {describe_disk(path or Path('.'))})"
+
+
+class _Writes:
+    """This rank's writes of one checkpoint. The first failure is kept, not raised, and later
+    writes are not tried (a full disk stays full), so the rank stays in step with its peers'
+    collectives; ``failure`` says what went wrong."""
+
+    def __init__(self, full_disk: bool = False):
+        self.full_disk = full_disk   # test-only: the first write fails as on a full disk
+        self.error: tuple[Path | None, BaseException] | None = None
+
+    def run(self, path: Path, write) -> None:
+        if self.error is not None:
+            return
+        try:
+            write()
+            if self.full_disk:
+                self.full_disk = False
+                _half_written(Path(path))
+        except Exception as err:  # noqa: BLE001 - kept and reported on every rank by _agree
+            self.error = (Path(path), err)
+
+    def failure(self) -> str | None:
+        return None if self.error is None else _failure_text(_rank(), *self.error)
+
+    @contextlib.contextmanager
+    def through(self, checkpoint_engine):
+        """DeepSpeed's writes of the checkpoint go through ``run`` (its checkpoint engine's
+        ``save(state_dict, path)``, the one place DeepSpeed writes a checkpoint's files)."""
+        if checkpoint_engine is None:
+            yield
+            return
+        original = checkpoint_engine.save
+        had_own = "save" in vars(checkpoint_engine)
+        checkpoint_engine.save = lambda state_dict, path: self.run(Path(path), lambda: original(state_dict, path))
+        try:
+            yield
+        finally:
+            if had_own:
+                checkpoint_engine.save = original
+            else:
+                del checkpoint_engine.save
+
+
+def _rank() -> int:
+    from dist_sparse.distributed import comm
+    return comm.rank()
+
+
+def _half_written(path: Path) -> None:
+    """What a write that runs out of space leaves: the file cut short, then ENOSPC (test-only)."""
+    size = path.stat().st_size if path.exists() else 0
+    with open(path, "r+b" if path.exists() else "wb") as f:
+        f.truncate(size // 2)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def _agree(failure: str | None, ckpt_dir: Path, tag: str, is_rank0: bool) -> None:
+    """Every rank learns whether any rank failed (one flag per rank, summed over the world); if one
+    did, rank 0 removes the partial tag and every rank raises CheckpointNotSaved with all the
+    ranks' reasons. The same collectives run on every rank either way."""
+    from dist_sparse.distributed import comm
+
+    world = comm.world_size()
+    flags = torch.zeros(world, dtype=torch.float64)
+    flags[comm.rank()] = float(failure is not None)
+    comm.all_reduce_sum_(flags)
+    if not flags.any():
+        return
+    reasons = [r for r in comm.all_gather_object(failure) if r is not None]
+    latest = latest_tag(ckpt_dir)
+    if latest == tag:
+        after = (f"{tag}, which `latest` names, was being written again and is incomplete now: resume from an "
+                 "earlier checkpoint with --resume-tag")
+    else:
+        if is_rank0:
+            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+        comm.barrier()  # removed before any rank exits (a launcher stops the others when one does)
+        after = f"The partial {tag} was removed; " + (
+            f"`latest` still names {latest}, which is complete: free space and continue with --resume"
+            if latest is not None else "no earlier checkpoint of this run exists")
+    raise CheckpointNotSaved(f"checkpoint {ckpt_dir / tag} was not saved: {'; '.join(reasons)}. {after}")
 
 
 def load_client_state(engine, ckpt_dir: Path, tag: str) -> ClientState:
@@ -723,10 +887,11 @@ def read_info(tag_dir: Path) -> CheckpointInfo:
 
 
 __all__ = [
-    "CHECKPOINTS_DIR", "CRASH_IN_SAVE_ENV", "FORMAT_VERSION", "LATEST_FILE", "MODEL_STATES", "OPTIM_STATES",
-    "STRUCTURE_FILE", "TAG_PREFIX", "CheckpointInfo", "ClientState", "DamagedFile", "Progress", "StructureRecord",
-    "StructuredState", "TagFiles", "check_data", "check_resume", "check_whole", "checkpoint_layout",
-    "checkpoint_tags", "commit_latest", "damaged", "expected_files", "is_tag_dir", "latest_tag", "list_files",
+    "CHECKPOINTS_DIR", "CRASH_IN_SAVE_ENV", "ENOSPC_IN_SAVE_ENV", "FORMAT_VERSION", "LATEST_FILE", "MODEL_STATES",
+    "OPTIM_STATES", "STRUCTURE_FILE", "TAG_PREFIX", "CheckpointInfo", "CheckpointNotSaved", "ClientState",
+    "DamagedFile", "Progress", "StructureRecord", "StructuredState", "TagFiles", "check_data", "check_resume",
+    "check_whole", "checkpoint_layout", "checkpoint_tags", "commit_latest", "damaged", "describe_disk",
+    "expected_files", "is_tag_dir", "latest_tag", "list_files",
     "load_client_state", "locate", "logical_masks", "model_states_file", "no_checkpoint_yet", "optim_states_file",
     "prune_checkpoints", "read_info", "read_rank_file", "read_sparsity", "read_structure", "restore_rng_state",
     "rng_file", "rng_state", "save", "sparsity_file", "sparsity_summary", "step_of", "tag_of",

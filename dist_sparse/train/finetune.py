@@ -44,7 +44,7 @@ from dist_sparse.train.metrics import MetricsWriter
 from dist_sparse.train.sparse import SparsityComponent, config_fingerprint, preflight_sparsity
 from dist_sparse.train.task_metrics import task_metrics
 from dist_sparse.train.teacher import Teacher, check_teacher, teacher_dtype
-from dist_sparse.train.trainer import Trainer
+from dist_sparse.train.trainer import Trainer, check_nonfinite_policy
 
 log = logging.getLogger("dist_sparse.finetune")
 RESULTS_FILE = "eval_results.json"
@@ -115,6 +115,7 @@ def run(argv: list[str] | None = None) -> int:
         raise ValueError("a \"structured_pruning\" section is for pre-training (EarlyBERT); fine-tune the shrunk "
                          "model instead (--init RUN of the structured run)")
     t = run_cfg.training
+    check_nonfinite_policy(t.nonfinite_loss, run_cfg.deepspeed)
     datasets, meta = load_task(args.task)
     meta = {**meta, "_path": str(Path(args.task).resolve())}
     dims = ParallelDims.from_env(run_cfg.tp_size)
@@ -276,7 +277,8 @@ def run(argv: list[str] | None = None) -> int:
         if is_rank0 and resume_tag is None:
             write_json_atomic(run / "run.json", {**rd.read_run_json(run), "dynabert": dynabert.record()})
     trainer = Trainer(engine, model_config, groups, zero_stage=run_cfg.zero_stage, build_engine=make_engine,
-                      components=components, loss=loss_fn)
+                      components=components, loss=loss_fn,
+                      nonfinite_loss=run_cfg.training.nonfinite_loss, checkpoints=rd.checkpoint_dir(run))
     del engine
     if sparsity is not None:
         sparsity.attach(trainer)
@@ -355,6 +357,7 @@ def run(argv: list[str] | None = None) -> int:
             grad_norm = engine.get_global_grad_norm()
             scalars = {"loss": loss, "lr": engine.get_lr()[0],
                        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                       "skipped_steps": float(trainer.skipped_steps),
                        "samples_per_sec": global_batch / (time.perf_counter() - t0)}
             if isinstance(loss_fn, DistillationLoss):  # rank 0's last micro batch, per term
                 scalars.update({f"distill_{k}": float(v) for k, v in loss_fn.last.items()})

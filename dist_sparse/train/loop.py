@@ -47,7 +47,7 @@ from dist_sparse.train.metrics import MetricsWriter
 from dist_sparse.train.sparse import SparsityComponent, config_fingerprint, preflight_sparsity
 from dist_sparse.train.structured import EarlyBertComponent
 from dist_sparse.train.teacher import Teacher, check_teacher, teacher_dtype
-from dist_sparse.train.trainer import Trainer
+from dist_sparse.train.trainer import Trainer, check_nonfinite_policy
 
 log = logging.getLogger("dist_sparse.train")
 
@@ -96,6 +96,7 @@ def run(argv: list[str] | None = None) -> int:
     # Everything that can be checked without processes or models is checked first.
     run_cfg = load_run_config(args.deepspeed_config)
     max_steps, save_interval, eval_interval, seed = _resolve(args, run_cfg)
+    check_nonfinite_policy(run_cfg.training.nonfinite_loss, run_cfg.deepspeed)
     datasets, meta = load_prepared(args.data)
     model_config = build_config(args.model, vocab_size=meta["vocab_size"],
                                 max_position_embeddings=max(512, meta["seq_len"]),
@@ -268,7 +269,8 @@ def run(argv: list[str] | None = None) -> int:
                                          layer_map=layer_map)
         components.append(dynabert)
     trainer = Trainer(engine, model_config, groups, zero_stage=run_cfg.zero_stage, build_engine=make_engine,
-                      components=components, loss=loss_fn)
+                      components=components, loss=loss_fn,
+                      nonfinite_loss=run_cfg.training.nonfinite_loss, checkpoints=rd.checkpoint_dir(run))
     del engine  # the trainer holds the only reference
     if structured is not None:
         structured.bind(trainer)
@@ -364,6 +366,7 @@ def run(argv: list[str] | None = None) -> int:
             metrics.scalars("train", progress.step, {
                 "loss": loss, "lr": engine.get_lr()[0],
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "skipped_steps": float(trainer.skipped_steps),
                 "samples_per_sec": global_batch / elapsed, "tokens_per_sec": float(local[2]) / elapsed,
                 # rank 0's last micro batch, per distillation term
                 **({f"distill_{k}": float(v) for k, v in loss_fn.last.items()}

@@ -13,7 +13,9 @@ changes files.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import zipfile
 from pathlib import Path
 
 from dist_sparse.folders import write_atomic
@@ -141,18 +143,52 @@ def check_run_dir(run: Path, resume: bool, overwrite: bool, resume_tag: str | No
     return None
 
 
-def check_checkpoint_files(tag_dir: Path, tags: list[str]) -> None:
+def check_checkpoint_files(tag_dir: Path, tags: list[str], share: tuple[int, int] | None = None) -> None:
     """Every file torch wrote into the tag is a complete zip archive (torch.save's format; its
-    directory sits at the end, so a truncated file has none). Checked before any process starts
-    loading, so that a damaged file is named instead of failing deep inside DeepSpeed, on one
-    rank, while the others wait in a collective."""
-    earlier = tags[:tags.index(tag_dir.name)] if tag_dir.name in tags else []
-    hint = (f"resume from an earlier checkpoint with --resume-tag {earlier[-1]}" if earlier
-            else "no earlier checkpoint exists; start a new run")
-    for f in sorted(tag_dir.glob("*.pt")):
+    directory sits at the end, so a truncated file has none), and, for this rank's share of the
+    files, every member still has the CRC-32 it was written with (torch.load does not check it:
+    a file whose bytes changed loads without a word). Checked before any process starts loading,
+    so that a damaged file is named instead of failing deep inside DeepSpeed, on one rank, while
+    the others wait in a collective, or being trained on.
+
+    ``share``: (rank, world) — this rank reads every world-th file for the CRC check, so the
+    ranks together read the checkpoint once; None takes RANK and WORLD_SIZE from the launcher's
+    environment (one process alone checks all of them). The refusal names the newest earlier
+    checkpoint whose files are all whole: falling back is the user's decision (``--resume-tag``).
+    """
+    rank, world = share if share is not None else (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+    files = sorted(tag_dir.glob("*.pt"))
+    for f in files:
         why = damaged(f)
         if why is not None:
-            raise ValueError(f"--resume: {f} is damaged ({why}); {hint}")
+            _refuse(f, f"not a complete torch file: {why}; truncated?", tag_dir, tags)
+    for f in files[rank::max(world, 1)]:
+        why = crc_mismatch(f)
+        if why is not None:
+            _refuse(f, why, tag_dir, tags)
+
+
+def crc_mismatch(path: Path) -> str | None:
+    """Why a zip archive's member no longer matches the CRC-32 recorded when it was written, or None."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as err:  # zlib and truncation errors included
+        return f"unreadable: {err}"
+    return None if bad is None else f"its member {bad} fails its CRC-32 check: bytes changed after it was written"
+
+
+def whole_checkpoint(tag_dir: Path) -> bool:
+    """Whether every torch file of the tag is complete and passes its CRC check (reads them all)."""
+    return all(damaged(f) is None and crc_mismatch(f) is None for f in tag_dir.glob("*.pt"))
+
+
+def _refuse(f: Path, why: str, tag_dir: Path, tags: list[str]):
+    earlier = tags[:tags.index(tag_dir.name)] if tag_dir.name in tags else []
+    fallback = next((t for t in reversed(earlier) if whole_checkpoint(tag_dir.parent / t)), None)
+    hint = (f"resume from the newest undamaged earlier checkpoint with --resume-tag {fallback}" if fallback
+            else "no undamaged earlier checkpoint exists; start a new run (--overwrite)")
+    raise ValueError(f"--resume: {f} is damaged ({why}); {hint}")
 
 
 def clear_run(run: Path) -> None:
