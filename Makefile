@@ -102,7 +102,7 @@ demo-dynabert: demo-teacher
 	@echo "  the width 0.5 / depth 0.5 sub-network as a standalone model in $(DEMO)/dynabert-hf"
 
 test: $(STAMP)
-	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q -n 2 --dist loadgroup tests
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 test-fast: $(STAMP)
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q tests/unit
