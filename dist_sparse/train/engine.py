@@ -17,6 +17,7 @@ DeepSpeed as a client scheduler so that it is stepped and checkpointed with the 
 from __future__ import annotations
 
 import copy
+import os
 from typing import Callable
 
 import torch
@@ -143,7 +144,9 @@ def build_engine(model: torch.nn.Module, run_cfg: RunConfig,
     # batch at TP 2 it accumulated half the micro batches the loop feeds per step, so it stepped
     # the optimizer and the LR schedule twice per step. It is handed the loop's own resolution
     # (micro batch and accumulation for the real data-parallel size) instead.
-    _, micro, grad_acc = resolve_batch_sizes(run_cfg.deepspeed, comm.world_size() // run_cfg.tp_size)
+    # (before deepspeed.initialize the process group may not exist yet: the launcher's WORLD_SIZE)
+    world = comm.world_size() if comm.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    _, micro, grad_acc = resolve_batch_sizes(run_cfg.deepspeed, world // run_cfg.tp_size)
     ds.pop("train_batch_size", None)
     ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"] = micro, grad_acc
     if load_universal:
