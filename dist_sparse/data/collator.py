@@ -23,7 +23,9 @@ class MlmCollator:
 
     Each non-special, non-pad position is selected with probability `mlm_probability`;
     a selected token becomes [MASK] (80%), a random non-special token (10%) or stays (10%).
-    Labels hold the original id at selected positions and -100 elsewhere.
+    Labels hold the original id at selected positions and -100 elsewhere; ``mlm_positions``
+    their flat indices (see :func:`mlm_positions`), which the model's MLM head reads instead of
+    searching the labels on the device.
     """
 
     def __init__(
@@ -119,4 +121,18 @@ class MlmCollator:
         batch["input_ids"], batch["labels"] = self.mask(
             batch["input_ids"], batch["attention_mask"], generator
         )
+        batch["mlm_positions"] = mlm_positions(batch["labels"])
         return batch
+
+
+def mlm_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat int64 indices into batch * seq of the positions whose label is not -100, ascending
+    (row-major, the order of ``x[labels != -100]``).
+
+    Found here, on the host where the masks are drawn, so that the model's MLM head can gather
+    the masked rows on the device without a value-dependent operation (a ``nonzero`` or boolean
+    index there would make the host wait for the device). Variable length: one micro batch's count.
+    """
+    if labels.device.type != "cpu":
+        raise ValueError("mlm_positions are found on the host, before the batch moves to the device")
+    return torch.nonzero(labels.reshape(-1) != IGNORE_INDEX).reshape(-1)

@@ -363,6 +363,33 @@ class DistSparseBertLMPredictionHead(nn.Module):
         return self.decoder(self.transform(hidden_states))
 
 
+def gather_positions(sequence_output: torch.Tensor, mlm_positions: torch.Tensor) -> torch.Tensor:
+    """The rows ``mlm_positions`` (flat indices into batch * seq) of a (batch, seq, hidden) tensor,
+    as (n, hidden). ``index_select`` with an index tensor: no host sync, its backward scatters the
+    gradient back (zeros at the other positions, which is what they get through the full head)."""
+    return sequence_output.reshape(-1, sequence_output.shape[-1]).index_select(0, mlm_positions)
+
+
+def _mlm_head(predictions: nn.Module, sequence_output: torch.Tensor, labels: torch.Tensor | None,
+              mlm_positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(MLM logits, mean MLM cross entropy or None).
+
+    Without ``mlm_positions``: logits at every position (batch, seq, vocab), as stock BERT. With
+    them (flat int64 indices into batch * seq, ascending, the positions whose label != -100, as
+    ``MlmCollator`` returns them): the transform and the decoder run on those rows only and the
+    logits are (n, vocab) in that order (the order of ``logits[labels != -100]``). The loss is the
+    same mean over the same tokens; about 85% of the head's work is saved (NVIDIA's BERT recipe).
+    """
+    if mlm_positions is None:
+        logits = predictions(sequence_output)
+        return logits, None if labels is None else _mlm_loss(logits, labels)
+    logits = predictions(gather_positions(sequence_output, mlm_positions))
+    if labels is None:
+        return logits, None
+    # -100 stays ignored, so positions that were not masked (a caller's choice) cannot count.
+    return logits, _mlm_loss(logits, labels.reshape(-1).index_select(0, mlm_positions))
+
+
 class DistSparseBertPreTrainingHeads(nn.Module):
     def __init__(self, config: DistSparseBertConfig):
         super().__init__()
@@ -493,21 +520,26 @@ class DistSparseBertForPreTraining(_MLMDecoderAccess, DistSparseBertPreTrainedMo
         position_ids: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         output_attention_scores: bool = False,
+        mlm_positions: torch.Tensor | None = None,
     ):
         """Logits of both heads, and the loss when labels are given.
 
         ``loss`` = mean MLM cross entropy over tokens whose label is not -100 (when ``labels``
         is given) + mean NSP cross entropy (when ``next_sentence_label`` is given).  HF only
         returns a loss when both are given; with both given the value is the same.
+
+        ``mlm_positions`` (not in HF; training passes the collator's): flat int64 indices into
+        batch * seq of the masked tokens. Given, the MLM head runs on those rows only and
+        ``prediction_logits`` is (n_masked, vocab) in their order; the loss is the same. Not
+        given (inspection, export, stock callers): (batch, seq, vocab) as ``BertForPreTraining``.
         """
         outputs = self.bert(input_ids, attention_mask, token_type_ids, position_ids, return_dict=True,
                             output_hidden_states=output_hidden_states,
                             output_attention_scores=output_attention_scores)
-        prediction_logits, seq_relationship_logits = self.cls(outputs.last_hidden_state, outputs.pooler_output)
-
-        loss = None
-        if labels is not None:
-            loss = _mlm_loss(prediction_logits, labels)
+        # The heads one by one rather than through self.cls(...): the MLM head may run on the
+        # masked positions only (see _mlm_head); same modules, same state-dict keys.
+        prediction_logits, loss = _mlm_head(self.cls.predictions, outputs.last_hidden_state, labels, mlm_positions)
+        seq_relationship_logits = self.cls.seq_relationship(outputs.pooler_output)
         if next_sentence_label is not None:
             nsp_loss = F.cross_entropy(seq_relationship_logits.reshape(-1, 2).float(), next_sentence_label.reshape(-1))
             loss = nsp_loss if loss is None else loss + nsp_loss
@@ -553,13 +585,15 @@ class DistSparseBertForMaskedLM(_MLMDecoderAccess, DistSparseBertPreTrainedModel
         labels: torch.Tensor | None = None,
         return_dict: bool = True,
         position_ids: torch.Tensor | None = None,
+        mlm_positions: torch.Tensor | None = None,
         **kwargs,
     ):
         """MLM logits, and the mean cross entropy over labels != -100 when ``labels`` is given.
-        Extra keyword arguments (pipelines pass some) are accepted and ignored."""
+        ``mlm_positions``: as in ``DistSparseBertForPreTraining.forward`` (logits at those rows
+        only, (n, vocab)); without it (batch, seq, vocab) as ``BertForMaskedLM``. Extra keyword
+        arguments (pipelines pass some) are accepted and ignored."""
         outputs = self.bert(input_ids, attention_mask, token_type_ids, position_ids, return_dict=True)
-        logits = self.cls(outputs.last_hidden_state)
-        loss = _mlm_loss(logits, labels) if labels is not None else None
+        logits, loss = _mlm_head(self.cls.predictions, outputs.last_hidden_state, labels, mlm_positions)
         out = MaskedLMOutput(loss=loss, logits=logits)
         return out if return_dict else out.to_tuple()
 
@@ -739,5 +773,6 @@ __all__ = [
     "DistSparseBertForPreTraining",
     "DistSparseBertModel",
     "DistSparseBertPreTrainedModel",
+    "gather_positions",
     "padding_mask_to_additive",
 ]

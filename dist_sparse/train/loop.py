@@ -247,6 +247,8 @@ def run(argv: list[str] | None = None) -> int:
         # The shrink's check batch: the same on every rank (not the rank's own stride), fixed seed.
         gen = torch.Generator().manual_seed(step_seed(seed, 0, 0, 0, stream=3))
         verify_batch = collator([eval_ds[i % len(eval_ds)] for i in range(micro_bs)], gen)
+        # the shrink compares the logits at every position, not the masked ones only
+        verify_batch.pop("mlm_positions")
         structured = EarlyBertComponent(pruner, zero_stage=run_cfg.zero_stage, verify_batch=verify_batch,
                                         seq_len=meta["seq_len"], global_batch=global_batch, lr_lambda=lr_lambda,
                                         is_rank0=is_rank0)
@@ -331,7 +333,9 @@ def run(argv: list[str] | None = None) -> int:
     first_batch = next(iter(ResumableBatchIterator(len(train_ds), micro_bs, groups.dp_rank, groups.dp_size, seed)))
 
     def micro_batches(step: int):
-        """This rank's micro batches of optimizer step ``step + 1``, each seeded just before use."""
+        """This rank's micro batches of optimizer step ``step + 1``, each seeded just before use.
+        A batch carries the collator's ``mlm_positions`` (found on the host) to the loss, so the
+        model's MLM head runs on the masked positions only, without a host sync."""
         device = trainer.engine.device
         for micro in range(grad_acc):
             data_step = 0 if args.overfit_batch else step
@@ -407,7 +411,8 @@ def run(argv: list[str] | None = None) -> int:
 
 @torch.no_grad()
 def evaluate(engine, eval_ds, collator, micro_bs: int, batches: int, seed: int, groups) -> dict[str, float]:
-    """MLM loss (token-weighted) and accuracy on the held-out split, over all DP ranks.
+    """MLM loss (token-weighted) and accuracy on the held-out split, over all DP ranks; the MLM
+    head runs on the masked positions only (the collator's ``mlm_positions``).
 
     Each data-parallel rank takes its own stride of the split with masking seeded independently
     of the step, so the same weights always give the same numbers.
@@ -422,11 +427,12 @@ def evaluate(engine, eval_ds, collator, micro_bs: int, batches: int, seed: int, 
         batch = {k: v.to(engine.device) for k, v in collator([eval_ds[i] for i in indices], gen).items()}
         labels = batch.pop("labels")
         batch.pop("next_sentence_label", None)
+        # logits at the masked positions only (batch["mlm_positions"]), in their order
         logits = engine(**batch).prediction_logits.float()
-        selected = labels != -100
-        token_loss = torch.nn.functional.cross_entropy(logits[selected], labels[selected], reduction="sum")
-        correct = (logits[selected].argmax(-1) == labels[selected]).sum()
-        totals += torch.tensor([float(token_loss), float(selected.sum()), float(correct)], dtype=torch.float64)
+        targets = labels.reshape(-1).index_select(0, batch["mlm_positions"])
+        token_loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+        correct = (logits.argmax(-1) == targets).sum()
+        totals += torch.tensor([float(token_loss), float(len(targets)), float(correct)], dtype=torch.float64)
     comm.all_reduce_sum_(totals, groups.dp_group)
     engine.train()
     count = max(float(totals[1]), 1.0)

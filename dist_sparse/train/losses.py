@@ -106,9 +106,10 @@ class DistillationLoss:
 
     ``kind``: "task" (sequence classification: the logits of the pooled token; regression takes
     MSE on them instead of the soft cross-entropy) or "mlm" (pre-training: the MLM logits at the
-    positions the MLM loss reads, labels != -100). ``tp_rank``/``tp_size``: the student's
-    tensor-parallel place (its heads are a slice). ``last`` holds the detached terms of the latest
-    micro batch, for logging.
+    positions the MLM loss reads, labels != -100; with the collator's ``mlm_positions`` in the
+    batch, the student and the teacher compute the logits of those positions only).
+    ``tp_rank``/``tp_size``: the student's tensor-parallel place (its heads are a slice). ``last``
+    holds the detached terms of the latest micro batch, for logging.
     """
 
     def __init__(self, teacher, weights: DistillationWeights, layer_map: list[int], *, kind: str,
@@ -135,9 +136,13 @@ class DistillationLoss:
         w = self.w
         hidden, scores = w.hidden > 0, w.attention > 0
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        if self.kind == "mlm" and "mlm_positions" in batch:
+            # Both models run their MLM head on the masked positions only: the soft term reads
+            # nothing else, and the hard loss is the same (see DistSparseBertForPreTraining.forward).
+            inputs["mlm_positions"] = batch["mlm_positions"]
         student_kwargs = dict(inputs)
         if w.hard > 0:
-            student_kwargs.update({k: v for k, v in batch.items() if k not in MODEL_INPUTS})
+            student_kwargs.update({k: v for k, v in batch.items() if k not in student_kwargs})
         out = engine(**student_kwargs, output_hidden_states=hidden, output_attention_scores=scores)
         ref = self._teacher_outputs(batch, inputs, hidden, scores)
         terms: dict[str, torch.Tensor] = {}
@@ -174,7 +179,11 @@ class DistillationLoss:
             if self.regression:
                 return F.mse_loss(out.logits.float(), ref.logits.float())
             return soft_cross_entropy(out.logits, ref.logits, self.w.temperature)
-        selected = batch["labels"] != -100  # the positions the MLM loss reads
+        if "mlm_positions" in batch:
+            # The logits are already those of the masked positions, in the order of the boolean
+            # index below (ascending flat positions): the same rows, the same mean.
+            return soft_cross_entropy(out.prediction_logits, ref.prediction_logits, self.w.temperature)
+        selected = batch["labels"] != -100  # the positions the MLM loss reads (a host sync on a GPU)
         return soft_cross_entropy(out.prediction_logits[selected], ref.prediction_logits[selected],
                                   self.w.temperature)
 

@@ -57,7 +57,8 @@ def check_teacher(cfg, student: DistSparseBertConfig, teacher: DistSparseBertCon
 class Teacher:
     """Wraps the teacher model: frozen, eval mode, on ``device`` in ``dtype``; called on a batch's
     model inputs, it returns the model's output (logits, and hidden states / attention scores
-    when asked), detached."""
+    when asked), detached. Inputs with ``mlm_positions`` give MLM logits at those positions only,
+    as the student's (``DistillationLoss`` passes them to both)."""
 
     def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype):
         model.requires_grad_(False)
