@@ -52,9 +52,12 @@ def test_padding_static_shapes_and_fields():
         "token_type_ids",
         "labels",
         "next_sentence_label",
+        "mlm_positions",
     }
     for key in ("input_ids", "attention_mask", "token_type_ids", "labels"):
         assert batch[key].shape == (2, 16) and batch[key].dtype == torch.int64
+    # the one field whose length varies: the masked tokens' flat indices (tests/unit/test_mlm_positions.py)
+    assert torch.equal(batch["mlm_positions"], torch.nonzero(batch["labels"].flatten() != -100).flatten())
     assert batch["attention_mask"][0].tolist() == [1] * 6 + [0] * 10
     assert batch["token_type_ids"][0].tolist() == [0, 0, 0, 0, 1, 1] + [0] * 10
     assert batch["input_ids"][0, 6:].tolist() == [PAD] * 10
