@@ -14,6 +14,10 @@ memory-efficient kernels on GPU). Only when a caller asks for the attention scor
 reads them, ``output_attention_scores=True``) does a layer compute them explicitly, as
 ``q @ k^T * scale`` before the padding bias and the softmax (TinyBERT's choice: scores, not
 probabilities, carry the teacher's attention without the softmax flattening it).
+
+The MLM head runs at every position unless the caller passes ``mlm_positions`` (training does:
+the collator knows the masked positions on the host): then only those rows go through the
+transform and the decoder (~15% of the tokens; NVIDIA's BERT recipe), with the same loss.
 """
 
 from __future__ import annotations
