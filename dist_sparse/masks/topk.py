@@ -53,7 +53,9 @@ def topk_rows_mask(x_rc: torch.Tensor, k: int, tie_keys_rc: torch.Tensor) -> tor
     assert 0 <= k <= cols
     if k == 0 or rows == 0:
         return torch.zeros_like(x_rc, dtype=torch.bool)
-    by_key = tie_keys_rc.to(x_rc.device).argsort(dim=-1)
+    if tie_keys_rc.device != x_rc.device:  # (a no-op .to("cpu") would count as a host crossing)
+        tie_keys_rc = tie_keys_rc.to(x_rc.device)
+    by_key = tie_keys_rc.argsort(dim=-1)
     # + 0.0 turns -0.0 into 0.0: a radix sort would otherwise put one before the other.
     ordered = (x_rc + 0.0).gather(-1, by_key)
     by_score = torch.sort(ordered, dim=-1, descending=True, stable=True).indices

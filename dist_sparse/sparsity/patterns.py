@@ -23,7 +23,8 @@ from dist_sparse.config import SparsityConfig
 from dist_sparse.masks.density import active_counts
 from dist_sparse.masks.patterns import expand_block_mask, nm_halo, nm_slice_mask
 from dist_sparse.masks.topk import tie_order, tie_order_bits
-from dist_sparse.sparsity.select import LOCAL, Part, SelectStats, distributed_topk, keys_and_nans
+from dist_sparse.sparsity.select import LOCAL, Part, SelectStats, distributed_topk, keys_and_nans, \
+    on_device
 from dist_sparse.sparsity.targets import Target
 
 
@@ -78,8 +79,8 @@ class Unstructured(Pattern):
             device = decision.device(t)
             # Lazy keys: the selection computes a weight's scores when it reaches it (``scores``
             # may compute on access, see ``update.Decision``), one weight at a time where it can.
-            parts.append(Part(lambda t=t, device=device: keys_and_nans(scores[t.name].to(device)),
-                              eligible[t.name].flatten().to(device),
+            parts.append(Part(lambda t=t, device=device: keys_and_nans(on_device(scores[t.name], device)),
+                              on_device(eligible[t.name].flatten(), device),
                               lambda pos, t=t, start=start: t.global_index(pos + start), t.numel,
                               decision.salt(t)))
         chosen = _topk(decision, parts, [ks[t.name] for t in decision.targets], decision.pieces.split, at_most)
@@ -120,7 +121,7 @@ class Block(Pattern):
         b, (rows, cols) = self.block, t.shard_shape
         p = decision.pieces.parts[t.name]
         whole = torch.zeros(t.shard_numel, dtype=torch.float64, device=decision.device(t))
-        whole[p.start:p.stop] = x.flatten().to(whole.device)
+        whole[p.start:p.stop] = on_device(x.flatten(), whole.device)
         return whole.view(rows // b, b, cols // b, b).sum(dim=(1, 3))
 
     def whole_grids(self, decision, grids: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -192,8 +193,8 @@ class NM(Pattern):
         if keep >= self.m:  # early in GMP's schedule: nothing to prune yet
             return dict(eligible)
         # Only weights still active may stay: score the pruned ones below every active (|w| >= 0) one.
-        flat = [torch.where(eligible[t.name].to(decision.device(t)), scores[t.name].to(decision.device(t)),
-                            -1.0).flatten() for t in targets]
+        flat = [torch.where(on_device(eligible[t.name], decision.device(t)),
+                            on_device(scores[t.name], decision.device(t)), -1.0).flatten() for t in targets]
         # One read for all weights (summed over the holders: every rank learns of a NaN on any
         # rank before anyone raises, so no rank waits alone); the masks below then read nothing.
         nans = torch.stack([torch.isnan(x).sum() for x in flat]).sum().view(1)

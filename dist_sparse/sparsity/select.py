@@ -58,6 +58,12 @@ def sortable_keys(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
+def on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``, untouched where it is there already (``costs.count_costs`` counts
+    every ``.to("cpu")`` as a crossing to the host, even a no-op one)."""
+    return t if t.device == torch.device(device) else t.to(device)
+
+
 def keys_and_nans(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat sortable keys of ``scores`` and their NaN count (a device scalar, read later)."""
     return sortable_keys(scores).flatten(), torch.isnan(scores).sum()
@@ -85,7 +91,7 @@ class Part:
 
     def __post_init__(self):
         if isinstance(self.keys, torch.Tensor):
-            self.eligible = self.eligible.to(self.keys.device)
+            self.eligible = on_device(self.eligible, self.keys.device)
 
     @property
     def device(self) -> torch.device:
@@ -191,7 +197,7 @@ def _select_local(parts: list[Part], ks: list[int], stats: SelectStats, at_most:
     masks, nans, eligible = [], [], []
     for p, k in zip(parts, ks):
         keys, nan = p.load()
-        elig = p.eligible.to(keys.device)
+        elig = on_device(p.eligible, keys.device)
         masks.append(_local_topk(keys, elig, p.all_tie_keys(), p.tie_bits, k))
         nans.append(nan)
         eligible.append(elig.sum())
@@ -217,7 +223,7 @@ def _select_split(parts: list[Part], ks: list[int], group, stats: SelectStats, c
     nans, eligible = [], []
     for p, v in zip(parts, views):
         keys, nan = p.load()
-        elig = p.eligible.to(device)
+        elig = on_device(p.eligible, device)
         v.copy_(torch.where(elig, keys, KEY_MIN))
         nans.append(nan)
         eligible.append(elig.sum())

@@ -24,6 +24,7 @@ from dist_sparse.masks.topk import random_scores_at, stable_seed
 from dist_sparse.sparsity.layout import Layout, Pieces
 from dist_sparse.sparsity.methods import Goal, Method
 from dist_sparse.sparsity.patterns import Pattern
+from dist_sparse.sparsity.select import on_device
 
 
 class Scores(Mapping):
@@ -140,7 +141,7 @@ def updated_masks(method: Method, decision: Decision, old: dict[str, torch.Tenso
     and more regrown, so the weight is back at its goal after this update."""
     step = decision.step
     total = decision.units(method.goal(step))
-    active = {t.name: decision.from_held(t, old[t.name]).to(decision.device(t)) for t in decision.targets}
+    active = {t.name: on_device(decision.from_held(t, old[t.name]), decision.device(t)) for t in decision.targets}
     fraction = method.regrow_fraction(step)
     if fraction is None:  # a method that only prunes (below its goal already: keeps them all)
         return decision.held(decision.select(method.drop_scores(decision), active, total, at_most=True))
