@@ -133,6 +133,15 @@ def _sum_over(t: torch.Tensor, group, stats: SelectStats, collectives) -> torch.
     return t
 
 
+def _device_ints(values: list[int], device) -> torch.Tensor:
+    """An int64 vector of host ints made on ``device`` by fills: ``torch.tensor(values,
+    device=cuda)`` would copy from pageable host memory, which waits for the stream."""
+    out = torch.empty(len(values), dtype=torch.int64, device=device)
+    for i, v in enumerate(values):
+        out[i].fill_(v)
+    return out
+
+
 def _validate(ks: list[int], nans: torch.Tensor, eligible: torch.Tensor, at_most: bool,
               stats: SelectStats) -> list[int]:
     """The one host read of a call: raise on NaN scores or on a k beyond the eligible count
@@ -229,7 +238,7 @@ def _select_split(parts: list[Part], ks: list[int], group, stats: SelectStats, c
         eligible.append(elig.sum())
     head = _sum_over(torch.stack(nans + eligible), group, stats, collectives)
     nan_total, eligible_total = head[:n], head[n:]
-    want = torch.tensor(ks, dtype=torch.int64, device=device)
+    want = _device_ints(ks, device)
     if at_most:
         want = torch.minimum(want, eligible_total)
 
@@ -256,7 +265,7 @@ def _select_split(parts: list[Part], ks: list[int], group, stats: SelectStats, c
         v.copy_(code)
         below_zero.append((v < 0).sum())
     below_zero = torch.stack(below_zero)  # local, subtracted before summing: tied counts only
-    top = torch.tensor([(1 << p.tie_bits) - 1 for p in parts], dtype=torch.int64, device=device)
+    top = _device_ints([(1 << p.tie_bits) - 1 for p in parts], device)
     lo = torch.where(need > 0, 0, -1)
     hi = torch.where(need > 0, top, -1)
     for _ in range(max(p.tie_bits for p in parts)):

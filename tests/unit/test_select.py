@@ -220,3 +220,20 @@ def test_a_k_beyond_the_eligible_count_is_refused(seed):
     part = Part(sortable_keys(scores).flatten(), eligible.flatten(), lambda p: p, scores.numel(), salt_of(0))
     with pytest.raises(ValueError, match="cannot select"):
         distributed_topk([part], [int(eligible.sum()) + 1], group=LOCAL)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("group", [LOCAL, None], ids=["local", "bisection"])
+def test_on_cuda_the_same_masks_with_one_host_sync(group):
+    """On the GPU (int64 keys wrapping, torch.topk's CUDA kernel, device-side bisection) the
+    masks are the CPU reference's, and the dispatcher sees one host sync per call."""
+    problems = [bf16_problem(shape, seed) for seed, shape in enumerate(SHAPES)]
+    ks = [int(e.sum()) // 3 for _, e in problems]
+    parts = [Part(sortable_keys(s).flatten().cuda(), e.flatten().cuda(), lambda pos: pos, s.numel(), salt_of(i))
+             for i, (s, e) in enumerate(problems)]
+    torch.cuda.synchronize()
+    with count_costs() as costs:
+        masks = distributed_topk(parts, ks, group=group)
+    assert costs.host_syncs == 1, costs.summary()
+    for i, ((scores, eligible), k, mask) in enumerate(zip(problems, ks, masks)):
+        assert mask.is_cuda and torch.equal(mask.cpu().view(scores.shape), reference(scores, eligible, k, salt_of(i)))
