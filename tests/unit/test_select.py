@@ -214,12 +214,15 @@ def test_a_nan_on_one_rank_stops_every_rank():
     assert all(msg.startswith("mask scores contain NaN (1 values)") for msg in group.run(on_rank))
 
 
+@pytest.mark.parametrize("group", [LOCAL, None], ids=["local", "bisection"])
 @pytest.mark.parametrize("seed", range(4))
-def test_a_k_beyond_the_eligible_count_is_refused(seed):
+def test_a_k_beyond_the_eligible_count_is_refused(seed, group):
     scores, eligible = tied_problem((37, 11), seed)
     part = Part(sortable_keys(scores).flatten(), eligible.flatten(), lambda p: p, scores.numel(), salt_of(0))
-    with pytest.raises(ValueError, match="cannot select"):
-        distributed_topk([part], [int(eligible.sum()) + 1], group=LOCAL)
+    with pytest.raises(ValueError, match=f"cannot select {int(eligible.sum()) + 1} of {int(eligible.sum())} "):
+        distributed_topk([part], [int(eligible.sum()) + 1], group=group)
+    with pytest.raises(ValueError, match="negative"):
+        distributed_topk([part], [-1], group=group)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
