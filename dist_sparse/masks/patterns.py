@@ -72,15 +72,18 @@ def _check_nm(shape: tuple[int, ...], n: int, m: int, name: str) -> tuple[int, i
     return n, m
 
 
-def nm_mask(scores_2d: torch.Tensor, n: int, m: int, tie_keys: torch.Tensor) -> torch.Tensor:
+def nm_mask(scores_2d: torch.Tensor, n: int, m: int, tie_keys: torch.Tensor, checked: bool = False) -> torch.Tensor:
     """N:M mask: in every group of ``m`` consecutive inputs (last dim), the ``n`` largest scores.
 
     Equal scores go to the smaller ``tie_keys`` entry (same shape as the scores, distinct within
-    a group). ``m`` must divide ``in_features`` and ``1 <= n < m``.
+    a group). ``m`` must divide ``in_features`` and ``1 <= n < m``. ``checked``: the caller has
+    already refused NaN scores (for all its weights with one read), so this reads nothing from
+    the device.
     """
     _check_2d(scores_2d, "scores_2d")
     n, m = _check_nm(tuple(scores_2d.shape), n, m, "scores_2d")
-    x = _as_scores(scores_2d, "scores_2d")
+    x = (scores_2d.to(torch.promote_types(scores_2d.dtype, torch.float32)) if checked
+         else _as_scores(scores_2d, "scores_2d"))
     if tie_keys.shape != scores_2d.shape:
         raise ValueError(f"tie_keys of shape {tuple(tie_keys.shape)} do not match the scores {tuple(scores_2d.shape)}")
     # Each group of m is a row of the reshaped view (row-major order keeps a group contiguous).
@@ -115,14 +118,15 @@ def nm_halo(start: int, stop: int, m: int) -> NmHalo:
 
 
 def nm_slice_mask(scores_flat: torch.Tensor, start: int, n: int, m: int,
-                  before: torch.Tensor, after: torch.Tensor, tie_keys: torch.Tensor) -> torch.Tensor:
+                  before: torch.Tensor, after: torch.Tensor, tie_keys: torch.Tensor,
+                  checked: bool = False) -> torch.Tensor:
     """The N:M mask of the flat slice starting at ``start`` of a weight, bit for bit the
     slice of ``nm_mask`` of the whole weight.
 
     ``before`` / ``after``: the scores of the ``nm_halo`` ``from_prev`` / ``from_next``
     elements just outside the slice (received from the neighbouring slices). With them every
     group the slice touches is whole, and each group is decided on its own. ``tie_keys``: those
-    of the whole window, ``before`` + slice + ``after``.
+    of the whole window, ``before`` + slice + ``after``. ``checked``: as for ``nm_mask``.
     """
     n, m = operator.index(n), operator.index(m)
     halo = nm_halo(start, start + scores_flat.numel(), m)
@@ -132,7 +136,7 @@ def nm_slice_mask(scores_flat: torch.Tensor, start: int, n: int, m: int,
     if scores_flat.numel() == 0:
         return torch.zeros(0, dtype=torch.bool, device=scores_flat.device)
     whole = torch.cat([before.to(scores_flat), scores_flat.flatten(), after.to(scores_flat)])
-    mask = nm_mask(whole.view(-1, m), n, m, tie_keys.view(-1, m)).flatten()
+    mask = nm_mask(whole.view(-1, m), n, m, tie_keys.view(-1, m), checked).flatten()
     return mask[halo.from_prev: halo.from_prev + scores_flat.numel()]
 
 

@@ -53,7 +53,9 @@ def topk_rows_mask(x_rc: torch.Tensor, k: int, tie_keys_rc: torch.Tensor) -> tor
     assert 0 <= k <= cols
     if k == 0 or rows == 0:
         return torch.zeros_like(x_rc, dtype=torch.bool)
-    by_key = tie_keys_rc.to(x_rc.device).argsort(dim=-1)
+    if tie_keys_rc.device != x_rc.device:  # (a no-op .to("cpu") would count as a host crossing)
+        tie_keys_rc = tie_keys_rc.to(x_rc.device)
+    by_key = tie_keys_rc.argsort(dim=-1)
     # + 0.0 turns -0.0 into 0.0: a radix sort would otherwise put one before the other.
     ordered = (x_rc + 0.0).gather(-1, by_key)
     by_score = torch.sort(ordered, dim=-1, descending=True, stable=True).indices
@@ -79,19 +81,60 @@ def stable_seed(seed: int, step: int, param_index: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def _int64(c: int) -> int:
+    """A 64-bit constant as the signed int64 with the same bits (torch has no uint64 arithmetic)."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+# splitmix64 (Steele, Lea & Flood, "Fast splittable pseudorandom number generators", 2014): the
+# increment of its counter and the multipliers of its output mixer.
+_GOLDEN = _int64(0x9E3779B97F4A7C15)
+_MIX1, _MIX2 = _int64(0xBF58476D1CE4E5B9), _int64(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bits: torch's >> is arithmetic (copies the sign bit), so the
+    top ``s`` bits it fills are cleared."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def hash_uniform(index: torch.Tensor, salt: int) -> torch.Tensor:
+    """Uniform [0, 1) float32 of integer ``index`` (any shape), a pure function of (salt, index).
+
+    The value of element ``i`` is the ``i``-th output of a splitmix64 stream seeded with
+    ``salt``: its counter ``salt + (i + 1) * golden`` through the splitmix64 finaliser (a
+    bijection of 64-bit words whose every output bit depends on every input bit). It is
+    computed by int64 operations on whatever device ``index`` lives on, with no generator
+    state, so a CPU and a GPU, and a rank holding any slice of a tensor, compute the same bits
+    for the same index. int64 products and sums wrap modulo 2**64 (as unsigned ones would).
+    The top 24 bits make the float: every value is a multiple of 2**-24 (as ``torch.rand``'s).
+    """
+    z = (index.to(torch.int64) + 1) * _GOLDEN + _int64(salt & ((1 << 64) - 1))
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    z = z ^ _shr(z, 31)
+    return _shr(z, 40).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def random_scores_at(index: torch.Tensor, seed: int, step: int, param_index: int) -> torch.Tensor:
+    """The uniform scores of weight ``param_index`` at ``step`` for the flat indices ``index`` of
+    the logical weight, on ``index``'s device: what ``random_scores`` of the whole weight holds
+    at those indices, computed for them alone (a rank holding a slice draws only its slice)."""
+    return hash_uniform(index, stable_seed(seed, step, param_index))
+
+
 def random_scores(
     shape: Sequence[int] | torch.Size, seed: int, step: int, param_index: int, device: str | torch.device = "cpu"
 ) -> torch.Tensor:
-    """Uniform [0, 1) float32 scores keyed by (seed, step, param_index), identical on every rank.
-
-    Generated on CPU and then moved, because the CPU and CUDA generators give different streams
-    for the same seed: a GPU rank and a CPU reference must regrow the same positions.
-    """
-    generator = torch.Generator(device="cpu").manual_seed(stable_seed(seed, step, param_index))
+    """Uniform [0, 1) float32 scores keyed by (seed, step, param_index), identical on every rank
+    and device: ``hash_uniform`` of the row-major flat index of every element."""
     shape = tuple(shape)
     if any(operator.index(d) < 0 for d in shape):
         raise ValueError(f"shape {shape} has a negative dimension")
-    return torch.rand(shape, generator=generator, dtype=torch.float32).to(device)
+    numel = 1
+    for d in shape:
+        numel *= d
+    return random_scores_at(torch.arange(numel, device=device), seed, step, param_index).view(shape)
 
 
 def tie_order_bits(numel: int) -> int:

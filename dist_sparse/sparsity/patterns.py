@@ -23,7 +23,8 @@ from dist_sparse.config import SparsityConfig
 from dist_sparse.masks.density import active_counts
 from dist_sparse.masks.patterns import expand_block_mask, nm_halo, nm_slice_mask
 from dist_sparse.masks.topk import tie_order, tie_order_bits
-from dist_sparse.sparsity.select import LOCAL, Part, SelectStats, distributed_topk, sortable_keys
+from dist_sparse.sparsity.select import LOCAL, Part, SelectStats, distributed_topk, keys_and_nans, \
+    on_device
 from dist_sparse.sparsity.targets import Target
 
 
@@ -32,11 +33,6 @@ def decision_count(cfg: SparsityConfig, t: Target, density: float, tp_size: int)
     if tp_size > 1 and cfg.balance == "shard" and t.shard_dim is not None:
         return active_counts({t.name: t.shard_shape}, {t.name: density})[t.name]
     return active_counts({t.name: t.full_shape}, {t.name: density})[t.name]
-
-
-def _nans(scores: torch.Tensor) -> torch.Tensor:
-    """NaN count as a device scalar: the selection reads it together with its other counts."""
-    return torch.isnan(scores).sum()
 
 
 class Pattern:
@@ -80,9 +76,13 @@ class Unstructured(Pattern):
         parts = []
         for t in decision.targets:
             start = decision.pieces.parts[t.name].start
-            parts.append(Part(sortable_keys(scores[t.name]).flatten(), eligible[t.name].flatten(),
+            device = decision.device(t)
+            # Lazy keys: the selection computes a weight's scores when it reaches it (``scores``
+            # may compute on access, see ``update.Decision``), one weight at a time where it can.
+            parts.append(Part(lambda t=t, device=device: keys_and_nans(on_device(scores[t.name], device)),
+                              on_device(eligible[t.name].flatten(), device),
                               lambda pos, t=t, start=start: t.global_index(pos + start), t.numel,
-                              decision.salt(t), _nans(scores[t.name])))
+                              decision.salt(t)))
         chosen = _topk(decision, parts, [ks[t.name] for t in decision.targets], decision.pieces.split, at_most)
         return {t.name: c for t, c in zip(decision.targets, chosen)}
 
@@ -116,34 +116,42 @@ class Block(Pattern):
                                    shard_offset=t.shard_offset // b)
 
     def grid_sum(self, decision, t: Target, x: torch.Tensor) -> torch.Tensor:
-        """Per-block sums of the piece values ``x`` over the whole TP shard, in float64, the same
-        on every data-parallel rank: the piece is placed into zeros of the shard's size, and when
-        the pieces are split the partial grids are summed over the DP group (one float64 per
-        block, 1/``block``^2 of the weight)."""
+        """Per-block sums of this rank's piece values ``x`` of ``t``, in float64, the piece placed
+        into zeros of the shard's size (a partial grid when the pieces are split)."""
         b, (rows, cols) = self.block, t.shard_shape
         p = decision.pieces.parts[t.name]
-        whole = torch.zeros(t.shard_numel, dtype=torch.float64, device=x.device)
-        whole[p.start:p.stop] = x.flatten()
-        grid = whole.view(rows // b, b, cols // b, b).sum(dim=(1, 3))
-        if decision.pieces.split and decision.layout.groups.dp_size > 1:
-            host = grid.cpu()  # bookkeeping collectives run on the host (gloo next to NCCL)
-            decision.layout.collectives.all_reduce_sum_(host, decision.layout.groups.dp_group)
-            decision.sync_bytes += host.numel() * host.element_size()
-            grid = host.to(grid.device)
-        return grid
+        whole = torch.zeros(t.shard_numel, dtype=torch.float64, device=decision.device(t))
+        whole[p.start:p.stop] = on_device(x.flatten(), whole.device)
+        return whole.view(rows // b, b, cols // b, b).sum(dim=(1, 3))
+
+    def whole_grids(self, decision, grids: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The grids the same on every data-parallel rank: when the pieces are split, the partial
+        grids of all weights summed over the DP group in one all-reduce of a device tensor (one
+        float64 per block, 1/``block``^2 of the weights; float64 sums of fp32 values are exact
+        in practice, so they add up to what a whole shard gives)."""
+        if not (decision.pieces.split and decision.layout.groups.dp_size > 1):
+            return grids
+        flat = torch.cat([g.flatten() for g in grids])
+        decision.layout.collectives.all_reduce_sum_(flat, decision.layout.groups.dp_group)
+        decision.sync_bytes += flat.numel() * flat.element_size()
+        return [f.view(g.shape) for f, g in zip(flat.split([g.numel() for g in grids]), grids)]
 
     def select(self, decision, scores, eligible, ks, at_most=False):
+        targets = decision.targets
+        # Scores are read weight by weight (each into its small grid); the grids of all weights,
+        # of the scores and of the eligibility, are then summed over the ranks together.
+        grids = self.whole_grids(decision, [self.grid_sum(decision, t, scores[t.name]) for t in targets]
+                                 + [self.grid_sum(decision, t, eligible[t.name]) for t in targets])
         parts = []
-        for t in decision.targets:
+        for t, sums, elig in zip(targets, grids[:len(targets)], grids[len(targets):]):
             grid = self.grid(t)
-            sums = self.grid_sum(decision, t, scores[t.name])
-            elig = self.grid_sum(decision, t, eligible[t.name]) > 0  # masks are block-aligned
-            parts.append(Part(sortable_keys(sums).flatten(), elig.flatten(), grid.global_index, grid.numel,
-                              decision.salt(t), _nans(sums)))
+            keys, nans = keys_and_nans(sums)
+            parts.append(Part(keys, (elig > 0).flatten(), grid.global_index, grid.numel,  # masks are block-aligned
+                              decision.salt(t), nans))
         # Every DP rank holds the whole grid: only TP shards decide together.
-        chosen = _topk(decision, parts, [ks[t.name] for t in decision.targets], split=False, at_most=at_most)
+        chosen = _topk(decision, parts, [ks[t.name] for t in targets], split=False, at_most=at_most)
         return {t.name: decision.cut(t, expand_block_mask(c.view(self.grid(t).shard_shape), self.block))
-                for t, c in zip(decision.targets, chosen)}
+                for t, c in zip(targets, chosen)}
 
 
 class NM(Pattern):
@@ -184,24 +192,27 @@ class NM(Pattern):
         layout, targets = decision.layout, decision.targets
         if keep >= self.m:  # early in GMP's schedule: nothing to prune yet
             return dict(eligible)
+        # Only weights still active may stay: score the pruned ones below every active (|w| >= 0) one.
+        flat = [torch.where(on_device(eligible[t.name], decision.device(t)),
+                            on_device(scores[t.name], decision.device(t)), -1.0).flatten() for t in targets]
+        # One read for all weights (summed over the holders: every rank learns of a NaN on any
+        # rank before anyone raises, so no rank waits alone); the masks below then read nothing.
+        nans = torch.stack([torch.isnan(x).sum() for x in flat]).sum().view(1)
         group = layout.holders_group
         if group is not LOCAL:
-            # Every rank learns of a NaN on any rank before anyone raises, so no rank waits alone.
-            nans = torch.stack([torch.isnan(scores[t.name]).sum() for t in targets]).sum().view(1).cpu()
             layout.collectives.all_reduce_sum_(nans, group)
             decision.sync_bytes += nans.numel() * nans.element_size()
-            if int(nans):
-                raise ValueError(f"mask scores contain NaN ({int(nans)} values): diverged weights?")
-        # Only weights still active may stay: score the pruned ones below every active (|w| >= 0) one.
-        flat = [torch.where(eligible[t.name].to(scores[t.name].device), scores[t.name], -1.0).flatten()
-                for t in targets]
+        nan_count = int(nans.tolist()[0])
+        if nan_count:
+            raise ValueError(f"mask scores contain NaN ({nan_count} values): diverged weights?")
         pieces = [decision.pieces.parts[t.name] for t in targets]
         halos = [nm_halo(p.start, p.stop, self.m) for p in pieces]
         befores, afters = self._halos(decision, flat, halos)
         out = {}
         for t, x, p, h, before, after in zip(targets, flat, pieces, halos, befores, afters):
             window = torch.arange(p.start - h.from_prev, p.stop + h.from_next, device=x.device)
-            out[t.name] = nm_slice_mask(x, p.start, keep, self.m, before, after, self._tie_keys(decision, t, window))
+            out[t.name] = nm_slice_mask(x, p.start, keep, self.m, before, after, self._tie_keys(decision, t, window),
+                                        checked=True)
         return out
 
     def _tie_keys(self, decision, t: Target, window: torch.Tensor) -> torch.Tensor:
@@ -213,8 +224,9 @@ class NM(Pattern):
         neighbouring slices: one message to each neighbour carries those of all weights."""
         if not decision.pieces.split:  # whole shards: no group is cut
             return ([x[:0] for x in flat],) * 2
-        to_prev = torch.cat([x[:h.to_prev] for x, h in zip(flat, halos)]).float().cpu()
-        to_next = torch.cat([x[x.numel() - h.to_next:] for x, h in zip(flat, halos)]).float().cpu()
+        # Device tensors: point-to-point over NCCL on a GPU, nothing read by the host.
+        to_prev = torch.cat([x[:h.to_prev] for x, h in zip(flat, halos)]).float()
+        to_next = torch.cat([x[x.numel() - h.to_next:] for x, h in zip(flat, halos)]).float()
         layout = decision.layout
         from_prev, from_next = layout.collectives.exchange_with_neighbours(
             to_prev, to_next, sum(h.from_prev for h in halos), sum(h.from_next for h in halos), layout.groups.dp_group)

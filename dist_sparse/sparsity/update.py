@@ -5,17 +5,43 @@ A ``Decision`` is this rank's view of one decision of every target: its pieces (
 step that salts the tie order, and the bytes the decision sends. Scores, eligibility and
 selections stay in the pieces' flat form until the end, where the layout turns them into masks
 of the form it holds, once (for bf16 ZeRO-1/2, one gather of the decided bits).
+
+Everything stays on the device the pieces live on: scores are computed there (random draws
+too: a counter-based hash of the global index, ``masks.topk.random_scores_at``), selections and
+masks are bool tensors there, and no weight or gradient is copied to the host. Score dicts are
+computed on access (``Scores``), so a selection that goes weight by weight holds one weight's
+scores at a time.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import torch
 
 from dist_sparse.config import SparsityConfig
-from dist_sparse.masks.topk import random_scores, stable_seed
+from dist_sparse.masks.topk import random_scores_at, stable_seed
 from dist_sparse.sparsity.layout import Layout, Pieces
 from dist_sparse.sparsity.methods import Goal, Method
 from dist_sparse.sparsity.patterns import Pattern
+from dist_sparse.sparsity.select import on_device
+
+
+class Scores(Mapping):
+    """Scores of every target, each computed when it is read (and not kept): ``fn(target)``."""
+
+    def __init__(self, targets, fn: Callable[..., torch.Tensor]):
+        self._targets = {t.name: t for t in targets}
+        self._fn = fn
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._fn(self._targets[name])
+
+    def __iter__(self):
+        return iter(self._targets)
+
+    def __len__(self) -> int:
+        return len(self._targets)
 
 
 class Decision:
@@ -48,20 +74,29 @@ class Decision:
     def group(self, split: bool):
         return self.layout.decision_group(split, self.cfg.balance == "global")
 
-    # -- scores and eligibility, in the pieces' flat form --------------------------------------------
-    def magnitudes(self) -> dict[str, torch.Tensor]:
+    def device(self, t) -> torch.device:
+        """Where ``t``'s piece lives: scores, eligibility and selections of ``t`` are made there."""
+        return self.pieces.parts[t.name].values.device
+
+    # -- scores and eligibility, in the pieces' flat form, computed on access ----------------------
+    def magnitudes(self) -> Scores:
         """|w| of the pieces, from fp32 values that are identical on every rank."""
-        return {n: p.values.abs() for n, p in self.pieces.parts.items()}
+        return Scores(self.targets, lambda t: self.pieces.parts[t.name].values.abs())
 
-    def random(self) -> dict[str, torch.Tensor]:
-        """Uniform scores keyed by (seed, step, weight), drawn for the logical weight and cut to
-        the pieces, so every rank and layout sees the same value for the same weight."""
-        return {t.name: self.cut(t, t.slice_full(random_scores(t.full_shape, self.cfg.seed, self.step, t.index)))
-                for t in self.targets}
+    def random(self) -> Scores:
+        """Uniform scores keyed by (seed, step, weight) and the global index: computed for the
+        piece's elements only, on its device, the same value for the same element on every
+        rank, layout and device."""
+        def draw(t):
+            p = self.pieces.parts[t.name]
+            index = t.global_index(torch.arange(p.start, p.stop, device=p.values.device))
+            return random_scores_at(index, self.cfg.seed, self.step, t.index)
+        return Scores(self.targets, draw)
 
-    def dense_gradients(self) -> dict[str, torch.Tensor]:
-        """RigL's |dense gradient|, read in ``mask_gradients`` of this step."""
-        return {t.name: self.from_held(t, self.grad_scores.pop(t.name)) for t in self.targets}
+    def dense_gradients(self) -> Scores:
+        """RigL's |dense gradient|, read in ``mask_gradients`` of this step (``updated_masks``
+        lets go of them when the update is done)."""
+        return Scores(self.targets, lambda t: self.from_held(t, self.grad_scores[t.name]))
 
     def cut(self, t, shard: torch.Tensor) -> torch.Tensor:
         """The piece's part of a tensor of the TP shard's shape."""
@@ -87,11 +122,13 @@ class Decision:
 def first_masks(method: Method, decision: Decision) -> dict[str, torch.Tensor]:
     """The masks training starts from: dense (GMP), or the final densities' best by ``init``."""
     layout = decision.layout
-    if method.starts_dense:
-        return {t.name: torch.ones(layout.mask_shape(t), dtype=torch.bool) for t in decision.targets}
+    if method.starts_dense:  # no piece is read: the masks go where the weights are
+        return {t.name: torch.ones(layout.mask_shape(t), dtype=torch.bool, device=t.param.device)
+                for t in decision.targets}
     by_magnitude = decision.cfg.init == "magnitude" or decision.pattern.first_by_magnitude
     scores = decision.magnitudes() if by_magnitude else decision.random()
-    eligible = {n: torch.ones_like(s, dtype=torch.bool) for n, s in scores.items()}
+    eligible = {t.name: torch.ones(p.stop - p.start, dtype=torch.bool, device=p.values.device)
+                for t, p in ((t, decision.pieces.parts[t.name]) for t in decision.targets)}
     return decision.held(decision.select(scores, eligible, decision.units(method.final_goal())))
 
 
@@ -104,7 +141,7 @@ def updated_masks(method: Method, decision: Decision, old: dict[str, torch.Tenso
     and more regrown, so the weight is back at its goal after this update."""
     step = decision.step
     total = decision.units(method.goal(step))
-    active = {t.name: decision.from_held(t, old[t.name]) for t in decision.targets}
+    active = {t.name: on_device(decision.from_held(t, old[t.name]), decision.device(t)) for t in decision.targets}
     fraction = method.regrow_fraction(step)
     if fraction is None:  # a method that only prunes (below its goal already: keeps them all)
         return decision.held(decision.select(method.drop_scores(decision), active, total, at_most=True))
@@ -113,6 +150,6 @@ def updated_masks(method: Method, decision: Decision, old: dict[str, torch.Tenso
                            at_most=True)
     regrow = {n: total[n] - decision.chosen[n] for n in total}
     grown = decision.select(method.grow_scores(decision), {n: ~m for n, m in kept.items()}, regrow)
-    # kept follows the magnitudes (the GPU), grown its scores (random draws on the host, or the
-    # gradient read); the sparsifier keeps masks on the host anyway.
-    return decision.held({n: kept[n].cpu() | grown[n].cpu() for n in kept})
+    decision.grad_scores.clear()  # RigL's dense gradients are spent
+    # Both selections are on the pieces' device: so are the masks.
+    return decision.held({n: kept[n] | grown[n] for n in kept})

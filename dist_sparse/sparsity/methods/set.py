@@ -1,7 +1,8 @@
 """SET (Mocanu et al. 2018) and Graphcore's variant (arXiv 2108.06277; ``method: "set"`` with
 ``pattern: "block"``): every update interval drop the smallest-magnitude active weights and
-regrow the same number at random, unstructured or in blocks. The random scores come from a
-generator keyed by (seed, step, parameter), so every rank draws the same ones."""
+regrow the same number at random, unstructured or in blocks. The random scores are a
+counter-based hash of (seed, step, parameter, global index) (``masks.topk.random_scores_at``),
+computed on the device for this rank's elements only: every rank and device draws the same ones."""
 
 from dist_sparse.schedules import drop_fraction
 from dist_sparse.sparsity.methods.base import Method, log
