@@ -45,7 +45,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (DATA_POOL, ROOT, device_name, free_port, git_state, peak_tflops_for,  # noqa: E402
                      prepare_deepspeed_dict, setup_device, single_process_env, stats, synthetic_batches,
-                     timed, utc_now_iso, write_json)
+                     utc_now_iso, write_json)
 
 SECTIONS = ("dense_zero1", "dense_zero2", "sparse", "mask_update", "structured", "smoke")
 REPORT = "gpu_suite.json"
@@ -99,6 +99,19 @@ def block_op_builds() -> list[str]:
     builder.OpBuilder.jit_load = refuse
     ds_comm_torch.build_shm_op = lambda: None
     return ["OpBuilder.jit_load", "deepspeed.comm.torch.build_shm_op"]
+
+
+def quiet_bf16_optimizer_init() -> str:
+    """DeepSpeed 0.19.8's ``BF16_Optimizer`` (ZeRO-1 with bf16 and fp32 gradient accumulation, the
+    shipped ZeRO-1 config) calls ``see_memory_usage(..., force=True)`` twice per param group while
+    it is built, and each call runs ``gc.collect()``: with LAMB's one group per tensor (~400 for
+    BERT-large) that is ~800 full collections, tens of seconds of the device budget before the
+    first step. The module-level name it calls (``deepspeed.runtime.bf16_optimizer.
+    see_memory_usage``, an internal) is replaced by a no-op; step times are unaffected."""
+    from deepspeed.runtime import bf16_optimizer
+
+    bf16_optimizer.see_memory_usage = lambda message, force=False: None
+    return "deepspeed.runtime.bf16_optimizer.see_memory_usage"
 
 
 # --- the report --------------------------------------------------------------------------------
@@ -285,47 +298,70 @@ def section_sparse(p: dict, out_dir: Path) -> dict:
     return out
 
 
-def section_mask_update(p: dict, out_dir: Path) -> dict:
-    """``Sparsifier.step`` timed alone (device drained before and after) on RigL update steps of
-    a bf16 LAMB ZeRO-2 engine; RigL with dT=1 so that every step is an update step. The first
-    update pays one-time costs and is reported apart."""
+def sparse_engine(model: str, micro_batch: int, p: dict, *, update_interval: int, seed: int):
+    """A bf16 LAMB ZeRO-2 engine (the shipped BERT-large config, micro batch overridden) with a
+    RigL 90% ERK sparsifier, stepped by the run's own ``Trainer`` with the sparsity component
+    between two clocks: ``marks["end"] - marks["start"]`` is the sparsifier's after-step work
+    (the mask update on update steps), with the device drained at both ends."""
     import torch
 
     single_process_env()
     from dist_sparse.config import parse_run_config
     from dist_sparse.distributed import comm
     from dist_sparse.model.presets import build_config, build_model
+    from dist_sparse.train.components import Component
     from dist_sparse.train.engine import build_engine
-    from dist_sparse.train.sparse import build_sparsifier
+    from dist_sparse.train.sparse import SparsityComponent, build_sparsifier
+    from dist_sparse.train.trainer import Trainer
 
-    raw = prepare_deepspeed_dict(json.loads((ROOT / CONFIGS[2]).read_text()), p["mu_micro_batch"])
-    raw["sparsity"] = {"method": "rigl", "sparsity": 0.9, "distribution": "erk", "update_interval": 1, "seed": 1}
-    run_cfg = parse_run_config(raw, source="gpu_suite mask_update")
+    raw = prepare_deepspeed_dict(json.loads((ROOT / CONFIGS[2]).read_text()), micro_batch)
+    raw["sparsity"] = {"method": "rigl", "sparsity": 0.9, "distribution": "erk",
+                       "update_interval": update_interval, "seed": 1}
+    run_cfg = parse_run_config(raw, source=f"gpu_suite ({CONFIGS[2]} + RigL dT={update_interval})")
     comm.init()
-    on_gpu, sync = setup_device(comm.local_rank())
-    cfg = build_config(p["mu_model"], vocab_size=p["vocab"], max_position_embeddings=max(512, p["seq_len"]))
-    torch.manual_seed(1234)
+    _, sync = setup_device(comm.local_rank())
+    cfg = build_config(model, vocab_size=p["vocab"], max_position_embeddings=max(512, p["seq_len"]))
+    torch.manual_seed(seed)
     engine = build_engine(build_model(cfg), run_cfg, lr_lambda=lambda step: 1.0)
     engine.train()
     groups = comm.parallel_groups(run_cfg.tp_size)
     sp = build_sparsifier(engine, run_cfg, groups, 100_000)
     sp.prepare(draw=True)
+    marks: dict = {}
+
+    class Clock(Component):
+        def __init__(self, which: str):
+            self.which = which
+
+        def on_after_optimizer_step(self, trainer, step):
+            sync()
+            marks[self.which] = time.perf_counter()
+
+    part = SparsityComponent(None, seq_len=p["seq_len"], tokens_per_step=micro_batch * p["seq_len"], sparsifier=sp)
+    trainer = Trainer(engine, cfg, groups, zero_stage=run_cfg.zero_stage,
+                      components=[Clock("start"), part, Clock("end")])
+    trainer.sparsity = part
+    return engine, sp, trainer, marks, sync
+
+
+def section_mask_update(p: dict, out_dir: Path) -> dict:
+    """``Sparsifier.step`` timed alone (device drained before and after) on RigL update steps of
+    a bf16 LAMB ZeRO-2 engine; RigL with dT=1 so that every step is an update step. The first
+    update pays one-time costs and is reported apart."""
+    engine, sp, trainer, marks, sync = sparse_engine(p["mu_model"], p["mu_micro_batch"], p, update_interval=1,
+                                                     seed=1234)
     batches = synthetic_batches(DATA_POOL, p["mu_micro_batch"], p["seq_len"], p["vocab"], 1234, engine.device)
     times, changed = [], []
     try:
         for step in range(1, p["mu_steps"] + 1):
-            sp.before_step(step)
-            out = engine(**batches[step % DATA_POOL])
-            engine.backward(out.loss)
-            sp.mask_gradients()
-            engine.step()
-            seconds, upd = timed(lambda: sp.step(step), sync)
+            trainer.train_step([batches[step % DATA_POOL]], step)
+            upd = trainer.sparsity.last_update
             assert upd is not None, f"step {step} of RigL dT=1 was not an update step"
-            times.append(seconds)
+            times.append(marks["end"] - marks["start"])
             changed.append(upd.changed)
     finally:
         sp.remove_hooks()
-        del engine, sp
+        del engine, sp, trainer
         release_memory()
     return {"model": p["mu_model"], "method": "rigl", "sparsity": 0.9, "distribution": "erk",
             "micro_batch": p["mu_micro_batch"], "zero_stage": 2, "precision": "bf16",
@@ -337,7 +373,7 @@ def section_structured(p: dict, out_dir: Path) -> dict:
 
     try:
         r = structured_speedup.run(["--models", p["model"], "--modes", "deepspeed",
-                                    "--deepspeed_config", str(ROOT / CONFIGS[1]), "--batch", str(p["micro_batch"]),
+                                    "--deepspeed_config", str(ROOT / CONFIGS[2]), "--batch", str(p["micro_batch"]),
                                     "--seq-len", str(p["seq_len"]), "--vocab-size", str(p["vocab"]),
                                     "--warmup", str(p["st_warmup"]), "--rounds", str(p["st_rounds"]),
                                     "--steps-per-round", str(p["st_steps_per_round"]), "--phases", "off",
@@ -365,37 +401,16 @@ def pruned_nonzeros(mask, **tensors) -> dict:
 def smoke_sparse_bf16(p: dict) -> dict:
     """A bf16 LAMB ZeRO-2 RigL run (90%, updates every 2 steps) on one device: after it, every
     pruned entry is exactly zero in the bf16 weight, the fp32 master and both LAMB moments."""
-    import torch
-
-    single_process_env()
-    from dist_sparse.config import parse_run_config
-    from dist_sparse.distributed import comm
-    from dist_sparse.model.presets import build_config, build_model
-    from dist_sparse.train.engine import build_engine
-    from dist_sparse.train.sparse import build_sparsifier
     from deepspeed.utils import safe_get_full_fp32_param
 
-    raw = prepare_deepspeed_dict(json.loads((ROOT / CONFIGS[2]).read_text()), p["smoke_micro_batch"])
-    raw["sparsity"] = {"method": "rigl", "sparsity": 0.9, "distribution": "erk", "update_interval": 2, "seed": 1}
-    run_cfg = parse_run_config(raw, source="gpu_suite smoke")
-    comm.init()
-    _, sync = setup_device(comm.local_rank())
-    cfg = build_config(p["smoke_model"], vocab_size=p["vocab"], max_position_embeddings=max(512, p["seq_len"]))
-    torch.manual_seed(4321)
-    engine = build_engine(build_model(cfg), run_cfg, lr_lambda=lambda step: 1.0)
-    engine.train()
-    sp = build_sparsifier(engine, run_cfg, comm.parallel_groups(run_cfg.tp_size), 100_000)
-    sp.prepare(draw=True)
+    engine, sp, trainer, _, sync = sparse_engine(p["smoke_model"], p["smoke_micro_batch"], p, update_interval=2,
+                                                 seed=4321)
     batches = synthetic_batches(DATA_POOL, p["smoke_micro_batch"], p["seq_len"], p["vocab"], 99, engine.device)
     updates = 0
     try:
         for step in range(1, p["smoke_steps"] + 1):
-            sp.before_step(step)
-            out = engine(**batches[step % DATA_POOL])
-            engine.backward(out.loss)
-            sp.mask_gradients()
-            engine.step()
-            updates += sp.step(step) is not None
+            trainer.train_step([batches[step % DATA_POOL]], step)
+            updates += trainer.sparsity.last_update is not None
         sync()
         totals = {"weight": 0, "master": 0, "exp_avg": 0, "exp_avg_sq": 0}
         dtypes, active, expected_active = set(), 0, 0
@@ -416,7 +431,7 @@ def smoke_sparse_bf16(p: dict) -> dict:
                   "device": str(t.param.device)}
     finally:
         sp.remove_hooks()
-        del engine, sp
+        del engine, sp, trainer
         release_memory()
     problems = [f"{k}: {v} nonzero pruned entries" for k, v in totals.items() if v]
     if updates != p["smoke_steps"] // 2:
@@ -483,12 +498,17 @@ def smoke_shrink_export(p: dict, out_dir: Path) -> dict:
     t0 = time.perf_counter()
     text = run_child("cli", ["export", str(run_dir), str(hf_dir), "--overwrite"], work / "export.log", timeout=180)
     export_s = time.perf_counter() - t0
+    verified = [line for line in text.splitlines() if line.startswith("verified:")]
     result = {"model": p["smoke_model"], "steps": p["smoke_run_steps"], "train_s": train_s, "export_s": export_s,
               "shrink_rows": shrink[:1], "shrunk": bool(shrink),
+              "shrink_relative_diff": shrink[0]["shrink/relative_diff"] if shrink else None,
+              "export_verified": verified[-1] if verified else None,
               "export_files": sorted(x.name for x in hf_dir.iterdir()) if hf_dir.is_dir() else [],
               "export_log_tail": text[-600:]}
     if not shrink:
         raise CheckFailed("the run logged no shrink (no shrink/relative_diff in metrics.jsonl)", result)
+    if not verified:
+        raise CheckFailed("the export printed no 'verified:' line", result)
     if "config.json" not in result["export_files"]:
         raise CheckFailed("the export wrote no config.json", result)
     return result
@@ -570,10 +590,11 @@ def main(argv: list[str] | None = None) -> int:
     estimates = ESTIMATES_CPU if args.cpu_smoke else ESTIMATES_GPU
     budget = args.budget_s if args.budget_s is not None else (600.0 if args.cpu_smoke else 390.0)
     blocked = block_op_builds() if on_gpu else []
+    quieted = quiet_bf16_optimizer_init()
     report = new_report(mode, "cuda" if on_gpu else "cpu", device_name(on_gpu),
                         {s: estimates[s] for s in sections}, budget)
     report.update({"torch": torch.__version__, "deepspeed": deepspeed.__version__,
-                   "cuda": torch.version.cuda if on_gpu else None, "profile": p, "op_builds_blocked": blocked,
+                   "cuda": torch.version.cuda if on_gpu else None, "profile": p, "op_builds_blocked": blocked, "patched": [quieted],
                    "ds_accelerator": deepspeed.accelerator.get_accelerator()._name})
     print(f"gpu_suite {mode}: device {report['device']}, sections {', '.join(sections)}; estimated "
           + ", ".join(f"{s} {estimates[s]} s" for s in sections)
