@@ -47,9 +47,9 @@ export DS_BUILD_OPS=0 DS_SKIP_CUDA_CHECK=1 TOKENIZERS_PARALLELISM=false
 # CPU smoke: DeepSpeed's JIT-built CPU comm op is cached per venv, like `make test` does.
 if [[ "$smoke" == yes && -d .venv ]]; then export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}"; fi
 
-# A hard cap above the driver's own budget (390 s of sections + start-up), so that a hung section
+# A hard cap above the driver's own budget (360 s of sections + start-up), so that a hung section
 # cannot take the whole device lease: what finished is already in $OUT/gpu_suite.json.
-cap=450; [[ "$smoke" == yes ]] && cap=900
+cap=400; [[ "$smoke" == yes ]] && cap=900
 timeout --signal=TERM --kill-after=10 "$cap" "$PY" benchmarks/gpu_suite.py --out "$OUT" "$@"
 rc=$?
 [[ $rc == 124 ]] && echo "gpu_suite: stopped at the ${cap} s cap; partial results in $OUT/gpu_suite.json" >&2
