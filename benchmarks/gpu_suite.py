@@ -151,11 +151,21 @@ def run_section(report: dict, name: str, fn, out_dir: Path, *, estimate: float, 
                 rec["result"] = err.result
             print(rec["traceback"], file=sys.stderr, flush=True)
         rec["seconds"] = time.perf_counter() - t0
+        rec["cuda_memory_allocated_gib_after"] = cuda_memory_gib()
         print(f"== {name}: {rec['status']} in {rec['seconds']:.1f} s", flush=True)
     report["sections"][name] = rec
     report["summary"] = summarize(report)
     write_json(out_dir / REPORT, report)
     return rec
+
+
+def cuda_memory_gib() -> float | None:
+    """GPU memory still allocated after a section (its engines should be gone): a leak shows here
+    before it makes a later section run out of memory."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return None
+    return torch.cuda.memory_allocated() / 2**30
 
 
 def _get(report: dict, section: str, key: str):
