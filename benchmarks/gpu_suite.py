@@ -94,8 +94,12 @@ def block_op_builds() -> list[str]:
     CPU shared-memory all-reduce op that ``TorchBackend.__init__`` loads; on a CUDA accelerator
     collectives go through NCCL, and in the suite's world of one nothing is reduced across
     processes, so the op is not needed and is skipped)."""
-    from deepspeed.comm import torch as ds_comm_torch
+    import importlib
+
     from deepspeed.ops.op_builder import builder
+
+    # by module path: ``from deepspeed.comm import torch`` would give the torch package itself
+    ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
 
     def refuse(self, verbose=True):
         raise RuntimeError(f"gpu_suite: DeepSpeed tried to JIT-build op {self.name!r} (minutes with ninja); "
