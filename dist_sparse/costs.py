@@ -29,6 +29,7 @@ where the cost comes from. Counting adds Python work per operation: never leave 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -161,36 +162,58 @@ def _targets_cpu(args, kwargs) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _counting_collectives(costs: Costs):
-    """Wrap torch.distributed's collectives (what deepspeed.comm calls too) for the duration."""
-    import torch.distributed as dist
+# torch.distributed is patched once for all counters alive, in any thread (the one-process fake
+# layout runs ranks as threads), and restored when the last one exits; a call is counted by the
+# counters of the thread that makes it.
+_lock = threading.Lock()
+_active: dict[int, list[Costs]] = {}
+_saved: dict[str, object] = {}
 
-    saved = {}
 
-    def wrap(name, fn):
-        def counted(*args, **kwargs):
-            costs.collectives += 1
-            costs.collective_ops[name] += 1
+def _wrap(name, fn):
+    def counted(*args, **kwargs):
+        mine = _active.get(threading.get_ident(), ())
+        if mine:
             first = args[0] if args else None
             if name in ("all_gather", "gather", "scatter"):
                 first = args[1] if len(args) > 1 else kwargs.get("tensor")
             elif name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
                 first = args[1] if len(args) > 1 else kwargs.get("input_tensor", kwargs.get("input"))
-            costs.collective_bytes += sum(_nbytes(t) for t in _tensors(first))
-            return fn(*args, **kwargs)
-        return counted
+            payload = sum(_nbytes(t) for t in _tensors(first))
+            for costs in mine:
+                costs.collectives += 1
+                costs.collective_ops[name] += 1
+                costs.collective_bytes += payload
+        return fn(*args, **kwargs)
+    counted.__name__ = name
+    return counted
 
-    for name in _COLLECTIVES:
-        fn = getattr(dist, name, None)
-        if fn is not None:
-            saved[name] = fn
-            setattr(dist, name, wrap(name, fn))
+
+@contextlib.contextmanager
+def _counting_collectives(costs: Costs):
+    """Count torch.distributed's collectives (what deepspeed.comm calls too) for the duration."""
+    import torch.distributed as dist
+
+    me = threading.get_ident()
+    with _lock:
+        if not any(_active.values()):
+            for name in _COLLECTIVES:
+                fn = getattr(dist, name, None)
+                if fn is not None:
+                    _saved[name] = fn
+                    setattr(dist, name, _wrap(name, fn))
+        _active.setdefault(me, []).append(costs)
     try:
         yield
     finally:
-        for name, fn in saved.items():
-            setattr(dist, name, fn)
+        with _lock:
+            _active[me].remove(costs)
+            if not _active[me]:
+                del _active[me]
+            if not _active:
+                for name, fn in _saved.items():
+                    setattr(dist, name, fn)
+                _saved.clear()
 
 
 @contextlib.contextmanager

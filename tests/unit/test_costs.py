@@ -65,3 +65,26 @@ def test_collectives_counted_with_payload(tmp_path):
         assert dist.all_reduce.__name__ == "all_reduce"  # restored on exit
     finally:
         dist.destroy_process_group()
+
+
+def test_counters_in_threads_restore_torch_distributed_whatever_the_exit_order():
+    import threading
+
+    original = dist.all_reduce
+    entered, release = threading.Barrier(3), threading.Event()
+
+    def worker(wait_first: bool):
+        with count_costs():
+            entered.wait()
+            if wait_first:
+                release.wait()
+
+    early = threading.Thread(target=worker, args=(False,))
+    late = threading.Thread(target=worker, args=(True,))
+    early.start(), late.start()
+    entered.wait()
+    early.join()
+    assert dist.all_reduce is not original  # the late thread still counts
+    release.set()
+    late.join()
+    assert dist.all_reduce is original
