@@ -172,7 +172,9 @@ def precision(ds: dict) -> str:
 
 
 def synthetic_batches(n: int, micro_bs: int, seq_len: int, vocab: int, seed: int, device):
-    """Random token ids, 15% of positions labelled (the rest -100), no padding, random NSP labels.
+    """Random token ids, 15% of positions labelled (the rest -100), no padding, random NSP labels,
+    and the labelled positions (``mlm_positions``, as the collator sends them: the model computes
+    the MLM head there only).
 
     The NSP label is included because real pre-training batches carry it and the NSP head is
     counted in dense_flops_per_token; its cost is negligible either way.
@@ -193,6 +195,7 @@ def synthetic_batches(n: int, micro_bs: int, seq_len: int, vocab: int, seed: int
             "attention_mask": torch.ones_like(ids),
             "labels": labels,
             "next_sentence_label": torch.randint(0, 2, (micro_bs,), generator=gen),
+            "mlm_positions": torch.nonzero(selected.flatten()).flatten(),
         }
         out.append({k: v.to(device) for k, v in batch.items()})
     return out

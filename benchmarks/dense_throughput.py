@@ -8,7 +8,8 @@ GPU, MFU against the device's peak dense bf16 TFLOP/s.
     deepspeed --num_gpus 1 benchmarks/dense_throughput.py --model bert-large \\
         --deepspeed_config ds_configs/bert_large_phase1_seq128_zero1.json --micro-batch 64 --seq-len 128
 
-Model FLOPs are ``dense_flops_per_token(config, seq_len, training=True)`` (3x forward, no
+Model FLOPs are ``dense_flops_per_token(config, seq_len, training=True, mlm_fraction=0.15)``
+(the MLM head counted at the masked positions, where the model computes it; 3x forward, no
 attention recomputation counted) times tokens/s, i.e. MFU in the PaLM sense, not hardware FLOPs.
 Data generation is outside the timed region: a few batches are made on the device up front and
 cycled, so the figure is that of the training step alone.
@@ -27,7 +28,7 @@ from pathlib import Path
 # The shared helpers live beside this file; importing them also puts the repository root on
 # sys.path, for a checkout whose package is not installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (DATA_POOL, batch_arithmetic, device_name, loadavg_1m, peak_tflops_for,  # noqa: E402
+from _common import (DATA_POOL, MLM_PROBABILITY, batch_arithmetic, device_name, loadavg_1m, peak_tflops_for,  # noqa: E402
                      precision, prepare_deepspeed_dict, remove_own_shm_buffer, run_main, setup_device,
                      single_process_env, synthetic_batches, timed, utc_now_iso, write_json)
 
@@ -122,7 +123,7 @@ def run(argv: list[str] | None = None) -> dict | None:
     load_after = loadavg_1m()
     last_loss = float(last_loss.detach())  # after timing: .item() would be another sync in the loop
 
-    flops_per_token = dense_flops_per_token(model_config, args.seq_len, training=True)
+    flops_per_token = dense_flops_per_token(model_config, args.seq_len, training=True, mlm_fraction=MLM_PROBABILITY)
     device = device_name(on_gpu)
     # An explicit peak is honoured on CPU too (e.g. a measured GEMM peak); no CPU peak is guessed.
     peak = args.peak_tflops if args.peak_tflops is not None else (peak_tflops_for(device) if on_gpu else None)

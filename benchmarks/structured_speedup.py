@@ -57,7 +57,7 @@ from pathlib import Path
 # The shared helpers live beside this file; importing them also puts the repository root on
 # sys.path, for a checkout whose package is not installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (DATA_POOL, ROOT, bootstrap_ratio_ci, device_name, git_state,  # noqa: E402
+from _common import (DATA_POOL, MLM_PROBABILITY, ROOT, bootstrap_ratio_ci, device_name, git_state,  # noqa: E402
                      peak_tflops_for, precision, prepare_deepspeed_dict, remove_shm_buffers, interleaved,
                      setup_device, single_process_env, stats, synthetic_batches, utc_now_iso, write_json)
 
@@ -145,13 +145,14 @@ def flop_figures(preset: str, dense, shrunk, seq_len: int) -> dict:
     """FLOP-ideal speedup of the whole model, and of the encoder alone (the part that shrinks)."""
     from dist_sparse.model.presets import build_config, dense_flops_per_token
 
-    f_dense = dense_flops_per_token(dense, seq_len, training=True)
-    f_shrunk = dense_flops_per_token(shrunk, seq_len, training=True)
+    f_dense = dense_flops_per_token(dense, seq_len, training=True, mlm_fraction=MLM_PROBABILITY)
+    f_shrunk = dense_flops_per_token(shrunk, seq_len, training=True, mlm_fraction=MLM_PROBABILITY)
+    # The MLM head at the masked positions, where the model computes it in training.
     # The same function on a zero-layer copy counts what is outside the encoder (MLM head with its
     # decoder, NSP head), so the split uses exactly the convention of the headline figure.
     no_layers = build_config(preset, vocab_size=dense.vocab_size, num_hidden_layers=0,
                              max_position_embeddings=dense.max_position_embeddings)
-    f_heads = dense_flops_per_token(no_layers, seq_len, training=True)
+    f_heads = dense_flops_per_token(no_layers, seq_len, training=True, mlm_fraction=MLM_PROBABILITY)
     return {"flops_per_token_dense": f_dense, "flops_per_token_shrunk": f_shrunk,
             "flops_per_token_outside_encoder": f_heads,
             "outside_encoder_share_dense": f_heads / f_dense,

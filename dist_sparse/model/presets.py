@@ -80,7 +80,8 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return total
 
 
-def dense_flops_per_token(config: DistSparseBertConfig, seq_len: int, *, training: bool = False) -> float:
+def dense_flops_per_token(config: DistSparseBertConfig, seq_len: int, *, training: bool = False,
+                          mlm_fraction: float = 1.0) -> float:
     """Forward FLOPs per token of the model as built (per-layer sizes honoured, no weight sparsity).
 
     With ``H`` = hidden_size, ``d`` = head_dim, ``V`` = vocab_size, and for layer ``l``
@@ -90,8 +91,11 @@ def dense_flops_per_token(config: DistSparseBertConfig, seq_len: int, *, trainin
                          + h_l*d*H      attention output projection
                          + 2*H*I_l)     FFN up and down projections
                   + 2 * 2 * seq_len * h_l * d     scores Q.K^T and context P.V
-        MLM head    2 * (H*H + H*V)     transform dense + decoder, on every token (the model
-                                        computes logits for all positions)
+        MLM head    2 * (H*H + H*V) * mlm_fraction    transform dense + decoder, on the tokens
+                                        it runs on: every token without labels (inference,
+                                        export), the masked ones in training (the model then
+                                        computes logits at the masked positions only: pass the
+                                        masking probability, 0.15, for a pre-training step)
         NSP         2 * (H*H + 2*H) / seq_len     pooler + classifier, once per sequence
 
     Biases, LayerNorm, GELU, softmax, dropout and embedding lookups are left out (elementwise,
@@ -100,13 +104,15 @@ def dense_flops_per_token(config: DistSparseBertConfig, seq_len: int, *, trainin
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if not 0.0 <= mlm_fraction <= 1.0:
+        raise ValueError(f"mlm_fraction must be in [0, 1], got {mlm_fraction}")
     hidden, head_dim, vocab = config.hidden_size, config.head_dim, config.vocab_size
     flops = 0.0
     for layer in range(config.num_hidden_layers):
         inner = config.heads_of(layer) * head_dim
         matmul_params = 3 * hidden * inner + inner * hidden + 2 * hidden * config.intermediate_of(layer)
         flops += 2 * matmul_params + 2 * 2 * seq_len * inner
-    flops += 2 * (hidden * hidden + hidden * vocab)
+    flops += 2 * (hidden * hidden + hidden * vocab) * mlm_fraction
     flops += 2 * (hidden * hidden + 2 * hidden) / seq_len
     return 3 * flops if training else flops
 

@@ -20,3 +20,13 @@ def test_sparse_weights_count_only_active_entries():
     # RigL's update step: the weight gradient is dense
     assert training_flops_per_token(10_000.0, [(1000, 0.1), (3000, 0.5)], dense_gradient=True) == \
         2 * (10_000 - 4800) + 10_000
+
+
+def test_mlm_head_counted_on_the_positions_it_runs_on():
+    cfg = build_config("bert-tiny", vocab_size=1000)
+    h, v = cfg.hidden_size, cfg.vocab_size
+    full, masked = dense_flops_per_token(cfg, 128), dense_flops_per_token(cfg, 128, mlm_fraction=0.15)
+    assert full - masked == pytest.approx(0.85 * 2 * (h * h + h * v))
+    assert dense_flops_per_token(cfg, 128, training=True, mlm_fraction=0.15) == pytest.approx(3 * masked)
+    with pytest.raises(ValueError, match="mlm_fraction"):
+        dense_flops_per_token(cfg, 128, mlm_fraction=1.5)
