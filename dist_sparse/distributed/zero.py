@@ -22,7 +22,7 @@ from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_grad, safe_
                              safe_set_full_grad,
                              safe_get_local_fp32_param, safe_get_local_grad, safe_get_local_optimizer_state,
                              safe_set_full_fp32_param, safe_set_full_optimizer_state,
-                             safe_set_local_fp32_param, safe_set_local_grad, safe_set_local_optimizer_state)
+                             safe_set_local_fp32_param, safe_set_local_optimizer_state)
 
 from dist_sparse.distributed import comm
 
@@ -75,6 +75,12 @@ def _fragment(param: torch.nn.Parameter):
         return None, 0, 0
     address = mapping.lp_fragment_address
     return mapping, int(address.start), int(address.start + address.numel)
+
+
+def ring_all_reduce_bytes(payload_bytes: int, ranks: int) -> int:
+    """Bytes one rank sends in a ring all-reduce of ``payload_bytes``: 2 (p - 1) / p of them
+    (a reduce-scatter and an all-gather, each passing p - 1 of p chunks); 0 for one rank."""
+    return 2 * (ranks - 1) * payload_bytes // ranks if ranks > 1 else 0
 
 
 @dataclass
@@ -137,41 +143,69 @@ class ZeroAccess:
             fragment.data.mul_(keep.to(fragment.device, fragment.dtype).view_as(fragment))
 
     def _padded_local(self, param, local_mask: torch.Tensor) -> torch.Tensor:
-        """The local mask slice padded to ZeRO-3's partition size (padding is pruned: it is zero)."""
-        flat = safe_get_local_fp32_param(param)
-        local = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-        local[: local_mask.numel()] = local_mask.to(flat.device)
+        """The local mask slice padded to ZeRO-3's partition size (padding is pruned: it is zero),
+        on the partition's device."""
+        part = param.ds_tensor
+        local = torch.zeros(part.numel(), dtype=torch.bool, device=part.device)
+        local[: local_mask.numel()] = local_mask.to(part.device)
         return local
+
+    def _z3_state(self, param, key: str | None = None) -> torch.Tensor:
+        """ZeRO-3: a view of this rank's fp32 master partition of ``param`` (``key``: of an
+        optimizer moment), to write in place.
+
+        ``safe_get_local_fp32_param`` / ``safe_get_local_optimizer_state`` synchronise the host
+        with the reduce stream and return copies for the matching setters (deepspeed 0.19.8,
+        ``DeepSpeedZeroOptimizer_Stage3._get_fp32_opt_state_partition``); masking every sparse
+        weight at an install would wait once per tensor. The views they copy from are
+        ``fp32_partitioned_groups_flat[group]`` (and ``optimizer.state[that][key]``) narrowed to
+        ``grad_position[param_id]``; the reduce stream writes gradients only, which this does not
+        touch. With NVMe swapping the public calls are used instead (None here).
+        """
+        opt = param._z3_optimizer
+        group, offset, numel = opt.grad_position[opt.get_param_id(param)]
+        if opt._swappable_optimizer_subgroup(group):
+            return None
+        flat = opt.fp32_partitioned_groups_flat[group]
+        if key is not None:
+            flat = opt.optimizer.state[flat][key]
+        return flat.narrow(0, offset, numel)
 
     def apply_local_mask(self, param, local_mask: torch.Tensor, moments: bool) -> None:
         """ZeRO-3: zero this rank's slice of ``param`` where its slice mask is False, in the fp32
-        master, the low-precision partition and the moments. No communication."""
-        flat = safe_get_local_fp32_param(param)
+        master, the low-precision partition and the moments, in place. No communication, no
+        host synchronisation."""
         local = self._padded_local(param, local_mask)
-        safe_set_local_fp32_param(param, flat * local.view_as(flat))
         # The low-precision partition that the next all-gather serves to the forward pass.
         param.ds_tensor.data.mul_(local.view_as(param.ds_tensor).to(param.ds_tensor.dtype))
-        for key in MOMENT_KEYS if moments else ():
-            state = safe_get_local_optimizer_state(param, key)
-            safe_set_local_optimizer_state(param, state * local.view_as(state), key)
+        for key in (None, *MOMENT_KEYS) if moments else (None,):
+            view = self._z3_state(param, key)
+            if view is not None:
+                view.mul_(local[: view.numel()].view_as(view).to(view.dtype))
+            elif key is None:  # swapped to NVMe: through the public copies
+                flat = safe_get_local_fp32_param(param)
+                safe_set_local_fp32_param(param, flat * local.view_as(flat))
+            else:
+                state = safe_get_local_optimizer_state(param, key)
+                safe_set_local_optimizer_state(param, state * local.view_as(state), key)
 
     def take_dense_grad(self, param, mask: torch.Tensor) -> torch.Tensor:
-        """The reduced (data-parallel averaged) dense gradient of this rank's elements, flat fp32;
-        the gradient ZeRO keeps is masked on the way out.
+        """The reduced (data-parallel averaged) dense gradient of this rank's elements, flat fp32
+        on the gradient's device; the gradient ZeRO keeps is masked on the way out.
 
-        ZeRO-3 reads its local partition; ZeRO-1/2 can only read the full gradient (an fp32
-        all-reduce, counted in ``bytes_applied``) and writes back its own fragment.
+        ZeRO-3 reads its local partition; ZeRO-1/2 reads the whole gradient (an fp32 all-reduce,
+        counted in ``bytes_applied``), for patterns that decide on whole shards (N:M); the other
+        patterns read this rank's fragment only (``take_grad_fragment``).
         """
         if self.partitioned:
-            grad = safe_get_local_grad(param)
+            grad = self.local_grads([param])[0]
             if grad is None:
                 raise RuntimeError(f"ZeRO-3 holds no gradient for a sparse weight of shape {tuple(mask.shape)}")
-            local = self._padded_local(param, mask)
-            dense = grad.detach().flatten().float()[: mask.numel()].clone()
-            safe_set_local_grad(param, grad * local.view_as(grad).to(grad.dtype))
-            return dense.cpu()
+            dense = grad.detach().flatten()[: mask.numel()].float().clone()
+            grad.mul_(self._padded_local(param, mask).view_as(grad).to(grad.dtype))
+            return dense
         grad = safe_get_full_grad(param)
-        self.bytes_applied += grad.numel() * 4
+        self.bytes_applied += ring_all_reduce_bytes(grad.numel() * 4, self.dp_size)
         masked = grad * mask.to(grad.device, grad.dtype).view_as(grad)
         hp_grad = getattr(param, "_hp_grad", None)
         if hp_grad is not None:
@@ -182,17 +216,92 @@ class ZeroAccess:
             hp_grad.copy_(masked.view_as(hp_grad))
         else:
             safe_set_full_grad(param, masked)
-        return grad.detach().flatten().float().cpu()
+        return grad.detach().flatten().float()
+
+    def take_grad_fragment(self, param, mask: torch.Tensor) -> LocalSlice:
+        """ZeRO-1/2: this rank's fragment of the reduced gradient of ``param`` (flat positions
+        [start, stop) of its TP shard, the same as ``master_fragment``'s), fp32, a copy; then
+        zeroes the pruned entries of the gradient the optimizer reads. No communication.
+
+        ZeRO-1/2 keep the reduced gradient of a parameter's fragment in the optimizer's gradient
+        dict (``_hp_mapping.get_lp_grad_fragment(param._index_in_param_group)``: a view the
+        full-gradient getter reads and ``set_full_hp_grad`` writes, deepspeed 0.19.8). With
+        BF16_Optimizer that entry is the whole fp32 accumulation buffer of the parameter,
+        reduced on every rank (``param._hp_grad``): the fragment is cut from it, and the whole
+        buffer is masked, as ``take_dense_grad`` writes it. ``mask``: the whole shard mask.
+        """
+        assert not self.partitioned, "ZeRO-3 slices: use take_dense_grad"
+        mapping, start, stop = _fragment(param)
+        if mapping is None:
+            return LocalSlice(torch.zeros(0, dtype=torch.float32, device=mask.device), 0, 0)
+        grad = mapping.get_lp_grad_fragment(param._index_in_param_group)
+        flat_mask = mask.reshape(-1)
+        if grad.numel() == param.numel() and stop - start != param.numel():
+            values = grad.reshape(-1)[start:stop].float().clone()   # BF16_Optimizer's whole buffer
+            grad.mul_(flat_mask.to(grad.device, grad.dtype).view_as(grad))
+        else:
+            values = grad.reshape(-1).float().clone()
+            grad.mul_(flat_mask[start:stop].to(grad.device, grad.dtype).view_as(grad))
+        assert values.numel() == stop - start, "unexpected ZeRO gradient fragment layout"
+        return LocalSlice(values, start, stop)
 
     def padded_local_mask(self, param, local_mask: torch.Tensor) -> torch.Tensor:
-        """The slice mask as ZeRO-3's partition-sized tensor on its device (cache it per install)."""
-        return self._padded_local(param, local_mask)
+        """ZeRO-3: the slice mask as the gradient partition's dtype, size and device, ready to
+        multiply it (computed once per install; the padding is pruned: zero)."""
+        grad = self.local_grads([param])[0]
+        local = self._padded_local(param, local_mask)
+        if grad is None:
+            return local
+        return local.to(grad.device, grad.dtype).view_as(grad)
+
+    def local_grads(self, params: list) -> list:
+        """ZeRO-3: views of this rank's reduced gradient partitions of ``params`` (None where a
+        parameter has none), after one wait for the stream that writes them.
+
+        ``safe_get_local_grad`` / ``safe_set_local_grad`` synchronise the host with ZeRO-3's
+        ``reduce_and_partition_stream`` on every call and copy the partition (deepspeed 0.19.8,
+        ``DeepSpeedZeroOptimizer_Stage3._get_fp32_grad_state_partition``); a masking pass over
+        every sparse weight then costs a host synchronisation per tensor. This reads what they
+        read, once: the partitions are views into the optimizer's ``grad_partitions_flat_buffer``
+        (``__param_id_to_grad_partition[param.ds_id]``), or with optimizer offload into
+        ``fp32_partitioned_groups_flat[group].grad`` at ``grad_position``; writes into the views
+        are what the optimizer step reads. The current stream waits for the reduce stream on the
+        device (no host wait). With NVMe swapping the public calls are used instead.
+        """
+        if not params:
+            return []
+        opt = params[0]._z3_optimizer
+        if any(opt._swappable_optimizer_subgroup(opt.grad_position[opt.get_param_id(p)][0]) for p in params):
+            return [safe_get_local_grad(p) for p in params]
+        from deepspeed.accelerator import get_accelerator
+
+        accel = get_accelerator()
+        if not accel.resolves_data_dependency():
+            accel.current_stream().wait_stream(opt.reduce_and_partition_stream)
+        by_id = opt._DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition
+        out = []
+        for p in params:
+            if not p.requires_grad:
+                out.append(None)
+            elif opt.offload_optimizer:
+                group, offset, numel = opt.grad_position[opt.get_param_id(p)]
+                out.append(opt.fp32_partitioned_groups_flat[group].grad.narrow(0, offset, numel))
+            else:
+                out.append(by_id[p.ds_id])
+        return out
+
+    def mask_local_grads(self, params: list, padded_masks: list) -> None:
+        """ZeRO-3: zero pruned entries of this rank's reduced gradient partitions in place: one
+        wait for the reduce stream and one fused multiply over every partition (``padded_masks``
+        from ``padded_local_mask``)."""
+        grads = self.local_grads(params)
+        pairs = [(g, m) for g, m in zip(grads, padded_masks) if g is not None]
+        if pairs:
+            torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
 
     def mask_local_grad(self, param, padded_mask: torch.Tensor) -> None:
-        """ZeRO-3: zero pruned entries of this rank's reduced gradient partition."""
-        grad = safe_get_local_grad(param)
-        if grad is not None:
-            safe_set_local_grad(param, grad * padded_mask.view_as(grad).to(grad.dtype))
+        """ZeRO-3: zero pruned entries of one reduced gradient partition (``mask_local_grads``)."""
+        self.mask_local_grads([param], [padded_mask])
 
     def gather_shard_mask(self, local: torch.Tensor, start: int, stop: int, shard_shape: tuple[int, int],
                           counter: list[int]) -> torch.Tensor:
