@@ -33,7 +33,7 @@ import torch
 from dist_sparse.config import SparsityConfig
 from dist_sparse.distributed import comm
 from dist_sparse.distributed.comm import ParallelGroups
-from dist_sparse.distributed.zero import ZeroAccess
+from dist_sparse.distributed.zero import ZeroAccess, on
 from dist_sparse.masks.checksum import pack_mask, unpack_mask
 from dist_sparse.masks.density import erk_densities, uniform_densities
 from dist_sparse.sparsity.layout import MaskDivergenceError, layout_for
@@ -226,7 +226,7 @@ class Sparsifier:
         # Since the last install: includes RigL's dense-gradient read in mask_gradients.
         before = self._bytes_mark
         for t in self.targets:
-            mask = new[t.name].to(device=self.layout.mask_device(t), dtype=torch.bool)
+            mask = on(new[t.name], self.layout.mask_device(t), torch.bool)
             assert tuple(mask.shape) == self.layout.mask_shape(t), (t.name, mask.shape, self.layout.mask_shape(t))
             self.masks[t.name] = mask
             self.layout.install(t, mask, moments=self._optimizer_has_state)
@@ -243,7 +243,7 @@ class Sparsifier:
         masks = [self.masks[t.name] for t in self.targets]
         device = masks[0].device if masks else torch.device("cpu")
         counts = [m.sum(dtype=torch.int64) for m in masks]
-        flipped = [(m != old[t.name].to(m.device)).sum(dtype=torch.int64) for m, t in zip(masks, self.targets)
+        flipped = [(m != on(old[t.name], m.device)).sum(dtype=torch.int64) for m, t in zip(masks, self.targets)
                    ] if old is not None else []
         counts = torch.stack(counts + [torch.stack(flipped).sum() if flipped
                                        else torch.zeros((), dtype=torch.int64, device=device)])

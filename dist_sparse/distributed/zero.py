@@ -77,6 +77,14 @@ def _fragment(param: torch.nn.Parameter):
     return mapping, int(address.start), int(address.start + address.numel)
 
 
+def on(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``tensor`` on ``device`` (and in ``dtype``), copied only where it is not: a copy between
+    devices waits for the device, and the cost counter counts every ``to(device)``."""
+    if tensor.device != device:
+        tensor = tensor.to(device)
+    return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
+
+
 def ring_all_reduce_bytes(payload_bytes: int, ranks: int) -> int:
     """Bytes one rank sends in a ring all-reduce of ``payload_bytes``: 2 (p - 1) / p of them
     (a reduce-scatter and an all-gather, each passing p - 1 of p chunks); 0 for one rank."""
@@ -129,7 +137,7 @@ class ZeroAccess:
         ``moments``: whether the optimizer has state yet (not before its first step).
         """
         assert not self.partitioned, "ZeRO-3 masks are slices: use apply_local_mask"
-        param.data.mul_(mask.to(param.device, param.dtype))
+        param.data.mul_(on(mask, param.device, param.dtype))
         mapping, start, stop = _fragment(param)
         if mapping is None:
             return  # no part of this parameter lives in this rank's optimizer partition
@@ -140,14 +148,14 @@ class ZeroAccess:
                 raise RuntimeError(f"{key} not found in optimizer state fragment (optimizer state not linked?)")
             targets.append(mapping.get_hp_fragment(key))
         for fragment in targets:
-            fragment.data.mul_(keep.to(fragment.device, fragment.dtype).view_as(fragment))
+            fragment.data.mul_(on(keep, fragment.device, fragment.dtype).view_as(fragment))
 
     def _padded_local(self, param, local_mask: torch.Tensor) -> torch.Tensor:
         """The local mask slice padded to ZeRO-3's partition size (padding is pruned: it is zero),
         on the partition's device."""
         part = param.ds_tensor
         local = torch.zeros(part.numel(), dtype=torch.bool, device=part.device)
-        local[: local_mask.numel()] = local_mask.to(part.device)
+        local[: local_mask.numel()] = on(local_mask, part.device)
         return local
 
     def _z3_state(self, param, key: str | None = None) -> torch.Tensor:
@@ -206,7 +214,7 @@ class ZeroAccess:
             return dense
         grad = safe_get_full_grad(param)
         self.bytes_applied += ring_all_reduce_bytes(grad.numel() * 4, self.dp_size)
-        masked = grad * mask.to(grad.device, grad.dtype).view_as(grad)
+        masked = grad * on(mask, grad.device, grad.dtype).view_as(grad)
         hp_grad = getattr(param, "_hp_grad", None)
         if hp_grad is not None:
             # DeepSpeed's BF16_Optimizer (ZeRO-1, bf16 weights, fp32 gradient accumulation) steps on
@@ -238,10 +246,10 @@ class ZeroAccess:
         flat_mask = mask.reshape(-1)
         if grad.numel() == param.numel() and stop - start != param.numel():
             values = grad.reshape(-1)[start:stop].float().clone()   # BF16_Optimizer's whole buffer
-            grad.mul_(flat_mask.to(grad.device, grad.dtype).view_as(grad))
+            grad.mul_(on(flat_mask, grad.device, grad.dtype).view_as(grad))
         else:
             values = grad.reshape(-1).float().clone()
-            grad.mul_(flat_mask[start:stop].to(grad.device, grad.dtype).view_as(grad))
+            grad.mul_(on(flat_mask[start:stop], grad.device, grad.dtype).view_as(grad))
         assert values.numel() == stop - start, "unexpected ZeRO gradient fragment layout"
         return LocalSlice(values, start, stop)
 
@@ -252,7 +260,7 @@ class ZeroAccess:
         local = self._padded_local(param, local_mask)
         if grad is None:
             return local
-        return local.to(grad.device, grad.dtype).view_as(grad)
+        return on(local, grad.device, grad.dtype).view_as(grad)
 
     def local_grads(self, params: list) -> list:
         """ZeRO-3: views of this rank's reduced gradient partitions of ``params`` (None where a

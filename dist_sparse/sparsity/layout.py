@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dist_sparse.distributed.zero import LocalSlice
+from dist_sparse.distributed.zero import LocalSlice, on
 from dist_sparse.sparsity.select import LOCAL
 from dist_sparse.sparsity.targets import Target
 
@@ -222,7 +222,7 @@ class ReplicatedLayout(Layout):
         return mask.cpu()
 
     def install(self, t, mask, moments):
-        mask = mask.to(t.param.device)
+        mask = on(mask, t.param.device)
         self._pruned[t.name] = ~mask.view(t.param.shape)
         self.zero.apply_mask(t.param, mask, moments=moments)
 
