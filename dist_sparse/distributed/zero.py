@@ -177,7 +177,9 @@ class ZeroAccess:
         flat = opt.fp32_partitioned_groups_flat[group]
         if key is not None:
             flat = opt.optimizer.state[flat][key]
-        return flat.narrow(0, offset, numel)
+        # ``.data``: the master partition is a leaf the optimizer steps on; this write is no
+        # step of the autograd graph (the setters copy into ``.data`` likewise)
+        return flat.data.narrow(0, offset, numel)
 
     def apply_local_mask(self, param, local_mask: torch.Tensor, moments: bool) -> None:
         """ZeRO-3: zero this rank's slice of ``param`` where its slice mask is False, in the fp32
