@@ -186,9 +186,11 @@ class Sparsifier:
     def mask_gradients(self) -> None:
         """Call after the last backward of a step, before ``engine.step()``.
 
-        ZeRO-3 zeroes pruned entries of this rank's reduced gradient partition (ZeRO-1/2 did it
+        ZeRO-3 zeroes pruned entries of this rank's reduced gradient partitions (ZeRO-1/2 did it
         in the gradient hook). On a RigL update step it first keeps |dense gradient| as the
-        regrowth score and then masks the gradient (all stages).
+        regrowth score and then masks the gradient (all stages); under ZeRO-1/2 each rank reads
+        only its fragment of the reduced gradient, and the update decides on fragments.
+        Neither waits for the device.
         """
         if self.layout.dense_grad_step:
             self._grad_scores = self.layout.dense_gradients(self.masks, self.pattern.whole_groups)

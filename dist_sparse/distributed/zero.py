@@ -8,9 +8,15 @@ What a mask update needs from ZeRO:
   master copy and the optimizer moments. ZeRO-3 has local setters for its slices. ZeRO-1/2
   has only full-tensor getters (an all-reduce over the DP group each); but every rank holds
   the whole mask there, so each zeroes its own fragments of the master and the moments in
-  place, through the fragment views DeepSpeed's setters use: no communication. What the
-  sparsifier still reads whole (RigL's dense gradient under ZeRO-1/2) is counted in
-  ``bytes_applied``.
+  place, through the fragment views DeepSpeed's setters use: no communication. RigL's
+  gradient is read the same way, each rank its fragment of the reduced gradient; only N:M,
+  which decides on whole shards, still reads it whole (counted in ``bytes_applied``);
+- no host synchronisation per tensor in the step: ZeRO-3's local getters and setters wait for
+  the reduce stream on every call, so the gradient partitions, master partitions and moments
+  are reached through the views those calls read (``local_grads``, ``_z3_state``).
+
+Every DeepSpeed internal read here is named, with the deepspeed 0.19.8 routine it stands in
+for, in the docstring of the one function that reads it.
 """
 
 from __future__ import annotations
