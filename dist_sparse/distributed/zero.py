@@ -112,7 +112,8 @@ class ZeroAccess:
 
     def local_slice(self, param: torch.nn.Parameter, shard_numel: int) -> LocalSlice:
         if self.partitioned:
-            flat = safe_get_local_fp32_param(param).detach().flatten().float()
+            view = self._z3_state(param)  # what safe_get_local_fp32_param reads, without its wait
+            flat = (view if view is not None else safe_get_local_fp32_param(param)).detach().flatten().float()
             start = min(self.dp_rank * flat.numel(), shard_numel)
             stop = min(start + flat.numel(), shard_numel)
             return LocalSlice(flat[: stop - start], start, stop)
