@@ -250,6 +250,9 @@ class ZeroAccess:
         assert not self.partitioned, "ZeRO-3 slices: use take_dense_grad"
         mapping, start, stop = _fragment(param)
         if mapping is None:
+            hp_grad = getattr(param, "_hp_grad", None)
+            if hp_grad is not None:  # BF16_Optimizer: this rank's whole buffer, masked as before
+                hp_grad.mul_(on(mask, hp_grad.device, hp_grad.dtype).view_as(hp_grad))
             return LocalSlice(torch.zeros(0, dtype=torch.float32, device=mask.device), 0, 0)
         grad = mapping.get_lp_grad_fragment(param._index_in_param_group)
         flat_mask = mask.reshape(-1)
