@@ -332,6 +332,17 @@ class SliceLayout(Layout):
     def mask_gradients(self, masks):
         self.zero.mask_local_grads([t.param for t in self.targets], [self._grad_masks[t.name] for t in self.targets])
 
+    def dense_gradients(self, masks, whole_groups):
+        # All partitions read after one wait, the scores copied out, then one fused masking.
+        params = [t.param for t in self.targets]
+        scores = {}
+        for t, grad in zip(self.targets, self.zero.local_grads(params)):
+            if grad is None:
+                raise RuntimeError(f"ZeRO-3 holds no gradient for the sparse weight {t.name}")
+            scores[t.name] = grad.detach().reshape(-1)[: masks[t.name].numel()].float().abs()
+        self.mask_gradients(masks)
+        return scores
+
     def pieces(self, whole_groups):
         self.refresh()
         return Pieces(dict(self._slices), True)

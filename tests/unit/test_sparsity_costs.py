@@ -171,3 +171,27 @@ def test_fingerprints_separate_bits_and_shapes_and_agree_across_processes():
             "print(mask_fingerprints([m]).item())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert int(out.stdout.strip().splitlines()[-1]) == fp
+
+
+@pytest.mark.parametrize("layers", [2, 8])
+def test_rigl_at_zero3_reads_every_partition_without_waiting(layers):
+    world, sps = prepared(layers, 2, 3, section=RIGL)
+    g = torch.Generator().manual_seed(5)
+    for name in world.names:
+        world.set_gradient(name, torch.randn(SHAPE, generator=g))
+    reduced = {name: world._grads[0][name].clone() for name in world.names}
+
+    def read(rank):
+        sps[rank].before_step(2)
+        with count_costs() as c:
+            sps[rank].mask_gradients()
+        return c
+
+    for rank, c in enumerate(world.run(read)):
+        # one |g| per weight, one fused masking
+        assert (c.host_syncs, c.collectives, c.kernels) == (0, 0, layers + 1), c.summary()
+        for t in sps[rank].targets:
+            start, stop = sps[rank].layout.held_range(t)
+            assert torch.equal(sps[rank]._grad_scores[t.name], reduced[t.name][start:stop].abs())
+            assert torch.equal(world._grads[rank][t.name][start:stop],
+                               reduced[t.name][start:stop] * sps[rank].masks[t.name])
