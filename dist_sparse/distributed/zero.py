@@ -28,7 +28,8 @@ from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_grad, safe_
                              safe_set_full_grad,
                              safe_get_local_fp32_param, safe_get_local_grad, safe_get_local_optimizer_state,
                              safe_set_full_fp32_param, safe_set_full_optimizer_state,
-                             safe_set_local_fp32_param, safe_set_local_optimizer_state)
+                             safe_set_local_fp32_param, safe_set_local_grad,
+                             safe_set_local_optimizer_state)
 
 from dist_sparse.distributed import comm
 
@@ -95,6 +96,14 @@ def ring_all_reduce_bytes(payload_bytes: int, ranks: int) -> int:
     """Bytes one rank sends in a ring all-reduce of ``payload_bytes``: 2 (p - 1) / p of them
     (a reduce-scatter and an all-gather, each passing p - 1 of p chunks); 0 for one rank."""
     return 2 * (ranks - 1) * payload_bytes // ranks if ranks > 1 else 0
+
+
+def _z3_swapping(params: list) -> bool:
+    """Whether ZeRO-3 swaps the optimizer partitions of any of ``params`` to NVMe (deepspeed
+    0.19.8 ``DeepSpeedZeroOptimizer_Stage3._swappable_optimizer_subgroup``): their gradient and
+    master partitions are then only reachable through the public getters and setters."""
+    opt = params[0]._z3_optimizer
+    return any(opt._swappable_optimizer_subgroup(opt.grad_position[opt.get_param_id(p)][0]) for p in params)
 
 
 @dataclass
@@ -198,7 +207,7 @@ class ZeroAccess:
         for key in (None, *MOMENT_KEYS) if moments else (None,):
             view = self._z3_state(param, key)
             if view is not None:
-                view.mul_(local[: view.numel()].view_as(view).to(view.dtype))
+                view.mul_(on(local[: view.numel()], view.device, view.dtype).view_as(view))
             elif key is None:  # swapped to NVMe: through the public copies
                 flat = safe_get_local_fp32_param(param)
                 safe_set_local_fp32_param(param, flat * local.view_as(flat))
@@ -290,9 +299,9 @@ class ZeroAccess:
         """
         if not params:
             return []
-        opt = params[0]._z3_optimizer
-        if any(opt._swappable_optimizer_subgroup(opt.grad_position[opt.get_param_id(p)][0]) for p in params):
+        if _z3_swapping(params):  # copies, not views: see mask_local_grads
             return [safe_get_local_grad(p) for p in params]
+        opt = params[0]._z3_optimizer
         from deepspeed.accelerator import get_accelerator
 
         accel = get_accelerator()
@@ -315,6 +324,11 @@ class ZeroAccess:
         wait for the reduce stream and one fused multiply over every partition (``padded_masks``
         from ``padded_local_mask``)."""
         grads = self.local_grads(params)
+        if params and _z3_swapping(params):  # NVMe-swapped partitions: the public copies, set back
+            for p, g, m in zip(params, grads, padded_masks):
+                if g is not None:
+                    safe_set_local_grad(p, g * on(m, g.device, g.dtype).view_as(g))
+            return
         pairs = [(g, m) for g, m in zip(grads, padded_masks) if g is not None]
         if pairs:
             torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
