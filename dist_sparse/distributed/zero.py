@@ -349,24 +349,41 @@ class ZeroAccess:
         this rank receives). ZeRO-3: for inspection and export, training never needs it. ZeRO-1/2
         with low-precision weights: masks decided on fp32 master fragments are put together this
         way after every update, every rank holding whole shard masks afterwards."""
-        outs = [torch.zeros(shape[0] * shape[1], dtype=torch.bool) for _, _, _, shape in pieces]
+        device = pieces[0][0].device if pieces else torch.device("cpu")
+        outs = [torch.zeros(shape[0] * shape[1], dtype=torch.bool, device=device) for _, _, _, shape in pieces]
         if self.dp_size == 1:
             for out, (local, start, stop, _) in zip(outs, pieces):
-                out[start:stop] = local.cpu()
+                out[start:stop] = on(local.reshape(-1), device)
             return [out.view(shape) for out, (_, _, _, shape) in zip(outs, pieces)]
-        from dist_sparse.masks.checksum import pack_mask, unpack_mask
-
-        mine = []
+        everyone = self._piece_bounds([(start, stop) for _, start, stop, _ in pieces])
+        # This rank's bits of every piece, one after the other, padded to the longest rank's
+        # total (a multiple of 8), packed where they are and gathered in one all-gather.
+        longest = max(sum(e - s for s, e in bounds) for bounds in everyone)
+        longest += -longest % 8
+        mine = torch.zeros(longest, dtype=torch.bool, device=device)
+        offset = 0
         for local, start, stop, _ in pieces:
-            packed, _ = pack_mask(local.cpu())
-            mine.append((start, stop, packed.numpy().tobytes()))
-        everyone = comm.all_gather_object(mine, self.dp_group)
-        counter[0] += sum(len(raw) for rank in everyone for _, _, raw in rank)
-        for rank in everyone:
-            for out, (s, e, raw) in zip(outs, rank):
-                bits = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.zeros(0, dtype=torch.uint8)
-                out[s:e] = unpack_mask(bits, (e - s,))
+            mine[offset:offset + stop - start] = on(local.reshape(-1), device)
+            offset += stop - start
+        weights = torch.pow(2, torch.arange(7, -1, -1, device=device)).to(torch.uint8)  # MSB first
+        packed = (mine.view(-1, 8).to(torch.uint8) * weights).sum(dim=1, dtype=torch.uint8)
+        gathered = comm.all_gather_cat(packed, self.dp_group).view(len(everyone), -1)
+        counter[0] += gathered.numel()
+        bits = ((gathered.unsqueeze(-1) & weights) != 0).view(len(everyone), -1)
+        for rank, bounds in enumerate(everyone):
+            offset = 0
+            for out, (s, e) in zip(outs, bounds):
+                out[s:e] = bits[rank, offset:offset + e - s]
+                offset += e - s
         return [out.view(shape) for out, (_, _, _, shape) in zip(outs, pieces)]
+
+    def _piece_bounds(self, mine: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+        """Every DP rank's [start, stop) of every piece, in rank order. The fragments of a run do
+        not move, so they are exchanged once (an object all-gather) and kept."""
+        key = tuple(mine)
+        if getattr(self, "_bounds", None) is None or self._bounds[0] != key:
+            self._bounds = (key, [list(map(tuple, b)) for b in comm.all_gather_object(list(key), self.dp_group)])
+        return self._bounds[1]
 
     # -- structured pruning: whole-tensor reads and writes ------------------------------------------
 

@@ -220,7 +220,7 @@ class FakeZero:
         torch._foreach_mul_(self.local_grads(params), list(padded_masks))
 
     def gather_shard_masks(self, pieces, counter: list[int]) -> list[torch.Tensor]:
-        everyone = self.collectives.all_gather_object([(start, stop, local.cpu()) for local, start, stop, _ in pieces])
+        everyone = self.collectives.all_gather_object([(start, stop, local.clone()) for local, start, stop, _ in pieces])
         counter[0] += sum((stop - start + 7) // 8 for rank in everyone for start, stop, _ in rank)
         outs = []
         for i, (_, _, _, shape) in enumerate(pieces):

@@ -281,7 +281,7 @@ class ReplicatedLayout(Layout):
         if not pieces.split:
             return {t.name: decided[t.name].view(t.shard_shape) for t in self.targets}
         # Fragments: each rank decided its own; 1 bit per weight makes every rank's masks whole.
-        whole = self.zero.gather_shard_masks([(decided[t.name].cpu(), pieces.parts[t.name].start,
+        whole = self.zero.gather_shard_masks([(decided[t.name], pieces.parts[t.name].start,
                                                pieces.parts[t.name].stop, tuple(t.shard_shape))
                                               for t in self.targets], counter)
         return dict(zip((t.name for t in self.targets), whole))
@@ -313,7 +313,7 @@ class SliceLayout(Layout):
 
     def shard_mask(self, t, mask):
         start, stop = self.held_range(t)
-        return self.zero.gather_shard_mask(mask, start, stop, t.shard_shape, [0])
+        return self.zero.gather_shard_mask(mask, start, stop, t.shard_shape, [0]).cpu()
 
     def mask_device(self, t):
         return getattr(t.param, "ds_tensor", t.param).device
