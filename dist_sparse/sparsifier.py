@@ -33,7 +33,7 @@ import torch
 from dist_sparse.config import SparsityConfig
 from dist_sparse.distributed import comm
 from dist_sparse.distributed.comm import ParallelGroups
-from dist_sparse.distributed.zero import ZeroAccess
+from dist_sparse.distributed.zero import ZeroAccess, on
 from dist_sparse.masks.checksum import pack_mask, unpack_mask
 from dist_sparse.masks.density import erk_densities, uniform_densities
 from dist_sparse.sparsity.layout import MaskDivergenceError, layout_for
@@ -47,19 +47,32 @@ log = logging.getLogger("dist_sparse.sparsity")
 
 STATE_FORMAT = 1
 
-__all__ = ["MaskDivergenceError", "Sparsifier", "UpdateStats", "check_layout", "config_fingerprint",
+__all__ = ["MaskDivergenceError", "Sparsifier", "UpdateStats", "bf16_all_reduce_bytes", "check_layout",
+           "config_fingerprint",
            "final_densities", "section_changes"]
 
 
 @dataclass
 class UpdateStats:
+    """What one mask update did and cost. The bytes are what this rank sends; a yardstick for
+    them is ``bf16_all_reduce_bytes``: one bf16 all-reduce of the sparse weights."""
+
     step: int
     changed: int = 0          # weights whose mask bit flipped (over the logical weights)
     active: int = 0
     total: int = 0
     sync_bytes: int = 0       # bytes this rank sent to agree on the decision and verify it
-    apply_bytes: int = 0      # bytes spent zeroing ZeRO's copies (ZeRO-1/2 with bf16 modules)
+    apply_bytes: int = 0      # bytes this rank sent to read what the decision needs from ZeRO and
+    #                           to zero ZeRO's copies (RigL's whole gradient for N:M at ZeRO-1/2)
     per_layer_density: dict = field(default_factory=dict)
+
+
+def bf16_all_reduce_bytes(numels: list[int], dp_size: int) -> int:
+    """Bytes one rank sends in a ring all-reduce of the sparse weights (``numels``: of this
+    rank's TP shards) in bf16 over ``dp_size`` ranks: 2 (p - 1) / p of N * 2 bytes. A dense
+    data-parallel step sends this much for these weights' gradients; a mask update should send
+    no more."""
+    return 2 * (dp_size - 1) * sum(numels) * 2 // dp_size if dp_size > 1 else 0
 
 
 def section_changes(before: dict, now: dict) -> str:
@@ -111,6 +124,12 @@ def check_state_config(state: dict, cfg: SparsityConfig) -> None:
         raise ValueError(f"the checkpoint was written under a different \"sparsity\" section "
                          f"({section_changes(state.get('config', {}), cfg.model_dump())}); resume with the same "
                          "section, or pass --sparsity-reset to keep the weights and start new masks")
+
+
+def _packed_on_host(mask: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """A mask bit-packed where it lives, the packed bytes on the host (a checkpoint's form)."""
+    packed, shape = pack_mask(mask)
+    return packed.cpu(), shape
 
 
 class Sparsifier:
@@ -167,12 +186,14 @@ class Sparsifier:
     def mask_gradients(self) -> None:
         """Call after the last backward of a step, before ``engine.step()``.
 
-        ZeRO-3 zeroes pruned entries of this rank's reduced gradient partition (ZeRO-1/2 did it
+        ZeRO-3 zeroes pruned entries of this rank's reduced gradient partitions (ZeRO-1/2 did it
         in the gradient hook). On a RigL update step it first keeps |dense gradient| as the
-        regrowth score and then masks the gradient (all stages).
+        regrowth score and then masks the gradient (all stages); under ZeRO-1/2 each rank reads
+        only its fragment of the reduced gradient, and the update decides on fragments.
+        Neither waits for the device.
         """
         if self.layout.dense_grad_step:
-            self._grad_scores = {t.name: self.layout.dense_gradient(t, self.masks[t.name]) for t in self.targets}
+            self._grad_scores = self.layout.dense_gradients(self.masks, self.pattern.whole_groups)
             self.layout.dense_grad_step = False
             return
         self.layout.mask_gradients(self.masks)
@@ -189,19 +210,25 @@ class Sparsifier:
         self._optimizer_has_state = True
         if not self.is_update_step(step):
             return None
-        old = {n: m.cpu() for n, m in self.masks.items()}
+        old = dict(self.masks)  # on the device; the install replaces the dict's entries
         decision = Decision(self.cfg, self.layout, self.pattern, step, self._grad_scores)
-        new = updated_masks(self.method, decision, old)
+        try:
+            new = updated_masks(self.method, decision, old)
+        finally:
+            self.layout.grad_fragments = False
         stats = UpdateStats(step=step, sync_bytes=decision.sync_bytes)
         self._install(new, stats, old)
         return stats
 
     # ----------------------------------------------------------------- install
     def _install(self, new: dict[str, torch.Tensor], stats: UpdateStats, old: dict | None = None) -> None:
+        """Make ``new`` (held-form masks, on the host or the device) the masks, on the device of
+        what they mask, and zero what they prune; then count and verify. Host reads: one for
+        the counts, one for the verification, whatever the number of targets."""
         # Since the last install: includes RigL's dense-gradient read in mask_gradients.
         before = self._bytes_mark
         for t in self.targets:
-            mask = new[t.name].to(torch.bool).cpu()
+            mask = on(new[t.name], self.layout.mask_device(t), torch.bool)
             assert tuple(mask.shape) == self.layout.mask_shape(t), (t.name, mask.shape, self.layout.mask_shape(t))
             self.masks[t.name] = mask
             self.layout.install(t, mask, moments=self._optimizer_has_state)
@@ -213,21 +240,26 @@ class Sparsifier:
         self.history.append({k: v for k, v in stats.__dict__.items() if k != "per_layer_density"})
 
     def _account(self, stats: UpdateStats, old) -> None:
-        counts = torch.zeros(len(self.targets) * 2 + 1, dtype=torch.int64)
-        for i, t in enumerate(self.targets):
-            counts[2 * i] = int(self.masks[t.name].sum())
-            if old is not None:
-                counts[-1] += int((self.masks[t.name] != old[t.name]).sum())
+        """Active counts per target and the flipped bits, counted on the device, summed over the
+        holders of each weight in one all-reduce, read in one copy to the host."""
+        masks = [self.masks[t.name] for t in self.targets]
+        device = masks[0].device if masks else torch.device("cpu")
+        counts = [m.sum(dtype=torch.int64) for m in masks]
+        flipped = [(m != on(old[t.name], m.device)).sum(dtype=torch.int64) for m, t in zip(masks, self.targets)
+                   ] if old is not None else []
+        counts = torch.stack(counts + [torch.stack(flipped).sum() if flipped
+                                       else torch.zeros((), dtype=torch.int64, device=device)])
         # Shards and slices of one weight live on several ranks: sum them for the logical totals.
         group = self.layout.holders_group
         if group is not LOCAL:
             self.layout.collectives.all_reduce_sum_(counts, group)
+        values = counts.tolist()  # the one read
         for i, t in enumerate(self.targets):
-            stats.per_layer_density[t.name] = int(counts[2 * i]) / t.numel
+            stats.per_layer_density[t.name] = values[i] / t.numel
             self._densities[t.name] = stats.per_layer_density[t.name]
-            stats.active += int(counts[2 * i])
+            stats.active += values[i]
             stats.total += t.numel
-        stats.changed = int(counts[-1])
+        stats.changed = values[-1]
 
     def verify(self) -> int:
         """Compare every mask's fingerprint across data-parallel ranks; raise naming the first that differs.
@@ -291,7 +323,7 @@ class Sparsifier:
                               for t in self.targets}}
         return {"format": STATE_FORMAT, "config": self.cfg.model_dump(), "fingerprint": config_fingerprint(self.cfg),
                 "step": self.step_count, "max_steps": self.max_steps, "layout": layout,
-                "masks": {n: pack_mask(m.cpu()) for n, m in self.masks.items()}, "history": self.history}
+                "masks": {n: _packed_on_host(m) for n, m in self.masks.items()}, "history": self.history}
 
     def load_logical_state(self, state: dict, masks: dict[str, torch.Tensor]) -> None:
         """Resume at another layout (DP size, TP degree, ZeRO stage): ``state`` is one rank's

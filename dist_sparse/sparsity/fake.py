@@ -25,7 +25,7 @@ import threading
 import torch
 
 from dist_sparse.distributed.comm import ParallelGroups
-from dist_sparse.distributed.zero import LocalSlice
+from dist_sparse.distributed.zero import LocalSlice, ring_all_reduce_bytes
 from dist_sparse.sparsity.targets import Target
 
 TIMEOUT_S = 60  # a simulated rank left waiting in a collective fails the test instead of hanging it
@@ -175,13 +175,13 @@ class FakeZero:
 
     def apply_mask(self, param, mask: torch.Tensor, moments: bool) -> None:
         name, start, stop = self._own(param)
-        keep = mask.reshape(-1).cpu()
+        keep = mask.reshape(-1)[start:stop]
         param.data.mul_(mask.to(param.dtype).view(param.shape))
-        self._masters[name][start:stop] *= keep[start:stop]
+        self._masters[name][start:stop] *= keep
 
     def apply_local_mask(self, param, local_mask: torch.Tensor, moments: bool) -> None:
         name, start, stop = self._own(param)
-        self._masters[name][start:stop] *= local_mask.cpu()
+        self._masters[name][start:stop] *= local_mask
         param.data.view(-1)[start:stop] *= local_mask.to(param.dtype)
 
     def take_dense_grad(self, param, mask: torch.Tensor) -> torch.Tensor:
@@ -189,22 +189,38 @@ class FakeZero:
         grad = self._grads[name]
         if self.partitioned:
             dense = grad[start:stop].clone()
-            grad[start:stop] *= mask.cpu()
+            grad[start:stop] *= mask
             return dense
-        self.bytes_applied += grad.numel() * 4
+        self.bytes_applied += ring_all_reduce_bytes(grad.numel() * 4, self.dp_size)
         dense = grad.clone()
-        grad *= mask.reshape(-1).cpu()
+        grad *= mask.reshape(-1)
         return dense
 
-    def padded_local_mask(self, param, local_mask: torch.Tensor) -> torch.Tensor:
-        return local_mask
-
-    def mask_local_grad(self, param, padded_mask: torch.Tensor) -> None:
+    def take_grad_fragment(self, param, mask: torch.Tensor) -> LocalSlice:
+        """This rank's fragment of the reduced gradient (no communication), then masked."""
         name, start, stop = self._own(param)
-        self._grads[name][start:stop] *= padded_mask
+        fragment = self._grads[name][start:stop]
+        values = fragment.clone()
+        fragment *= mask.reshape(-1)[start:stop]
+        return LocalSlice(values, start, stop)
+
+    def padded_local_mask(self, param, local_mask: torch.Tensor) -> torch.Tensor:
+        """In the gradient's dtype (fp32 here), as ZeRO-3's."""
+        return local_mask.to(torch.float32)
+
+    def local_grads(self, params: list) -> list:
+        """Views of this rank's slices of the reduced gradients."""
+        out = []
+        for p in params:
+            name, start, stop = self._own(p)
+            out.append(self._grads[name][start:stop])
+        return out
+
+    def mask_local_grads(self, params: list, padded_masks: list) -> None:
+        torch._foreach_mul_(self.local_grads(params), list(padded_masks))
 
     def gather_shard_masks(self, pieces, counter: list[int]) -> list[torch.Tensor]:
-        everyone = self.collectives.all_gather_object([(start, stop, local.cpu()) for local, start, stop, _ in pieces])
+        everyone = self.collectives.all_gather_object([(start, stop, local.clone()) for local, start, stop, _ in pieces])
         counter[0] += sum((stop - start + 7) // 8 for rank in everyone for start, stop, _ in rank)
         outs = []
         for i, (_, _, _, shape) in enumerate(pieces):

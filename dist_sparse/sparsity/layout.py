@@ -31,18 +31,65 @@ standing in for ranks), with the process groups of ``groups``.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
 
-from dist_sparse.distributed.zero import LocalSlice
-from dist_sparse.masks.checksum import mask_fingerprint
+from dist_sparse.distributed.zero import LocalSlice, on
 from dist_sparse.sparsity.select import LOCAL
 from dist_sparse.sparsity.targets import Target
 
 
 class MaskDivergenceError(RuntimeError):
     """Ranks that must hold the same mask hold different ones."""
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(x: int) -> int:
+    """A 64-bit pattern as the int64 torch stores."""
+    x &= _MASK64
+    return x - (1 << 64) if x >> 63 else x
+
+
+_MIX1, _MIX2, _GOLDEN = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB), _signed(0x9E3779B97F4A7C15)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (products wrap modulo 2**64 on every device;
+    the shifts are made logical by masking off the sign's copies)."""
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * _MIX1
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * _MIX2
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def _shape_key(shape: tuple) -> int:
+    """A 64-bit key of a shape, the same in every process (``hash`` of a tuple is salted)."""
+    digest = hashlib.blake2b(repr(shape).encode(), digest_size=8, person=b"dsparse.shape").digest()
+    return _signed(int.from_bytes(digest, "little"))
+
+
+def mask_fingerprints(masks: list[torch.Tensor]) -> torch.Tensor:
+    """One int64 fingerprint per mask, computed where the masks are, without reading them.
+
+    The fingerprint of a mask is the sum, modulo 2**64, of a 64-bit hash of every kept position
+    mixed with its shape (sums modulo 2**64 do not depend on the order of the additions, so any
+    device and any reduction order give the same value). Equal masks of equal shapes give equal
+    fingerprints; a changed bit changes it by the hash of its position (a collision needs a set
+    of flipped positions whose hashes cancel). The ranks all-reduce the min and the max of these
+    and compare: a mismatch names a mask that differs.
+    """
+    out = []
+    for mask in masks:
+        shape_key = _shape_key(tuple(mask.shape))
+        positions = torch.arange(mask.numel(), dtype=torch.int64, device=mask.device)
+        hashed = _mix(positions * _GOLDEN + shape_key)
+        out.append((hashed * mask.reshape(-1)).sum(dtype=torch.int64))
+    return torch.stack(out) if out else torch.zeros(0, dtype=torch.int64)
 
 
 @dataclass
@@ -63,6 +110,8 @@ class Layout:
         self.groups = groups
         self.collectives = collectives
         self.dense_grad_step = False  # the gradient hooks let RigL's dense gradient through
+        # RigL's gradient scores of this step cover fragments only: decide on fragments (ZeRO-1/2)
+        self.grad_fragments = False
 
     # -- where masks live --------------------------------------------------------------------
     def held_range(self, t: Target) -> tuple[int, int]:
@@ -71,6 +120,10 @@ class Layout:
 
     def mask_shape(self, t: Target) -> tuple:
         raise NotImplementedError
+
+    def mask_device(self, t: Target) -> torch.device:
+        """Where the held mask of ``t`` lives: with the tensors it masks."""
+        return t.param.device
 
     def hold(self, t: Target, shard: torch.Tensor) -> torch.Tensor:
         """This rank's part, in the held form, of a tensor of the TP shard's shape."""
@@ -107,10 +160,11 @@ class Layout:
     def mask_gradients(self, masks: dict[str, torch.Tensor]) -> None:
         """Zero pruned gradients the hooks did not (call between backward and the optimizer step)."""
 
-    def dense_gradient(self, t: Target, mask: torch.Tensor) -> torch.Tensor:
-        """|reduced dense gradient| of the held elements, flat, on the host; masks the gradient
-        the optimizer will read."""
-        return self.zero.take_dense_grad(t.param, mask).abs()
+    def dense_gradients(self, masks: dict[str, torch.Tensor], whole_groups: bool) -> dict[str, torch.Tensor]:
+        """|reduced dense gradient| of every target where this rank decides, flat, on the device
+        (held form, or the piece itself where ``grad_fragments`` is set); masks the gradient the
+        optimizer will read. ``whole_groups``: the pattern decides on whole shards."""
+        return {t.name: self.zero.take_dense_grad(t.param, masks[t.name]).abs() for t in self.targets}
 
     # -- where decisions are made --------------------------------------------------------------
     def refresh(self) -> None:
@@ -127,7 +181,11 @@ class Layout:
         raise NotImplementedError
 
     def piece_of_held(self, t: Target, held: torch.Tensor, piece: LocalSlice) -> torch.Tensor:
-        """The flat part of a held-form tensor that ``piece`` covers."""
+        """The flat part of a held-form tensor that ``piece`` covers; a tensor of the piece's
+        size is the piece already (RigL's fragment scores: a held tensor that size is the piece
+        too, as it then covers the whole shard)."""
+        if held.numel() == piece.stop - piece.start:
+            return held.reshape(-1)
         start, _ = self.held_range(t)
         return held.flatten()[piece.start - start:piece.stop - start]
 
@@ -147,6 +205,9 @@ class ReplicatedLayout(Layout):
         super().__init__(targets, zero, groups, collectives)
         self.fragments = fragments
         self._hooks = []
+        # Per install: the pruned positions in the weight's shape on its device, so that the
+        # gradient hook is one masked_fill with nothing to convert at every micro step.
+        self._pruned: dict[str, torch.Tensor] = {}
 
     def held_range(self, t):
         return 0, t.shard_numel
@@ -161,7 +222,9 @@ class ReplicatedLayout(Layout):
         return mask.cpu()
 
     def install(self, t, mask, moments):
-        self.zero.apply_mask(t.param, mask.to(t.param.device), moments=moments)
+        mask = on(mask, t.param.device)
+        self._pruned[t.name] = ~mask.view(t.param.shape)
+        self.zero.apply_mask(t.param, mask, moments=moments)
 
     @property
     def holders_group(self):
@@ -170,9 +233,9 @@ class ReplicatedLayout(Layout):
     def verify(self, masks):
         if self.groups.dp_size == 1:
             return 0
-        fp = torch.tensor([mask_fingerprint(masks[t.name]) for t in self.targets], dtype=torch.int64)
+        fp = mask_fingerprints([masks[t.name] for t in self.targets])
         lo, hi = self.collectives.all_reduce_min_max(fp, self.groups.dp_group)
-        if not torch.equal(lo, hi):
+        if not torch.equal(lo, hi):  # the one read of the device
             i = int(torch.nonzero(lo != hi)[0])
             raise MaskDivergenceError(f"mask of {self.targets[i].name} differs across data-parallel ranks "
                                       f"(rank {self.groups.global_rank} holds fingerprint {int(fp[i])}); "
@@ -187,10 +250,7 @@ class ReplicatedLayout(Layout):
         def hook(grad):
             if self.dense_grad_step:
                 return grad  # RigL's update step: ZeRO reduces the dense gradient; masked after
-            mask = masks[name]
-            if mask.device != grad.device:
-                mask = masks[name] = mask.to(grad.device)
-            return grad.masked_fill(~mask.view(grad.shape), 0)
+            return grad.masked_fill(self._pruned[name], 0)
         return hook
 
     def remove_hooks(self):
@@ -198,7 +258,17 @@ class ReplicatedLayout(Layout):
             h.remove()
         self._hooks = []
 
+    def dense_gradients(self, masks, whole_groups):
+        if whole_groups:  # N:M decides on whole shards: the whole gradient (an all-reduce each)
+            return super().dense_gradients(masks, whole_groups)
+        # Each rank reads its fragment of the reduced gradient, and this update is decided on
+        # the fragments (even of fp32 weights): no gradient crosses the network.
+        self.grad_fragments = True
+        return {t.name: self.zero.take_grad_fragment(t.param, masks[t.name]).values.abs() for t in self.targets}
+
     def pieces(self, whole_groups):
+        if self.grad_fragments and not whole_groups:
+            return Pieces({t.name: self.zero.master_fragment(t.param, t.shard_numel) for t in self.targets}, True)
         if not self.fragments:
             return Pieces({t.name: self.zero.local_slice(t.param, t.shard_numel) for t in self.targets}, False)
         if whole_groups:
@@ -211,7 +281,7 @@ class ReplicatedLayout(Layout):
         if not pieces.split:
             return {t.name: decided[t.name].view(t.shard_shape) for t in self.targets}
         # Fragments: each rank decided its own; 1 bit per weight makes every rank's masks whole.
-        whole = self.zero.gather_shard_masks([(decided[t.name].cpu(), pieces.parts[t.name].start,
+        whole = self.zero.gather_shard_masks([(decided[t.name], pieces.parts[t.name].start,
                                                pieces.parts[t.name].stop, tuple(t.shard_shape))
                                               for t in self.targets], counter)
         return dict(zip((t.name for t in self.targets), whole))
@@ -223,7 +293,8 @@ class SliceLayout(Layout):
     def __init__(self, targets, zero, groups, collectives):
         super().__init__(targets, zero, groups, collectives)
         self._slices: dict[str, LocalSlice] = {}
-        self._device_masks: dict[str, torch.Tensor] = {}  # padded, on the device, per install
+        # Per install: the slice mask padded to the gradient partition, in its dtype, on its device.
+        self._grad_masks: dict[str, torch.Tensor] = {}
 
     def refresh(self):
         self._slices = {t.name: self.zero.local_slice(t.param, t.shard_numel) for t in self.targets}
@@ -242,10 +313,13 @@ class SliceLayout(Layout):
 
     def shard_mask(self, t, mask):
         start, stop = self.held_range(t)
-        return self.zero.gather_shard_mask(mask, start, stop, t.shard_shape, [0])
+        return self.zero.gather_shard_mask(mask, start, stop, t.shard_shape, [0]).cpu()
+
+    def mask_device(self, t):
+        return getattr(t.param, "ds_tensor", t.param).device
 
     def install(self, t, mask, moments):
-        self._device_masks.pop(t.name, None)
+        self._grad_masks[t.name] = self.zero.padded_local_mask(t.param, mask)
         self.zero.apply_local_mask(t.param, mask, moments=moments)
 
     @property
@@ -256,10 +330,18 @@ class SliceLayout(Layout):
         return list(self.held_range(t))
 
     def mask_gradients(self, masks):
-        for t in self.targets:
-            if t.name not in self._device_masks:
-                self._device_masks[t.name] = self.zero.padded_local_mask(t.param, masks[t.name])
-            self.zero.mask_local_grad(t.param, self._device_masks[t.name])
+        self.zero.mask_local_grads([t.param for t in self.targets], [self._grad_masks[t.name] for t in self.targets])
+
+    def dense_gradients(self, masks, whole_groups):
+        # All partitions read after one wait, the scores copied out, then one fused masking.
+        params = [t.param for t in self.targets]
+        scores = {}
+        for t, grad in zip(self.targets, self.zero.local_grads(params)):
+            if grad is None:
+                raise RuntimeError(f"ZeRO-3 holds no gradient for the sparse weight {t.name}")
+            scores[t.name] = grad.detach().reshape(-1)[: masks[t.name].numel()].float().abs()
+        self.mask_gradients(masks)
+        return scores
 
     def pieces(self, whole_groups):
         self.refresh()

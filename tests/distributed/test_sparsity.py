@@ -136,7 +136,8 @@ def test_exact_active_counts_per_layer(train_report):
 
 def test_sync_bytes_do_not_grow_with_the_weights(train_report):
     """Agreeing on a mask update never ships masks or weights. ZeRO-1/2 ranks decide alone and
-    only compare fingerprints (two int64 all-reduces per weight); ZeRO-3 ranks bisect thresholds
+    only compare fingerprints (two int64 all-reduces per weight), except RigL, which decides on
+    gradient fragments and gathers the decided bits; ZeRO-3 ranks bisect thresholds
     over their slices: at most ~70 all-reduces of one int64 per weight and selection, whatever
     the weight's size. ZeRO-3 N:M sends one int64 (NaN agreement) and the scores at its slice
     ends that complete its neighbours' groups, or nothing on an update that prunes nothing."""
@@ -146,7 +147,14 @@ def test_sync_bytes_do_not_grow_with_the_weights(train_report):
             selections = 2 if r["section"]["method"] in ("set", "rigl") else 1
             for u in r["updates"][1:]:
                 sent = u["stats"]["sync_bytes"]
-                if r["stage"] < 3:
+                if r["stage"] < 3 and r["section"]["method"] == "rigl":
+                    # RigL reads only its fragment of the reduced gradient and decides on the
+                    # fragments: bisection over them as ZeRO-3, then the decided bits gathered in
+                    # one all-gather (1 bit per weight, every rank's bits padded to the longest)
+                    bits = len(per_rank) * -(-sum(math.prod(s) for s in r["shard_shapes"].values()) // 8)
+                    assert 2 * 8 * n_weights < sent <= 2 * 8 * n_weights + selections * 70 * 8 * n_weights + bits, \
+                        (r["stage"], r["section"], u)
+                elif r["stage"] < 3:
                     assert sent == 2 * 8 * n_weights, (r["stage"], r["section"], u)
                 elif r["section"].get("pattern") == "nm":
                     assert sent in (0, 8 + r["halo_bytes"]), (r["section"], u)
