@@ -72,8 +72,7 @@ def decision_syncs(method: str, pattern: str, layout, layers: int) -> list[tuple
         if update is None:
             return c.host_syncs, None
         # RigL's |dense gradient|, as ``Sparsifier.mask_gradients`` reads it (the layout's cost)
-        grads = ({t.name: sp.layout.dense_gradient(t, sp.masks[t.name]) for t in sp.targets}
-                 if sp.method.dense_grad else {})
+        grads = sp.layout.dense_gradients(sp.masks, sp.pattern.whole_groups) if sp.method.dense_grad else {}
         decision = PiecesOnly(cfg, sp.layout, sp.pattern, update, grads)
         decision.pieces  # noqa: B018
         with count_costs() as u:
@@ -81,11 +80,7 @@ def decision_syncs(method: str, pattern: str, layout, layers: int) -> list[tuple
         assert sum(int(m.sum()) for m in new.values()) > 0
         return c.host_syncs, u.host_syncs
 
-    # count_costs patches torch.distributed's collectives module-wide; entered and left by the
-    # ranks' threads in any order, the last to leave may put back another thread's wrapper.
-    # Entered first and left last, this one on the calling thread puts back the originals.
-    with count_costs():
-        return world.run(on_rank)
+    return world.run(on_rank)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["reference", "zero3-slices", "bf16-fragments"])

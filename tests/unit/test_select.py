@@ -106,11 +106,7 @@ def sliced_selection(problems, ks, ranks, at_most=False):
         stats.host_syncs = costs.host_syncs
         return masks, stats
 
-    # count_costs patches torch.distributed's collectives module-wide; entered and left by the
-    # ranks' threads in any order, the last to leave may put back another thread's wrapper.
-    # Entered first and left last, this one on the calling thread puts back the originals.
-    with count_costs():
-        out = group.run(on_rank)
+    out = group.run(on_rank)
     masks = [torch.cat([masks[i] for masks, _ in out]) for i in range(len(problems))]
     return masks, [stats for _, stats in out]
 
