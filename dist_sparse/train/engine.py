@@ -4,8 +4,9 @@ DeepSpeed's config is passed through untouched except for what the hardware forc
 - ``"optimizer": {"type": "Lamb"}`` is DeepSpeed's FusedLamb, which is CUDA-only and, under
   ZeRO, computes its trust ratio over flat multi-layer partitions. Where either applies we
   substitute dist_sparse's layer-wise ``Lamb`` as a client optimizer with the same update rule
-  and hyper-parameters, one param group per tensor, each tensor's norms summed over the ranks
-  that hold a part of it (see ``lamb_norm_reducer``). With AutoTP FusedLamb would take a split
+  and hyper-parameters, BERT's few param groups with each tensor's norms taken over its own
+  elements (``lamb_segments``) and summed over the ranks that hold a part of it
+  (``lamb_norm_reducer``). With AutoTP FusedLamb would take a split
   weight's trust ratio from its shard, so tensor parallelism takes our LAMB even without ZeRO.
 - ``"Adam"/"AdamW"`` on a machine without CUDA run as torch's AdamW (``torch_adam``).
 With AutoTP the model's attention dropout is put in the tensor-parallel RNG region
@@ -26,69 +27,118 @@ from dist_sparse.config import RunConfig, resolve_batch_sizes
 from dist_sparse.distributed import comm
 from dist_sparse.distributed.rng import tp_rng
 from dist_sparse.distributed.tp_layout import is_tp_split
-from dist_sparse.optim import Lamb, add_l1_to_gradients, parameter_groups
+from dist_sparse.optim import Lamb, Segments, add_l1_to_gradients, parameter_groups, row_names
 
 LAMB_KEYS = {"lr", "betas", "eps", "weight_decay", "bias_correction", "max_coeff", "min_coeff"}
 
 
 def lamb_norm_reducer(groups: comm.ParallelGroups, tp_split_names: set[str],
-                      dp_sharded: bool) -> Callable[[torch.Tensor, list[dict]], None] | None:
-    """Sums LAMB's per-tensor squared norms over the ranks holding parts of each tensor; None
-    when every rank holds whole tensors.
+                      dp_sharded: bool) -> Callable[[torch.Tensor, list], None] | None:
+    """Sums LAMB's per-tensor squared norms over the ranks holding parts of each tensor, in one
+    all-reduce per call; None when every rank holds whole tensors.
 
-    Row i holds (||w||^2, ||update||^2) of what this rank holds of group i's tensor:
+    Row i holds (||w||^2, ||update||^2) of what this rank holds of tensor ``names[i]``:
     - replicated tensor (LayerNorm, embeddings, a row-parallel bias ...): under ZeRO each
       data-parallel rank holds a slice, summed over DP (``dp_sharded``); without ZeRO each rank
-      holds all of it. Never over TP: every TP peer holds the same values.
+      holds all of it. Every TP peer holds the same values, so they count on TP rank 0 only.
     - tensor AutoTP split (``tp_split_names``): one shard per TP rank, so the whole weight's
       norm sums over TP as well, which gives the trust ratio tp=1 would. Under ZeRO the DP group
-      slices each shard, so the parts lie on every rank of DP x TP: one sum over the world.
-    A call therefore makes at most one all-reduce per kind of tensor in it. ZeRO 1/2/3 step
-    one tensor per call (see dist_sparse.optim): one all-reduce per tensor and step, as before;
-    without ZeRO one TP all-reduce per step.
+      slices each shard, so the parts lie on every rank of DP x TP.
+    With TP the replicated rows are zeroed on TP ranks other than 0 and the whole tensor is then
+    summed over the world (ZeRO) or the TP group (no ZeRO): one all-reduce per call, a handful
+    per step (LAMB's groups are few, see dist_sparse.optim).
     """
     if groups.tp_size == 1 or not tp_split_names:
         tp_split_names = set()
     if not dp_sharded and not tp_split_names:
         return None
     assert groups.world_size == groups.dp_size * groups.tp_size, "DP x TP must span the world (no pipeline)"
-    split_group = None if dp_sharded else groups.tp_group  # None: the whole world
-    rows_on: dict[tuple, torch.Tensor] = {}  # row indices per (device, kinds), made once
+    tp = groups.tp_size > 1 and bool(tp_split_names)
+    group = (None if dp_sharded else groups.tp_group) if tp else groups.dp_group  # None: the world
+    keep_on: dict[tuple, torch.Tensor] = {}  # per (device, names): 1 for rows this rank contributes
 
-    def reduce_rows(sq_norms: torch.Tensor, which: list[int], group) -> None:
-        if len(which) == len(sq_norms):  # the common case (ZeRO: one group per call): no gather
-            comm.all_reduce_sum_(sq_norms, group)
-            return
-        key = (sq_norms.device, tuple(which))
-        rows = rows_on.setdefault(key, torch.tensor(which, dtype=torch.long).to(sq_norms.device))
-        part = sq_norms.index_select(0, rows)
-        comm.all_reduce_sum_(part, group)
-        sq_norms.index_copy_(0, rows, part)
-
-    def reduce_(sq_norms: torch.Tensor, param_groups: list[dict]) -> None:
-        # Every rank steps the same groups in the same order, so the collectives below match.
-        split = [i for i, g in enumerate(param_groups) if g["name"] in tp_split_names]
-        replicated = [i for i, g in enumerate(param_groups) if g["name"] not in tp_split_names]
-        if split:
-            reduce_rows(sq_norms, split, split_group)
-        if replicated and dp_sharded:
-            reduce_rows(sq_norms, replicated, groups.dp_group)
+    def reduce_(sq_norms: torch.Tensor, names: list) -> None:
+        # Every rank steps the same groups in the same order, so the collectives match.
+        if tp and groups.tp_rank != 0:
+            key = (sq_norms.device, tuple(names))
+            if key not in keep_on:
+                keep_on[key] = torch.tensor([[1.0 if n in tp_split_names else 0.0] for n in names],
+                                            dtype=sq_norms.dtype).to(sq_norms.device)
+            sq_norms.mul_(keep_on[key])
+        comm.all_reduce_sum_(sq_norms, group)
     return reduce_
 
 
 def tp_split_names(optimizer: torch.optim.Optimizer, module: torch.nn.Module) -> set[str]:
-    """Names of the param groups (one tensor each, named) whose tensor AutoTP split.
+    """Names of LAMB's rows (tensors) that AutoTP split.
 
     The marks live on the module's parameters after ``deepspeed.initialize`` (AutoTP sets them
     there, and under ZeRO the optimizer's own params are flat fp32 partitions without marks),
-    so each group is matched to the module's parameter by the name it was built with. Names,
-    not group indices or dicts: ZeRO steps one group at a time through a swapped-in list, and
-    loading a checkpoint replaces the group dicts.
+    so each row is matched to the module's parameter by the name its group was built with.
     """
     params = dict(module.named_parameters())
-    missing = [g["name"] for g in optimizer.param_groups if g["name"] not in params]
-    assert not missing, f"LAMB param groups without a module parameter of that name: {missing[:5]}"
-    return {g["name"] for g in optimizer.param_groups if is_tp_split(params[g["name"]])}
+    names = [n for g in optimizer.param_groups for n in row_names(g)]
+    missing = [n for n in names if n not in params]
+    assert not missing, f"LAMB rows without a module parameter of that name: {missing[:5]}"
+    return {n for n in names if is_tp_split(params[n])}
+
+
+def lamb_segments(engine, optimizer: Lamb) -> dict[int, Segments]:
+    """Where each LAMB tensor's elements lie in the flat partitions DeepSpeed hands the
+    optimizer (``Lamb.segments``); empty without ZeRO (the groups hold the tensors themselves).
+
+    Reads DeepSpeed 0.19.8's layouts, which no public call exposes:
+    - ZeRO-1/2 and BF16_Optimizer: each module parameter's ``_hp_mapping`` (``link_hp_params``)
+      names its group (``param_group_index``) and the run of the group's flat fp32 partition that
+      holds this rank's fragment (``hp_fragment_address``); the flat partition is the group's
+      only param. The rest of a partition is alignment padding.
+    - ZeRO-3: sub-group ``i`` (``fp16_groups[i]``, stepped as ``fp32_partitioned_groups_flat[i]``
+      in param group ``sub_group_to_group_id[i]``) concatenates its parameters' partitions
+      (``ds_tensor``, ``ceil(numel / dp)`` elements each, the last rank's padded).
+    """
+    zero_opt = engine.optimizer
+    row_of = [{n: i for i, n in enumerate(row_names(g))} for g in optimizer.param_groups]
+    runs: dict[int, list[tuple[int, int, int]]] = {}  # id(flat) -> (start, numel, row)
+    flats: dict[int, torch.Tensor] = {}
+    if hasattr(zero_opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        names = {id(p): n for n, p in engine.module.named_parameters()}
+        dp_rank = comm.rank(zero_opt.dp_process_group)
+        for i, params in enumerate(zero_opt.fp16_groups):
+            flat = zero_opt.fp32_partitioned_groups_flat[i]
+            rows = row_of[zero_opt.sub_group_to_group_id[i]]
+            flats[id(flat)], start, mine = flat, 0, runs.setdefault(id(flat), [])
+            for p in params:
+                part = p.ds_tensor.ds_numel
+                real = min(part, max(0, p.ds_numel - dp_rank * part))
+                mine.append((start, real, rows[names[id(p)]]))
+                start += part
+    else:  # ZeRO-1/2, BF16_Optimizer
+        for gi, group in enumerate(optimizer.param_groups):
+            if len(group["params"]) == 1:
+                flats[id(group["params"][0])] = group["params"][0]
+                runs.setdefault(id(group["params"][0]), [])
+        for name, p in engine.module.named_parameters():
+            mapping = getattr(p, "_hp_mapping", None)
+            if mapping is None:
+                continue
+            group = optimizer.param_groups[mapping.param_group_index]
+            flat = group["params"][0]
+            address = mapping.hp_fragment_address
+            runs[id(flat)].append((int(address.start), int(address.numel), row_of[mapping.param_group_index][name]))
+    out = {}
+    for key, found in runs.items():
+        lengths, rows, at = [], [], 0
+        for start, numel, row in sorted(found):
+            if start > at:
+                lengths.append(start - at), rows.append(-1)
+            lengths.append(numel), rows.append(row)
+            at = start + numel
+        total = flats[key].numel()
+        assert at <= total, "a LAMB tensor's fragment lies beyond its flat partition"
+        if total > at:
+            lengths.append(total - at), rows.append(-1)
+        out[key] = Segments(lengths, rows)
+    return out
 
 
 def build_optimizer(model: torch.nn.Module, run_cfg: RunConfig, ds: dict) -> torch.optim.Optimizer | None:
@@ -111,12 +161,13 @@ def build_optimizer(model: torch.nn.Module, run_cfg: RunConfig, ds: dict) -> tor
             kwargs["betas"] = tuple(kwargs["betas"])
         del ds["optimizer"]
         ds["zero_allow_untested_optimizer"] = True
-        # LAMB's trust ratio is per tensor: one group per tensor, with or without ZeRO. The
-        # structured search's L1 penalty is applied by LAMB, in fp32 (see dist_sparse.optim).
-        # Which ranks share a tensor is known only once deepspeed.initialize has built the mesh
-        # and AutoTP has split the model: build_engine sets the norm reducer then.
+        # LAMB's trust ratio is per tensor, whatever the group: BERT's few groups, each tensor a
+        # row (dist_sparse.optim). The structured search's L1 penalty is applied by LAMB, in fp32.
+        # Which ranks share a tensor, and where its elements lie in ZeRO's flat partitions, is
+        # known only once deepspeed.initialize has built the mesh, split the model and
+        # partitioned the groups: build_engine sets the norm reducer and the segments then.
         sp = run_cfg.structured_pruning
-        groups = parameter_groups(model, weight_decay, one_per_parameter=True, l1=sp.l1 if sp is not None else 0.0)
+        groups = parameter_groups(model, weight_decay, one_per_parameter=False, l1=sp.l1 if sp is not None else 0.0)
         return Lamb(groups, **kwargs)
     if kind in ("adam", "adamw"):
         if not torch.cuda.is_available():
@@ -182,6 +233,7 @@ def build_engine(model: torch.nn.Module, run_cfg: RunConfig,
         # ZeRO 1-3 (and DeepSpeed's BF16_Optimizer, which it picks here only for ZeRO-1 with fp32
         # gradient accumulation) hand the optimizer DP slices; stage 0 whole (TP-local) tensors.
         client_opt.norm_reducer = lamb_norm_reducer(groups, split, dp_sharded=run_cfg.zero_stage > 0)
+        client_opt.segments = lamb_segments(engine, client_opt)
     elif l1:
         # DeepSpeed's own optimizer (AdamW): the coefficients' L1 in fp32, as LAMB applies it
         add_l1_to_gradients(engine.basic_optimizer)

@@ -31,6 +31,15 @@ def test_zero_sharded_lamb_equals_unsharded(reports):
         # The weights moved by far more than the tolerance, and every tensor agrees with the reference.
         assert report["min_moved"] > 1e-2, report
         assert report["max_diff"] < 1e-6, report
+        # LAMB's groups are BERT's two (decay, no decay), whatever the number of tensors: DeepSpeed
+        # calls it once per group and step (stage 0 once per step), each call one all-reduce
+        # (ZeRO: the norms' rows summed over DP; stage 0 holds whole tensors and reduces nothing).
+        assert report["groups"] == 2, report
+        calls_per_step = 1 if report["stage"] == 0 else report["groups"]
+        assert report["lamb_calls"] == report["steps"] * calls_per_step, report
+        assert report["reductions"] == (0 if report["stage"] == 0 else report["steps"] * calls_per_step), report
+        # under ZeRO the groups are flat partitions cut into their tensors' runs
+        assert report["flat_tensors_with_segments"] == (0 if report["stage"] == 0 else report["groups"]), report
 
 
 @pytest.mark.distributed

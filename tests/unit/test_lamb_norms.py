@@ -2,7 +2,7 @@
 
 The collectives are replaced by a recorder that multiplies the rows it is given by the size of
 the group, which is what a sum over that group gives when every rank holds equal parts: so a
-row's final factor says exactly which ranks it was summed over.
+row's final factor says which ranks it was summed over (0: this rank does not contribute it).
 """
 
 import pytest
@@ -17,10 +17,10 @@ DP, TP = 3, 2
 SIZES = {"dp": DP, "tp": TP, None: DP * TP}  # None: the whole world
 
 
-def layout(tp_size: int = TP) -> comm.ParallelGroups:
+def layout(tp_size: int = TP, tp_rank: int = 0) -> comm.ParallelGroups:
     dp = DP
     return comm.ParallelGroups(dp_group="dp", tp_group="tp" if tp_size > 1 else None, dp_rank=0, dp_size=dp,
-                               tp_rank=0, tp_size=tp_size, global_rank=0, world_size=dp * tp_size)
+                               tp_rank=tp_rank, tp_size=tp_size, global_rank=tp_rank, world_size=dp * tp_size)
 
 
 @pytest.fixture
@@ -35,41 +35,38 @@ def calls(monkeypatch):
     return log
 
 
-def groups_named(*names):
-    return [{"name": n} for n in names]
-
-
 def reduce(reducer, names):
     sq = torch.ones(len(names), 2, dtype=torch.float64)
-    reducer(sq, groups_named(*names))
+    reducer(sq, names)
     return sq[:, 0].tolist()
 
 
 def test_under_zero_split_tensors_sum_over_the_world_and_replicated_over_dp(calls):
+    # Every rank holds equal parts here: a replicated row counts on TP rank 0 only, so its sum
+    # over the world is its sum over DP; a split row's is over DP x TP.
+    names = ["q.weight", "ln.weight", "q.bias", "emb"]
     reducer = engine_mod.lamb_norm_reducer(layout(), {"q.weight", "q.bias"}, dp_sharded=True)
-    assert reduce(reducer, ["q.weight", "ln.weight", "q.bias", "emb"]) == [DP * TP, DP, DP * TP, DP]
-    assert calls == [(None, 2), ("dp", 2)]  # one all-reduce per kind of tensor in the call
+    assert reduce(reducer, names) == [DP * TP, DP * TP, DP * TP, DP * TP]  # TP rank 0's view: all its rows
+    reducer = engine_mod.lamb_norm_reducer(layout(tp_rank=1), {"q.weight", "q.bias"}, dp_sharded=True)
+    assert reduce(reducer, names) == [DP * TP, 0, DP * TP, 0]  # TP rank 1 adds its split rows only
+    assert calls == [(None, 4), (None, 4)]  # one all-reduce per call, over the world
 
 
-def test_zero_steps_one_group_per_call_one_all_reduce_each(calls):
-    reducer = engine_mod.lamb_norm_reducer(layout(), {"q.weight"}, dp_sharded=True)
-    assert reduce(reducer, ["q.weight"]) == [DP * TP]
-    assert reduce(reducer, ["ln.weight"]) == [DP]
-    assert calls == [(None, 1), ("dp", 1)]
+def test_zero_without_tp_sums_every_row_over_dp(calls):
+    reducer = engine_mod.lamb_norm_reducer(layout(tp_size=1), {"q.weight"}, dp_sharded=True)
+    assert reduce(reducer, ["q.weight", "ln.weight"]) == [DP, DP]
+    assert calls == [("dp", 2)]
 
 
-def test_without_zero_only_split_tensors_are_summed_over_tp(calls):
-    reducer = engine_mod.lamb_norm_reducer(layout(), {"q.weight"}, dp_sharded=False)
-    assert reduce(reducer, ["ln.weight", "q.weight", "emb"]) == [1, TP, 1]
-    assert calls == [("tp", 1)]
+def test_without_zero_split_tensors_are_summed_over_tp(calls):
+    reducer = engine_mod.lamb_norm_reducer(layout(tp_rank=1), {"q.weight"}, dp_sharded=False)
+    assert reduce(reducer, ["ln.weight", "q.weight", "emb"]) == [0, TP, 0]
+    assert calls == [("tp", 3)]
 
 
 def test_nothing_to_sum_gives_no_reducer(calls):
     assert engine_mod.lamb_norm_reducer(layout(tp_size=1), set(), dp_sharded=False) is None
     assert engine_mod.lamb_norm_reducer(layout(), set(), dp_sharded=False) is None
-    # tp=1: no tensor is split, whatever the names say; ZeRO still sums over DP (the world).
-    reducer = engine_mod.lamb_norm_reducer(layout(tp_size=1), {"q.weight"}, dp_sharded=True)
-    assert reduce(reducer, ["q.weight", "ln.weight"]) == [DP, DP]
 
 
 def test_split_marks_are_deepspeeds():
@@ -82,14 +79,14 @@ def test_split_marks_are_deepspeeds():
     assert is_tp_split(q)
 
 
-def test_lamb_hands_the_reducer_only_the_groups_it_steps():
+def test_lamb_hands_the_reducer_only_the_rows_of_the_groups_it_steps():
     # ZeRO-3 steps one group per call and leaves the other groups' params empty.
-    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(4))
+    a, b, c = (torch.nn.Parameter(torch.ones(n)) for n in (3, 4, 5))
     seen = []
-    opt = Lamb([{"params": [a], "name": "a"}, {"params": [b], "name": "b"}], lr=0.1,
-               norm_reducer=lambda sq, groups: seen.append((sq.shape, [g["name"] for g in groups])))
-    a.grad, b.grad = torch.ones(3), torch.ones(4)
+    opt = Lamb([{"params": [a], "names": ["a"]}, {"params": [b, c], "names": ["b", "c"]}], lr=0.1,
+               norm_reducer=lambda sq, names: seen.append((sq.shape, list(names))))
+    a.grad, b.grad, c.grad = torch.ones(3), torch.ones(4), torch.ones(5)
     opt.param_groups[0]["params"] = []
     opt.step()
-    assert seen == [(torch.Size([1, 2]), ["b"])]
+    assert seen == [(torch.Size([2, 2]), ["b", "c"])]
     assert torch.equal(a.detach(), torch.ones(3)) and not torch.equal(b.detach(), torch.ones(4))

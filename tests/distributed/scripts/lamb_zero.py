@@ -81,6 +81,21 @@ def check_zero_stage(stage: int) -> dict:
     # averaged over micro steps and ranks is the MSE of the whole batch.
     x_all, y_all = torch.randn(8 * world * GAS, 16, generator=g), torch.randn(8 * world * GAS, 4, generator=g)
     engine = build_engine(make_mlp(), run_config(8, stage), lr_lambda=lambda s: 1.0)
+    lamb = client_lamb(engine)
+    calls = {"step": 0, "reduce": 0}
+    real_step, real_reduce = lamb.step, lamb.norm_reducer
+
+    def counted_step(*a, **k):
+        calls["step"] += 1
+        return real_step(*a, **k)
+
+    def counted_reduce(*a, **k):
+        calls["reduce"] += 1
+        return real_reduce(*a, **k)
+
+    lamb.step = counted_step
+    if real_reduce is not None:
+        lamb.norm_reducer = counted_reduce
     for _ in range(STEPS):
         for micro in range(GAS):
             lo = (micro * world + rank) * 8
@@ -88,7 +103,9 @@ def check_zero_stage(stage: int) -> dict:
             engine.backward(loss)
             engine.step()
     sharded = {n: fp32_master(p, stage) for n, p in engine.module.named_parameters()}
-    report = {"kind": "zero", "stage": stage, "world": world, "optimizer": type(engine.optimizer).__name__}
+    report = {"kind": "zero", "stage": stage, "world": world, "optimizer": type(engine.optimizer).__name__,
+              "groups": len(lamb.param_groups), "lamb_calls": calls["step"], "reductions": calls["reduce"],
+              "flat_tensors_with_segments": len(lamb.segments), "steps": STEPS}
     if rank == 0:
         ref = make_mlp()
         opt = Lamb(parameter_groups(ref, 0.01, one_per_parameter=True), lr=0.05)
