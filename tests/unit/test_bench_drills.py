@@ -3,24 +3,15 @@ real multi-process runs: the script, and tests/distributed/test_drills.py for th
 
 from __future__ import annotations
 
-import importlib.util
 import random
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def d():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("drills", ROOT / "benchmarks" / "drills.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["drills"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+def d(load_benchmark):
+    return load_benchmark("drills")
 
 
 def test_every_kind_in_turn_and_the_kill_launchers_alternate(d):

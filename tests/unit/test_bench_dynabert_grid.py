@@ -4,8 +4,6 @@ block and the step-cost fit of the full-run estimate. No launch."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,12 +12,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def g():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("dynabert_grid", ROOT / "benchmarks" / "dynabert_grid.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def g(load_benchmark):
+    return load_benchmark("dynabert_grid")
 
 
 def args_of(g, *argv):
