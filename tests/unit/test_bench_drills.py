@@ -8,7 +8,6 @@ import random
 import pytest
 
 
-
 @pytest.fixture(scope="module")
 def d(load_benchmark):
     return load_benchmark("drills")
