@@ -487,9 +487,36 @@ def _agree(failure: str | None, ckpt_dir: Path, tag: str, is_rank0: bool) -> Non
     raise CheckpointNotSaved(f"checkpoint {ckpt_dir / tag} was not saved: {'; '.join(reasons)}. {after}")
 
 
+def _param_groups(optim_sd: Mapping) -> list:
+    """The optimizer's param groups as DeepSpeed saves them: under ``base_optimizer_state``
+    (ZeRO-1/2, BF16_Optimizer) or ``optimizer_state_dict`` (ZeRO-3), or at the top (stage 0)."""
+    for key in ("base_optimizer_state", "optimizer_state_dict"):
+        if isinstance(optim_sd.get(key), Mapping) and "param_groups" in optim_sd[key]:
+            return list(optim_sd[key]["param_groups"])
+    return list(optim_sd.get("param_groups", []))
+
+
+def per_tensor_lamb_groups(tag_dir: Path) -> bool:
+    """Whether checkpoint ``tag_dir`` holds the optimizer state of the LAMB of dist_sparse before
+    2026-12-05, which kept one param group per tensor (a ``name`` per group); today's keeps BERT's
+    few groups (``names``), and DeepSpeed cannot load the one into the other. Reads the param
+    groups of one optimizer-states file through a memory map: the tensors are not read."""
+    files = sorted(p for p in tag_dir.glob("*optim_states.pt"))
+    if not files:
+        return False
+    sd = torch.load(files[0], map_location="cpu", mmap=True, weights_only=False)
+    groups = _param_groups(sd.get("optimizer_state_dict", {}))
+    return any("name" in g and "names" not in g for g in groups)
+
+
 def load_client_state(engine, ckpt_dir: Path, tag: str) -> ClientState:
     """Load checkpoint ``tag`` into ``engine`` (a collective) and return its client state, or a
     ValueError starting ``--resume:`` when DeepSpeed finds nothing or the state is not ours."""
+    if per_tensor_lamb_groups(ckpt_dir / tag):  # every rank reads the same file: all stop alike
+        raise ValueError(f"--resume: {ckpt_dir / tag} holds the optimizer state of an earlier dist_sparse LAMB "
+                         "(one param group per tensor), which this version (BERT's few groups, the trust "
+                         "ratio still per tensor) cannot load; resume it with the dist_sparse that wrote it, or "
+                         "export its weights (dist-sparse export) and start a new run with --init EXPORT")
     load_path, raw = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if load_path is None or not raw:
         raise ValueError(f"--resume: DeepSpeed could not load checkpoint {ckpt_dir / tag}")
@@ -886,13 +913,12 @@ def read_info(tag_dir: Path) -> CheckpointInfo:
                           files={t: [tag_dir / n for n in names] for t, names in expected.items()})
 
 
-__all__ = [
-    "CHECKPOINTS_DIR", "CRASH_IN_SAVE_ENV", "ENOSPC_IN_SAVE_ENV", "FORMAT_VERSION", "LATEST_FILE", "MODEL_STATES",
-    "OPTIM_STATES", "STRUCTURE_FILE", "TAG_PREFIX", "CheckpointInfo", "CheckpointNotSaved", "ClientState",
-    "DamagedFile", "Progress", "StructureRecord", "StructuredState", "TagFiles", "check_data", "check_resume",
-    "check_whole", "checkpoint_layout", "checkpoint_tags", "commit_latest", "damaged", "describe_disk",
-    "expected_files", "is_tag_dir", "latest_tag", "list_files",
-    "load_client_state", "locate", "logical_masks", "model_states_file", "no_checkpoint_yet", "optim_states_file",
-    "prune_checkpoints", "read_info", "read_rank_file", "read_sparsity", "read_structure", "restore_rng_state",
-    "rng_file", "rng_state", "save", "sparsity_file", "sparsity_summary", "step_of", "tag_of",
-]
+__all__ = ["CHECKPOINTS_DIR", "CRASH_IN_SAVE_ENV", "CheckpointInfo", "CheckpointNotSaved", "ClientState",
+           "DamagedFile", "ENOSPC_IN_SAVE_ENV", "FORMAT_VERSION", "LATEST_FILE", "MODEL_STATES", "OPTIM_STATES",
+           "Progress", "STRUCTURE_FILE", "StructureRecord", "StructuredState", "TAG_PREFIX", "TagFiles",
+           "check_data", "check_resume", "check_whole", "checkpoint_layout", "checkpoint_tags", "commit_latest",
+           "damaged", "describe_disk", "expected_files", "is_tag_dir", "latest_tag", "list_files",
+           "load_client_state", "locate", "logical_masks", "model_states_file", "no_checkpoint_yet",
+           "optim_states_file", "per_tensor_lamb_groups", "prune_checkpoints", "read_info", "read_rank_file",
+           "read_sparsity", "read_structure", "restore_rng_state", "rng_file", "rng_state", "save",
+           "sparsity_file", "sparsity_summary", "step_of", "tag_of"]

@@ -407,3 +407,27 @@ def test_publish_folder_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
         folders.publish_folder(new, dest)
     assert tree(dest) == {"b.txt": "second"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["OUT", "OUT.tmp-1"]  # the caller removes its new
+
+
+def test_a_checkpoint_of_the_per_tensor_lamb_is_told_apart(tmp_path):
+    from dist_sparse.train.checkpoint import per_tensor_lamb_groups
+
+    def tag(name, optim_sd, file="zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        d = tmp_path / name
+        d.mkdir()
+        torch.save({"optimizer_state_dict": optim_sd}, d / file)
+        return d
+
+    w = torch.zeros(3)
+    old = [{"params": [0], "name": "bert.x.weight", "lr": 1e-3}, {"params": [1], "name": "bert.x.bias", "lr": 1e-3}]
+    new = [{"params": [0], "names": ["bert.x.weight"], "lr": 1e-3}, {"params": [1], "names": ["bert.x.bias"]}]
+    adamw = [{"params": [0, 1], "lr": 1e-3}]
+    assert per_tensor_lamb_groups(tag("zero12_old", {"base_optimizer_state": {"state": {}, "param_groups": old},
+                                                     "single_partition_of_fp32_groups": [w]}))
+    assert per_tensor_lamb_groups(tag("zero3_old", {"optimizer_state_dict": {"state": {}, "param_groups": old}}))
+    assert per_tensor_lamb_groups(tag("bf16_old", {"base_optimizer_state": {"state": {}, "param_groups": old}},
+                                      "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+    assert not per_tensor_lamb_groups(tag("zero12_new", {"base_optimizer_state": {"state": {}, "param_groups": new}}))
+    assert not per_tensor_lamb_groups(tag("adamw", {"base_optimizer_state": {"state": {}, "param_groups": adamw}}))
+    (tmp_path / "no_optim").mkdir()
+    assert not per_tensor_lamb_groups(tmp_path / "no_optim")
