@@ -5,9 +5,12 @@ ZeRO-1 master fragments of three ranks (``sparsity.fake``), for a model of one l
 weights and one of four such layers: the counts are equal, and exactly one device-to-host read
 per selection.
 
-Not counted, because the layout owns them (``sparsity.layout``, with its own tests): reading
-the pieces (``Decision.pieces``) before the decision and turning decided pieces into held masks
-after it (``Decision.held``); here ``held`` hands the decided pieces back as they are.
+Not counted there, because the layout owns them (``sparsity.layout``, with its own tests):
+reading the pieces (``Decision.pieces``) before the decision and turning decided pieces into held
+masks after it (``Decision.held``); there ``held`` hands the decided pieces back as they are. The
+last test counts a whole ``Sparsifier.step`` on an update step, layout, install and checks
+included: also constant, the decision's reads plus one for the counts and one for the
+fingerprint comparison.
 """
 
 import pytest
@@ -88,3 +91,42 @@ def decision_syncs(method: str, pattern: str, layout, layers: int) -> list[tuple
 def test_decision_host_syncs_are_one_per_selection_whatever_the_number_of_weights(method, pattern, layout):
     small, large = decision_syncs(method, pattern, layout, 1), decision_syncs(method, pattern, layout, 4)
     assert small == large == [EXPECTED[method, pattern]] * layout[0]
+
+
+def whole_update_syncs(method: str, pattern: str, layout, layers: int) -> list[tuple[int, int]]:
+    """Per rank: host syncs of ``Sparsifier.prepare`` (first masks, installed, counted, verified)
+    and of a whole ``Sparsifier.step`` on an update step (pieces, decision, held masks, install,
+    count, verify): everything the training step waits for, layout included."""
+    dp, stage, dtype = layout
+    weights = model(layers)
+    world = FakeWorld(weights, dp=dp, stage=stage, dtype=dtype)
+    cfg = SparsityConfig(**{**SECTIONS[method], **PATTERNS[pattern]})
+    sps = world.sparsifiers(cfg, max_steps=STEPS)
+    g = torch.Generator().manual_seed(99)
+    for name, w in weights.items():
+        world.set_gradient(name, torch.randn(w.shape, generator=g))
+
+    def on_rank(rank):
+        sp = sps[rank]
+        with count_costs() as first:
+            sp.prepare()
+        sp.before_step(2)
+        sp.mask_gradients()  # RigL reads its dense gradient here
+        with count_costs() as update:
+            assert sp.step(2) is not None
+        return first.host_syncs, update.host_syncs
+
+    return world.run(on_rank)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["reference", "zero3-slices", "bf16-fragments"])
+@pytest.mark.parametrize("method,pattern", [("set", "unstructured"), ("rigl", "unstructured"), ("gmp", "unstructured"),
+                                            ("set", "block"), ("gmp", "nm")])
+def test_a_whole_mask_update_waits_for_the_device_a_constant_number_of_times(method, pattern, layout):
+    small, large = whole_update_syncs(method, pattern, layout, 1), whole_update_syncs(method, pattern, layout, 4)
+    assert small == large, (small, large)
+    # the decision's reads (EXPECTED), one for the exact counts, one to compare fingerprints
+    # across data-parallel ranks where they hold the same masks (bf16 fragments)
+    first, update = EXPECTED[method, pattern]
+    verify = 1 if layout[2] == torch.bfloat16 else 0
+    assert large == [(first + 1 + verify, update + 1 + verify)] * layout[0], large
