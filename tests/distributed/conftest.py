@@ -1,15 +1,40 @@
-"""Datasets shared by the multi-process tests (prepared once per session from the default corpus)."""
+"""Datasets and runs shared by the multi-process tests, made once per test session.
+
+``make test`` runs two files at a time (pytest-xdist): a session fixture would be built once per
+worker. ``once`` builds it in the folder the workers share, under a file lock: the first worker
+builds, the other waits for it and reuses the result (the EarlyBERT run takes a minute on 4 ranks).
+"""
+
+import os
+import shutil
+from pathlib import Path
 
 import pytest
+
+
+def once(tmp_path_factory, name: str, build) -> Path:
+    """``build(folder)`` once per test session, for every xdist worker; returns the folder."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    out = root / f"shared-{name}"
+    with FileLock(f"{out}.lock"):
+        if not (out / ".complete").exists():
+            shutil.rmtree(out, ignore_errors=True)  # a build that failed half-way
+            out.mkdir(parents=True)
+            build(out)
+            (out / ".complete").touch()
+    return out
 
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     from dist_sparse.data.prepare import prepare_data
 
-    out = tmp_path_factory.mktemp("data") / "sotu"
-    prepare_data(out, default_corpus=True, max_documents=24, vocab_size=1000, seq_len=64)
-    return out
+    return once(tmp_path_factory, "data", lambda out: prepare_data(
+        out / "sotu", default_corpus=True, max_documents=24, vocab_size=1000, seq_len=64)) / "sotu"
 
 
 @pytest.fixture(scope="session")
@@ -36,11 +61,14 @@ EARLYBERT_TP2_STEPS = 24
 
 @pytest.fixture(scope="session")
 def earlybert_tp2_run(data_dir, tmp_path_factory):
+    return once(tmp_path_factory, "earlybert_tp2", lambda tmp: run_earlybert_tp2(tmp, data_dir)) / "run"
+
+
+def run_earlybert_tp2(tmp, data_dir) -> None:
     import json
 
     from dslaunch import ROOT, launch
 
-    tmp = tmp_path_factory.mktemp("earlybert_tp2")
     cfg = json.loads((ROOT / "ds_configs" / "cpu_tp2_zero2_earlybert.json").read_text())
     cfg["structured_pruning"].update(EARLYBERT_TP2)
     cfg["sparsity"] = EARLYBERT_TP2_SPARSITY
@@ -52,4 +80,3 @@ def earlybert_tp2_run(data_dir, tmp_path_factory):
     launch([ROOT / "launchers" / "pretrain.py", "--deepspeed_config", path, "--data", data_dir, "--model",
             "bert-mini", "--output", run, "--no-progress", "--max-steps", EARLYBERT_TP2_STEPS, "--save-interval", 4,
             "--overfit-batch"], nproc=4, timeout=900)
-    return run
