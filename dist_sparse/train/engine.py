@@ -97,6 +97,8 @@ def lamb_segments(engine, optimizer: Lamb) -> dict[int, Segments]:
       (``ds_tensor``, ``ceil(numel / dp)`` elements each, the last rank's padded).
     """
     zero_opt = engine.optimizer
+    if zero_opt is optimizer:  # no ZeRO, no BF16_Optimizer: the groups hold the tensors themselves
+        return {}
     row_of = [{n: i for i, n in enumerate(row_names(g))} for g in optimizer.param_groups]
     runs: dict[int, list[tuple[int, int, int]]] = {}  # id(flat) -> (start, numel, row)
     flats: dict[int, torch.Tensor] = {}
