@@ -126,6 +126,11 @@ def lamb_segments(engine, optimizer: Lamb) -> dict[int, Segments]:
             group = optimizer.param_groups[mapping.param_group_index]
             flat = group["params"][0]
             address = mapping.hp_fragment_address
+            # the fragment DeepSpeed steps must be the run this table names (a misread layout would
+            # give wrong trust ratios silently)
+            if mapping.hp_fragment.data_ptr() != flat.data_ptr() + int(address.start) * flat.element_size():
+                raise RuntimeError(f"LAMB: the fp32 fragment of {name} does not lie where DeepSpeed's mapping "
+                                   "says in its flat partition; this DeepSpeed version lays ZeRO out otherwise")
             runs[id(flat)].append((int(address.start), int(address.numel), row_of[mapping.param_group_index][name]))
     out = {}
     for key, found in runs.items():
