@@ -115,7 +115,7 @@ def lamb_segments(engine, optimizer: Lamb) -> dict[int, Segments]:
                 mine.append((start, real, rows[names[id(p)]]))
                 start += part
     else:  # ZeRO-1/2, BF16_Optimizer
-        for gi, group in enumerate(optimizer.param_groups):
+        for group in optimizer.param_groups:
             if len(group["params"]) == 1:
                 flats[id(group["params"][0])] = group["params"][0]
                 runs.setdefault(id(group["params"][0]), [])
@@ -134,17 +134,17 @@ def lamb_segments(engine, optimizer: Lamb) -> dict[int, Segments]:
             runs[id(flat)].append((int(address.start), int(address.numel), row_of[mapping.param_group_index][name]))
     out = {}
     for key, found in runs.items():
-        lengths, rows, at = [], [], 0
+        runs_in_order, at = [], 0  # (length, row), padding (row -1) filling the gaps
         for start, numel, row in sorted(found):
             if start > at:
-                lengths.append(start - at), rows.append(-1)
-            lengths.append(numel), rows.append(row)
+                runs_in_order.append((start - at, -1))
+            runs_in_order.append((numel, row))
             at = start + numel
         total = flats[key].numel()
         assert at <= total, "a LAMB tensor's fragment lies beyond its flat partition"
         if total > at:
-            lengths.append(total - at), rows.append(-1)
-        out[key] = Segments(lengths, rows)
+            runs_in_order.append((total - at, -1))
+        out[key] = Segments([n for n, _ in runs_in_order], [r for _, r in runs_in_order])
     return out
 
 
