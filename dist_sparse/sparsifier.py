@@ -33,7 +33,7 @@ import torch
 from dist_sparse.config import SparsityConfig
 from dist_sparse.distributed import comm
 from dist_sparse.distributed.comm import ParallelGroups
-from dist_sparse.distributed.zero import ZeroAccess, on
+from dist_sparse.distributed.zero import ZeroAccess, on, ring_all_reduce_bytes
 from dist_sparse.masks.checksum import pack_mask, unpack_mask
 from dist_sparse.masks.density import erk_densities, uniform_densities
 from dist_sparse.sparsity.layout import MaskDivergenceError, layout_for
@@ -72,7 +72,7 @@ def bf16_all_reduce_bytes(numels: list[int], dp_size: int) -> int:
     rank's TP shards) in bf16 over ``dp_size`` ranks: 2 (p - 1) / p of N * 2 bytes. A dense
     data-parallel step sends this much for these weights' gradients; a mask update should send
     no more."""
-    return 2 * (dp_size - 1) * sum(numels) * 2 // dp_size if dp_size > 1 else 0
+    return ring_all_reduce_bytes(sum(numels) * 2, dp_size)
 
 
 def section_changes(before: dict, now: dict) -> str:

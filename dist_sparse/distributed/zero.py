@@ -378,12 +378,10 @@ class ZeroAccess:
         return [out.view(shape) for out, (_, _, _, shape) in zip(outs, pieces)]
 
     def _piece_bounds(self, mine: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
-        """Every DP rank's [start, stop) of every piece, in rank order. The fragments of a run do
-        not move, so they are exchanged once (an object all-gather) and kept."""
-        key = tuple(mine)
-        if getattr(self, "_bounds", None) is None or self._bounds[0] != key:
-            self._bounds = (key, [list(map(tuple, b)) for b in comm.all_gather_object(list(key), self.dp_group)])
-        return self._bounds[1]
+        """Every DP rank's [start, stop) of every piece, in rank order: one object all-gather per
+        call (per mask update, not per step). Not cached: a cache each rank checks against its
+        own bounds could let one rank skip the exchange that another makes (after a shrink)."""
+        return [list(map(tuple, b)) for b in comm.all_gather_object([list(b) for b in mine], self.dp_group)]
 
     # -- structured pruning: whole-tensor reads and writes ------------------------------------------
 
